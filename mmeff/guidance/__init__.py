@@ -1,0 +1,1 @@
+"""Guidance methods (perturbation guidance for DiTs; hallucination mitigation for VLMs)."""

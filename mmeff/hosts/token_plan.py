@@ -1,0 +1,169 @@
+"""Which sequence positions survive pruning, and how masks and tensors follow.
+
+Samples in a batch may keep different numbers of tokens. The pruned batch is padded back to the
+longest kept length with *filler* slots placed on the left (like left padding): fillers are never
+attended to as keys and only attend to themselves (so no row is fully masked and no NaN appears).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class KeepPlan:
+    """Kept positions of a batch after pruning.
+
+    index:  [B, L'] original positions of the kept slots (fillers point at position 0)
+    filler: [B, L'] True for filler slots
+    length: original sequence length L
+    dropped: [B] number of visual tokens dropped per sample
+    """
+
+    index: torch.Tensor
+    filler: torch.Tensor
+    length: int
+    dropped: torch.Tensor
+
+    @property
+    def new_length(self) -> int:
+        return int(self.index.shape[1])
+
+    @property
+    def has_fillers(self) -> bool:
+        return bool(self.filler.any())
+
+    @property
+    def is_identity(self) -> bool:
+        return self.new_length == self.length and not self.has_fillers
+
+
+def build_plan(keep_positions: list[torch.Tensor], length: int, dropped: list[int]) -> KeepPlan:
+    """Stack per-sample sorted kept positions into a left-filled [B, L'] plan."""
+    device = keep_positions[0].device
+    new_len = max(int(k.numel()) for k in keep_positions)
+    bsz = len(keep_positions)
+    index = torch.zeros(bsz, new_len, dtype=torch.long, device=device)
+    filler = torch.ones(bsz, new_len, dtype=torch.bool, device=device)
+    for b, keep in enumerate(keep_positions):
+        n = int(keep.numel())
+        index[b, new_len - n:] = keep
+        filler[b, new_len - n:] = False
+    return KeepPlan(index, filler, length, torch.tensor(dropped, dtype=torch.long, device=device))
+
+
+def gather_seq(x: torch.Tensor, plan: KeepPlan, dim: int = 1) -> torch.Tensor:
+    """Gather a per-token tensor along its sequence dim (batch must be dim 0 or broadcastable)."""
+    if x.shape[0] != plan.index.shape[0]:
+        x = x.expand(plan.index.shape[0], *x.shape[1:])
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = plan.index.shape
+    idx = plan.index.view(shape).expand(*[x.shape[i] if i not in (0, dim) else shape[i] for i in range(x.dim())])
+    return torch.gather(x, dim, idx)
+
+
+def gather_positions(pos: torch.Tensor, plan: KeepPlan) -> torch.Tensor:
+    """Gather position ids shaped [B, L] or [A, B, L] (M-RoPE axes first)."""
+    if pos.dim() == 2:
+        return gather_seq(pos, plan, dim=1)
+    expanded = pos.expand(pos.shape[0], plan.index.shape[0], pos.shape[-1])
+    idx = plan.index.unsqueeze(0).expand(pos.shape[0], -1, -1)
+    return torch.gather(expanded, 2, idx)
+
+
+def _blocked(mask: torch.Tensor) -> float | bool:
+    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+
+
+def _allowed(mask: torch.Tensor) -> float | bool:
+    return True if mask.dtype == torch.bool else 0.0
+
+
+def empty_mask(bsz: int, q: int, kv: int, *, causal_offset: int, as_bool: bool, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """A [B, 1, q, kv] mask where query i sees keys <= causal_offset + i (bool or additive float)."""
+    rows = torch.arange(q, device=device).view(q, 1) + causal_offset
+    cols = torch.arange(kv, device=device).view(1, kv)
+    ok = (cols <= rows).view(1, 1, q, kv).expand(bsz, 1, q, kv)
+    if as_bool:
+        return ok.clone()
+    out = torch.zeros(bsz, 1, q, kv, dtype=dtype, device=device)
+    return out.masked_fill(~ok, torch.finfo(dtype).min)
+
+
+def prefill_mask(mask: torch.Tensor | None, plan: KeepPlan, *, as_bool: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """The 4-D mask for the pruned prefill sequence: rows and columns gathered, fillers isolated."""
+    if mask is None and not plan.has_fillers:
+        return None  # pure causal stays pure causal: kept order is the original order
+    bsz, new_len = plan.index.shape
+    if mask is None:
+        mask = empty_mask(bsz, new_len, new_len, causal_offset=0, as_bool=as_bool, dtype=dtype,
+                          device=plan.index.device)
+        src_is_pruned = True
+    else:
+        src_is_pruned = False
+    if not src_is_pruned:
+        mask = mask.expand(bsz, *mask.shape[1:])
+        heads = mask.shape[1]
+        rows = plan.index.view(bsz, 1, new_len, 1).expand(bsz, heads, new_len, mask.shape[-1])
+        mask = torch.gather(mask, 2, rows)
+        cols = plan.index.view(bsz, 1, 1, new_len).expand(bsz, heads, new_len, new_len)
+        mask = torch.gather(mask, 3, cols)
+    return _isolate_fillers(mask, plan.filler, plan.filler)
+
+
+def _isolate_fillers(mask: torch.Tensor, filler_rows: torch.Tensor | None, filler_cols: torch.Tensor) -> torch.Tensor:
+    """Block filler key columns; filler query rows see only themselves."""
+    if not bool(filler_cols.any()):
+        return mask
+    mask = mask.clone()
+    blocked, allowed = _blocked(mask), _allowed(mask)
+    mask.masked_fill_(filler_cols[:, None, None, :], blocked)
+    if filler_rows is not None and bool(filler_rows.any()):
+        n = mask.shape[-1]
+        eye = torch.eye(n, dtype=torch.bool, device=mask.device)
+        diag = filler_rows[:, None, :, None] & eye[None, None]
+        mask.masked_fill_(diag, allowed)
+    return mask
+
+
+def decode_column_map(plan: KeepPlan, kv_full: int) -> torch.Tensor:
+    """Original kv column of every slot of a pruned layer's cache: kept prefix, then all later tokens."""
+    bsz = plan.index.shape[0]
+    tail = torch.arange(plan.length, kv_full, device=plan.index.device).expand(bsz, -1)
+    return torch.cat([plan.index, tail], dim=1)
+
+
+def decode_mask(mask: torch.Tensor | None, plan: KeepPlan, *, q_len: int, kv_pruned: int, as_bool: bool,
+                dtype: torch.dtype, reference_is_none_ok: bool = True) -> torch.Tensor | None:
+    """Mask for new tokens attending to a pruned cache of ``kv_pruned`` slots (including the new ones)."""
+    bsz = plan.index.shape[0]
+    n_tail = kv_pruned - plan.new_length
+    if mask is None:
+        if not plan.has_fillers and q_len == 1 and reference_is_none_ok:
+            return None
+        mask = empty_mask(bsz, q_len, kv_pruned, causal_offset=kv_pruned - q_len, as_bool=as_bool, dtype=dtype,
+                          device=plan.index.device)
+    else:
+        kv_full = plan.length + n_tail
+        if mask.shape[-1] != kv_full:
+            raise RuntimeError(
+                f"mmeff: decode mask has {mask.shape[-1]} columns, expected {kv_full}; "
+                "the cache was not produced under this pruning handle (call generate() again from the prompt)"
+            )
+        mask = mask.expand(bsz, *mask.shape[1:])
+        cols = decode_column_map(plan, kv_full)
+        idx = cols.view(bsz, 1, 1, -1).expand(bsz, mask.shape[1], mask.shape[2], cols.shape[1])
+        mask = torch.gather(mask, 3, idx)
+    filler_cols = torch.cat([plan.filler, plan.filler.new_zeros(bsz, n_tail)], dim=1)
+    return _isolate_fillers(mask, None, filler_cols)
+
+
+def remap_2d_mask(mask2d: torch.Tensor, plan: KeepPlan) -> torch.Tensor:
+    """A [B, L + t] padding mask mapped onto the pruned sequence [B, L' + t] (fillers are 0)."""
+    cols = decode_column_map(plan, mask2d.shape[1])
+    out = torch.gather(mask2d, 1, cols)
+    n_tail = cols.shape[1] - plan.new_length
+    filler = torch.cat([plan.filler, plan.filler.new_zeros(plan.filler.shape[0], n_tail)], dim=1)
+    return out.masked_fill(filler, 0)

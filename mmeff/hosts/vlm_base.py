@@ -1,0 +1,542 @@
+"""Generic VLM host adapter: cuts visual tokens before the LLM or inside it at layer K.
+
+Everything is done with per-instance forward hooks on the model's own modules:
+- a pre-hook on the multimodal model (``model.model``) sees ``input_ids`` and tells prefill from decode;
+  pre-LLM pruning rewrites its inputs there (features, placeholders, masks, positions);
+- in-LLM pruning captures the q/k projections of layer K-1 (only during prefill), decides at the
+  pre-hook of layer K, and every layer >= K gathers hidden states, RoPE tables and the mask;
+  decode steps remap each pruned layer's mask columns onto its shorter cache.
+Family subclasses (llava.py, qwen_vl.py) only say where things are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import zlib
+from typing import Any, Callable
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..core.config import MethodConfig
+from ..core.errors import ConfigError, MissingImageError, UnsupportedModelError
+from ..core.handle import Handle
+from ..core.hooks import HookSet
+from ..core.timing import MethodTimer
+from ..pruners.base import PrunerConfig
+from . import token_plan as tp
+from .flops import prefill_flops
+
+PREFILL, DECODE, OFF = "prefill", "decode", "off"
+
+
+@dataclasses.dataclass
+class StepState:
+    """What one prompt (prefill + its decode steps) needs to remember."""
+
+    phase: str = OFF
+    input_ids: torch.Tensor | None = None
+    attn2d: torch.Tensor | None = None
+    visual_positions: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample, global
+    spans: list[list[tuple[int, int]]] = dataclasses.field(default_factory=list)     # per sample, local
+    plan: tp.KeepPlan | None = None
+    captured: dict[str, Any] = dataclasses.field(default_factory=dict)
+    per_forward: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    kept_per_sample: list[int] = dataclasses.field(default_factory=list)
+    rope_delta_shift: int = 0
+
+
+class VLMAdapter:
+    """Base adapter for transformers VLMs (``*ForConditionalGeneration``)."""
+
+    family = "vlm"
+    model_classes: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ family-specific
+    def image_features(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """Per-image projected features [N_i, D] for this forward's images."""
+        raise NotImplementedError  # abstract: provided by llava.py / qwen_vl.py
+
+    def full_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
+        """Position ids of the unpruned sequence when the caller passed none."""
+        raise NotImplementedError  # abstract: provided by llava.py / qwen_vl.py
+
+    def expected_visual_tokens(self) -> int | None:
+        """Visual tokens per image when fixed by the config (for early budget checks)."""
+        return None
+
+    uses_mrope = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        return type(obj).__name__ in cls.model_classes
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.inner = model.model
+        self.lm = self.inner.language_model
+        self.layers = self.lm.layers
+        self.text_config = self.lm.config
+        self.n_layers = len(self.layers)
+        self.image_token_id = int(model.config.image_token_id)
+        self.timer = MethodTimer()
+        self.state = StepState()
+        self.pruner: PrunerConfig | None = None
+        self.layer = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, methods: list[MethodConfig]) -> Handle:
+        pruners = [m for m in methods if m.kind == "visual_token_pruner"]
+        unknown = [m for m in methods if m.kind != "visual_token_pruner"]
+        if unknown:
+            raise ConfigError(
+                f"{', '.join(m.name for m in unknown)} cannot be applied to a VLM ({self.family}); "
+                "VLM methods are visual-token pruners"
+            )
+        if len(pruners) != 1:
+            raise ConfigError(f"apply exactly one pruner to a VLM at a time, got {[m.name for m in pruners]}")
+        pruner = pruners[0]
+        layer = pruner.resolve_layer(self.family)
+        self._check(pruner, layer)
+        self.pruner, self.layer = pruner, layer
+        hooks = HookSet()
+        try:
+            hooks.pre_hook(self.inner, self._on_inner_forward)
+            if pruner.stage == "llm":
+                self._install_llm_hooks(hooks, layer)
+            hooks.on_remove(self._reset)
+        except Exception:
+            hooks.remove()
+            raise
+        return Handle(self.model, methods, hooks, self.report)
+
+    def _check(self, pruner: PrunerConfig, layer: int) -> None:
+        if layer >= self.n_layers:
+            raise ConfigError(f"{pruner.name}: layer {layer} does not exist; {self.family} has {self.n_layers} LLM layers")
+        if pruner.stage == "llm":
+            if layer < 1:
+                raise ConfigError(f"{pruner.name} scores with layer K-1, so layer must be >= 1 (got {layer})")
+            impl = self.text_config._attn_implementation
+            if impl not in ("sdpa", "eager"):
+                raise UnsupportedModelError(
+                    f"in-LLM pruning supports attn_implementation 'sdpa' or 'eager', this model uses {impl!r}; "
+                    "load it with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))"
+                )
+        if pruner.positions == "reindex" and self.uses_mrope:
+            raise ConfigError(
+                f"{pruner.name}: positions='reindex' is not defined for M-RoPE models ({self.family}); "
+                "use positions='original'"
+            )
+        n = self.expected_visual_tokens()
+        if n is not None:
+            pruner.keep_count(n, self.n_layers, layer)  # raises BudgetError early
+
+    def _reset(self) -> None:
+        self.state = StepState()
+
+    # ------------------------------------------------------------------ multimodal-model pre-hook
+    def _on_inner_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if args:  # normalise a positional input_ids
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = ()
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None else 0
+        if past_len == 0:
+            return self._start_prompt(kwargs)
+        st = self.state
+        if st.plan is None:
+            st.phase = OFF
+            return None
+        st.phase = DECODE
+        st.per_forward.clear()
+        if self.pruner.stage == "pre_llm":
+            return (), self._pre_llm_decode_inputs(kwargs, past_len)
+        return None
+
+    def _start_prompt(self, kwargs: dict[str, Any]):
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ConfigError(
+                f"{self.pruner.name} needs input_ids to locate the image placeholders; pass input_ids, not inputs_embeds"
+            )
+        visual = input_ids == self.image_token_id
+        if not bool(visual.any()):
+            raise MissingImageError(
+                f"{self.pruner.name}: this batch has no image tokens; pass pixel_values with an image placeholder in "
+                "the prompt, or call handle.remove() before running text-only prompts"
+            )
+        st = StepState(phase=PREFILL, input_ids=input_ids, attn2d=kwargs.get("attention_mask"))
+        for b in range(input_ids.shape[0]):
+            pos = torch.nonzero(visual[b]).flatten()
+            st.visual_positions.append(pos)
+            st.spans.append(_runs(pos))
+        self.state = st
+        if self.pruner.stage == "pre_llm":
+            return (), self._pre_llm_prefill_inputs(kwargs, input_ids)
+        return (), kwargs
+
+    # ------------------------------------------------------------------ decisions
+    def _decide(self, view_factory: Callable[[int], "SampleView"], length: int, device: torch.device) -> tp.KeepPlan:
+        """Ask the pruner for each sample's kept visual tokens; return the batch plan."""
+        st, pruner = self.state, self.pruner
+        keep_positions, dropped, kept_counts = [], [], []
+        with self.timer.section("select", device):
+            for b, vis in enumerate(st.visual_positions):
+                all_pos = torch.arange(length, device=device)
+                if vis.numel() == 0:
+                    keep_positions.append(all_pos)
+                    dropped.append(0)
+                    kept_counts.append(0)
+                    continue
+                spans = st.spans[b]
+                keep = [pruner.keep_count(e - s, self.n_layers, self.layer) for s, e in spans]
+                local = pruner.select(view_factory(b), keep)
+                is_vis = torch.zeros(length, dtype=torch.bool, device=device)
+                is_vis[vis] = True
+                kept_vis = vis[local.to(device)]
+                keep_mask = ~is_vis
+                keep_mask[kept_vis] = True
+                keep_positions.append(all_pos[keep_mask])
+                dropped.append(int(vis.numel() - kept_vis.numel()))
+                kept_counts.append(int(kept_vis.numel()))
+        st.kept_per_sample = kept_counts
+        plan = tp.build_plan(keep_positions, length, dropped)
+        self._record(plan)
+        return plan
+
+    def _record(self, plan: tp.KeepPlan) -> None:
+        st = self.state
+        n_vis = [int(v.numel()) for v in st.visual_positions]
+        self.history.append({
+            "visual": n_vis, "kept": list(st.kept_per_sample), "length": plan.length,
+            "new_length": plan.new_length, "layer": self.layer if self.pruner.stage == "llm" else 0,
+        })
+
+    # ------------------------------------------------------------------ pre-LLM path
+    def _pre_llm_prefill_inputs(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> dict[str, Any]:
+        st = self.state
+        enc = kwargs.get("mm_encoder_outputs") or {}
+        if enc.get("image") is not None:
+            feats = list(enc["image"].pooler_output)
+        else:
+            if kwargs.get("pixel_values") is None:
+                raise MissingImageError(f"{self.pruner.name}: image placeholders found but no pixel_values were passed")
+            with self.timer.section("features", input_ids.device):
+                feats = self.image_features(kwargs)
+        per_sample: list[list[torch.Tensor]] = []
+        i = 0
+        for b, spans in enumerate(st.spans):
+            mine = feats[i:i + len(spans)]
+            i += len(spans)
+            for (s, e), f in zip(spans, mine):
+                if f.shape[0] != e - s:
+                    raise ConfigError(f"image features ({f.shape[0]}) do not match the {e - s} placeholders of sample {b}")
+            per_sample.append(mine)
+        length = input_ids.shape[1]
+        plan = self._decide(lambda b: SampleView(self, b, feats=per_sample[b]), length, input_ids.device)
+        st.plan = plan
+        kept_feats = []
+        for b, spans in enumerate(st.spans):
+            kept_global = set(plan.index[b][~plan.filler[b]].tolist())
+            for (s, e), f in zip(spans, per_sample[b]):
+                vis = st.visual_positions[b][s:e]
+                sel = torch.tensor([j for j, p in enumerate(vis.tolist()) if p in kept_global], dtype=torch.long,
+                                   device=f.device)
+                kept_feats.append(f[sel])
+        out = dict(kwargs)
+        out.pop("pixel_values", None)
+        out["mm_encoder_outputs"] = {**enc, "image": BaseModelOutputWithPooling(pooler_output=tuple(kept_feats))}
+        pad_id = self._filler_token_id()
+        new_ids = tp.gather_seq(input_ids, plan).masked_fill(plan.filler, pad_id)
+        out["input_ids"] = new_ids
+        am = kwargs.get("attention_mask")
+        if am is not None:
+            out["attention_mask"] = tp.gather_seq(am, plan).masked_fill(plan.filler, 0)
+        elif plan.has_fillers:
+            out["attention_mask"] = (~plan.filler).to(torch.long)
+        if kwargs.get("mm_token_type_ids") is not None:
+            out["mm_token_type_ids"] = tp.gather_seq(kwargs["mm_token_type_ids"], plan).masked_fill(plan.filler, 0)
+        pos = kwargs.get("position_ids")
+        if pos is None or self.uses_mrope:  # M-RoPE models also refresh rope_deltas here
+            full = self.full_positions(kwargs, input_ids)
+            pos = full if pos is None else pos
+        if self.pruner.positions == "reindex":
+            mask = out.get("attention_mask")
+            mask = mask if mask is not None else torch.ones_like(new_ids)
+            new_pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        else:
+            new_pos = tp.gather_positions(pos, plan)
+        out["position_ids"] = new_pos
+        st.rope_delta_shift = plan.length - plan.new_length
+        self._after_pre_llm_prefill(plan)
+        return out
+
+    def _after_pre_llm_prefill(self, plan: tp.KeepPlan) -> None:
+        """Family hook (Qwen corrects ``rope_deltas`` here)."""
+
+    def _filler_token_id(self) -> int:
+        pad = getattr(self.text_config, "pad_token_id", None)
+        if pad is None or pad == self.image_token_id:
+            pad = 0 if self.image_token_id != 0 else 1
+        return int(pad)
+
+    def _pre_llm_decode_inputs(self, kwargs: dict[str, Any], past_len: int) -> dict[str, Any]:
+        plan = self.state.plan
+        out = dict(kwargs)
+        ids = kwargs.get("input_ids")
+        q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() == 2:
+            out["attention_mask"] = tp.remap_2d_mask(am, plan)
+        elif am is None and plan.has_fillers:
+            full = torch.ones(plan.index.shape[0], plan.length + past_len - plan.new_length + q,
+                              dtype=torch.long, device=plan.index.device)
+            out["attention_mask"] = tp.remap_2d_mask(full, plan)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = self._decode_positions(past_len, q, plan)
+        elif self.pruner.positions == "reindex":
+            pos = pos - plan.dropped.view(*([1] * (pos.dim() - 2)), -1, 1)
+        out["position_ids"] = pos
+        return out
+
+    def _decode_positions(self, past_len: int, q: int, plan: tp.KeepPlan) -> torch.Tensor:
+        """Positions of new tokens on a pruned cache when the caller passed none (plain forward)."""
+        bsz = plan.index.shape[0]
+        base = torch.arange(q, device=plan.index.device) + past_len
+        if self.pruner.positions == "original":
+            base = base + (plan.length - plan.new_length)
+            return base.expand(bsz, -1)
+        fillers = plan.filler.sum(1, keepdim=True)
+        return base.expand(bsz, -1) - fillers
+
+    # ------------------------------------------------------------------ in-LLM path
+    def _install_llm_hooks(self, hooks: HookSet, layer: int) -> None:
+        prev = self.layers[layer - 1].self_attn
+        hooks.pre_hook(prev, self._capture_attn_inputs)
+        hooks.post_hook(prev.q_proj, self._capture("q"))
+        hooks.post_hook(prev.k_proj, self._capture("k"))
+        for i in range(layer, self.n_layers):
+            hooks.pre_hook(self.layers[i], self._layer_hook(i))
+
+    def _capture_attn_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if self.state.phase == PREFILL and self.state.plan is None:
+            self.state.captured["attn"] = module
+            self.state.captured["position_embeddings"] = kwargs.get("position_embeddings")
+        return None
+
+    def _capture(self, name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self.state.phase == PREFILL and self.state.plan is None:
+                self.state.captured[name] = output.detach()
+        return hook
+
+    def _layer_hook(self, index: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+            st = self.state
+            if st.phase == PREFILL:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if index == self.layer and st.plan is None:
+                    st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), hidden.shape[1], hidden.device)
+                    st.captured.clear()
+                plan = st.plan
+                if plan is None or plan.is_identity:
+                    return None
+                return self._prefill_layer_inputs(args, kwargs, plan)
+            if st.phase == DECODE and st.plan is not None and not st.plan.is_identity:
+                return self._decode_layer_inputs(index, args, kwargs, st.plan)
+            return None
+        return hook
+
+    def _mask_format(self, mask: torch.Tensor | None) -> tuple[bool, torch.dtype]:
+        if mask is not None:
+            return mask.dtype == torch.bool, mask.dtype
+        as_bool = self.text_config._attn_implementation != "eager"
+        return as_bool, self.lm.dtype if not as_bool else torch.bool
+
+    def _cached(self, obj: Any, fn: Callable[[Any], Any]) -> Any:
+        """Per-forward cache keyed by object identity (one gather per forward, not per layer)."""
+        if obj is None:
+            return fn(obj)
+        hit = self.state.per_forward.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        val = fn(obj)
+        self.state.per_forward[id(obj)] = (obj, val)
+        return val
+
+    def _prefill_layer_inputs(self, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == plan.length:
+            hidden = tp.gather_seq(hidden, plan)
+        out = dict(kwargs)
+        out.pop("hidden_states", None)
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            out["position_embeddings"] = self._cached(pe, lambda p: self._prefill_rope(p, plan, hidden))
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor) and pos.shape[-1] == plan.length:
+            out["position_ids"] = self._cached(pos, lambda p: tp.gather_positions(p, plan))
+        mask = kwargs.get("attention_mask")
+        as_bool, dtype = self._mask_format(mask)
+        out["attention_mask"] = self._cached(mask, lambda m: tp.prefill_mask(m, plan, as_bool=as_bool, dtype=dtype)) \
+            if mask is not None else tp.prefill_mask(None, plan, as_bool=as_bool, dtype=dtype)
+        return (hidden,), out
+
+    def _prefill_rope(self, pe: tuple[torch.Tensor, torch.Tensor], plan: tp.KeepPlan, hidden: torch.Tensor):
+        if self.pruner.positions == "reindex":
+            keep_real = (~plan.filler).long()
+            if self.state.attn2d is not None:
+                keep_real = keep_real * tp.gather_seq(self.state.attn2d.long(), plan)
+            new_pos = (keep_real.cumsum(-1) - 1).clamp_min(0)
+            return self.lm.rotary_emb(hidden, position_ids=new_pos)
+        return tuple(tp.gather_seq(t, plan) for t in pe)
+
+    def _decode_layer_inputs(self, index: int, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q = hidden.shape[1]
+        past = kwargs.get("past_key_values")
+        kv_pruned = (past.get_seq_length(index) if past is not None else plan.new_length) + q
+        mask = kwargs.get("attention_mask")
+        as_bool, dtype = self._mask_format(mask)
+        out = dict(kwargs)
+        make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_pruned=kv_pruned, as_bool=as_bool, dtype=dtype)  # noqa: E731
+        out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
+        if self.pruner.positions == "reindex":
+            pe = kwargs.get("position_embeddings")
+            pos = kwargs.get("position_ids")
+            if pe is not None and pos is not None:
+                out["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=pos - plan.dropped.view(-1, 1))
+        return args, out
+
+    # ------------------------------------------------------------------ score computations
+    def rotated_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE q [B,H,L,d] and k [B,H,L,d] (k repeated to H) of layer K-1, from captured projections."""
+        cap = self.state.captured
+        if "qk" in cap:
+            return cap["qk"]
+        attn = cap["attn"]
+        head_dim = attn.head_dim
+        q = cap["q"]
+        k = cap["k"]
+        bsz, length = q.shape[:2]
+        q = q.view(bsz, length, -1, head_dim).transpose(1, 2)
+        k = k.view(bsz, length, -1, head_dim).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if rope is None:
+            raise UnsupportedModelError(f"cannot find apply_rotary_pos_emb next to {type(attn).__name__}")
+        cos, sin = cap["position_embeddings"]
+        q, k = rope(q, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        cap["qk"] = (q, k)
+        return q, k
+
+    def last_query_attention(self) -> torch.Tensor:
+        """[B, H, L] softmax attention of each sample's last real token at layer K-1 (one row per sample)."""
+        cap = self.state.captured
+        if "last_attn" in cap:
+            return cap["last_attn"]
+        q, k = self.rotated_qk()
+        bsz, _, length, _ = q.shape
+        am = self.state.attn2d
+        if am is not None and am.shape[-1] == length:
+            last = (am.long() * torch.arange(length, device=q.device)).argmax(-1)
+            valid = am.bool()
+        else:
+            last = torch.full((bsz,), length - 1, device=q.device, dtype=torch.long)
+            valid = torch.ones(bsz, length, dtype=torch.bool, device=q.device)
+        q_last = q[torch.arange(bsz, device=q.device), :, last]                  # [B, H, d]
+        logits = torch.einsum("bhd,bhld->bhl", q_last.float(), k.float()) * cap["attn"].scaling
+        causal = torch.arange(length, device=q.device)[None] <= last[:, None]
+        logits = logits.masked_fill(~(valid & causal)[:, None, :], float("-inf"))
+        cap["last_attn"] = logits.softmax(-1)
+        return cap["last_attn"]
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> dict[str, Any]:
+        pruner = self.pruner
+        rep: dict[str, Any] = {"host": self.family, "method": pruner.name if pruner else None,
+                               "stage": pruner.stage if pruner else None, "layer": self.layer,
+                               "n_layers": self.n_layers, "prompts": len(self.history),
+                               "method_seconds": self.timer.total, "method_seconds_by_section": dict(self.timer.seconds)}
+        if not self.history:
+            return rep
+        last = self.history[-1]
+        n_vis = sum(last["visual"]) / max(1, len(last["visual"]))
+        kept = sum(last["kept"]) / max(1, len(last["kept"]))
+        k = last["layer"]
+        per_layer = [n_vis if i < k else kept for i in range(self.n_layers)]
+        text = last["length"] - n_vis
+        dense = prefill_flops(self.text_config, [last["length"]] * self.n_layers)
+        pruned = prefill_flops(self.text_config, [text + n for n in per_layer])
+        rep.update({
+            "visual_tokens_per_layer": per_layer,
+            "visual_tokens_input": per_layer[0],
+            "equivalent_budget": sum(per_layer) / self.n_layers,
+            "visual_tokens_per_sample": last["visual"],
+            "kept_after_layer_per_sample": last["kept"],
+            "prefill_tflops": {"dense": dense / 1e12, "pruned": pruned / 1e12, "ratio": pruned / dense},
+        })
+        return rep
+
+
+@dataclasses.dataclass
+class SampleView:
+    """The :class:`~mmeff.pruners.base.ScoreView` of one sample (lazy, computes only what is asked)."""
+
+    adapter: VLMAdapter
+    sample: int
+    hidden: torch.Tensor | None = None
+    feats: list[torch.Tensor] | None = None
+
+    @property
+    def _vis(self) -> torch.Tensor:
+        return self.adapter.state.visual_positions[self.sample]
+
+    @property
+    def n_visual(self) -> int:
+        return int(self._vis.numel())
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        return self.adapter.state.spans[self.sample]
+
+    def last_query_attention(self) -> torch.Tensor:
+        return self.adapter.last_query_attention()[self.sample][:, self._vis]
+
+    def query_states(self) -> torch.Tensor:
+        q, _ = self.adapter.rotated_qk()
+        return q[self.sample][:, self._vis].transpose(0, 1)
+
+    def hidden_states(self) -> torch.Tensor:
+        if self.hidden is None:
+            raise ConfigError("hidden states are only available to in-LLM pruners")
+        return self.hidden[self.sample, self._vis]
+
+    def features(self) -> torch.Tensor:
+        if self.feats is None:
+            raise ConfigError("image features are only available to pre-LLM pruners")
+        return torch.cat(self.feats, 0)
+
+    def generator(self) -> torch.Generator:
+        ids = self.adapter.state.input_ids[self.sample]
+        am = self.adapter.state.attn2d
+        if am is not None:
+            ids = ids[am[self.sample].bool()]
+        digest = zlib.crc32(ids.cpu().numpy().tobytes())
+        seed = getattr(self.adapter.pruner, "seed", 0)
+        return torch.Generator().manual_seed((seed * 1_000_003 + digest) % (2 ** 63))
+
+
+def _runs(pos: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous runs of global positions, as [start, end) in local (0..n) indices: one run per image."""
+    if pos.numel() == 0:
+        return []
+    breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+    starts = [0] + breaks.tolist()
+    ends = breaks.tolist() + [int(pos.numel())]
+    return list(zip(starts, ends))

@@ -1,0 +1,7 @@
+"""Visual-token pruners (configs only; the VLM host adapters do the cutting)."""
+from .base import PrunerConfig, ScoreView
+from .entropyprune import EntropyPrune
+from .fastv import FastV
+from .random_prune import RandomPrune
+
+__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune"]

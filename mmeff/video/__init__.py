@@ -1,0 +1,1 @@
+"""Video sparse attention methods for DiTs."""

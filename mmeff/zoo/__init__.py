@@ -1,0 +1,1 @@
+"""The synthetic world and the small trained models shipped with mmeff."""
