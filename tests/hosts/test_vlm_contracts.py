@@ -259,3 +259,18 @@ def _uncached_reference_reindex(model, inputs, method, n_new):
     # Under reindex, positions of later tokens are contiguous after the removed ones: the uncached run
     # under the same handle with generate-style positions gives the reference.
     return _uncached_reference(model, inputs, method, n_new)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", ["fastv:ratio=0.4,layer=1", "random:ratio=0.3"])
+def test_right_padding_forward_equals_single(vlm, family, spec):
+    """Right-padded batch through a plain forward: each sample's last real logits equal its solo run."""
+    model = vlm(family)
+    batch = inputs_for(model, n=3, padding="right")
+    pads = (batch["attention_mask"] == 0).sum(1)
+    with mmeff.apply(model, spec):
+        out = model(**batch)
+        new_len = out.logits.shape[1]
+        for i in range(3):
+            solo = model(**_take(batch, i, model)).logits[0, -1]
+            torch.testing.assert_close(out.logits[i, new_len - 1 - int(pads[i])], solo, atol=5e-5, rtol=1e-4)

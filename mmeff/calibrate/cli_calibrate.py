@@ -1,0 +1,42 @@
+"""``mmeff calibrate entropyprune``: find the Entropy Collapse Layer of a model on shapes-world images."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Iterator
+
+import torch
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("calibrate", help="offline calibration writing a per-model JSON (EntropyPrune ECL)")
+    p.add_argument("method", choices=["entropyprune"], help="what to calibrate")
+    p.add_argument("--model", default="tiny-llava", help="zoo name (tiny-llava, tiny-qwen2-vl) or a local/hub path")
+    p.add_argument("--samples", type=int, default=100, help="number of calibration images (calib split seeds)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", required=True, help="JSON file to write; load it with entropyprune:calibration=FILE")
+    p.set_defaults(func=run)
+
+
+def world_batches(processor: Any, n: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Processor inputs for n calibration-split scenes with a describe-the-image prompt."""
+    from ..zoo.world import build_scenes, render
+
+    scenes = build_scenes("calib", n)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    for i in range(0, n, batch_size):
+        chunk = scenes[i:i + batch_size]
+        yield dict(processor(images=[render(s) for s in chunk], text=[prompt] * len(chunk), return_tensors="pt",
+                             padding=True))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..zoo.load import load
+    from .ecl import calibrate_entropyprune
+
+    model, processor = load(args.model)
+    result = calibrate_entropyprune(model, world_batches(processor, args.samples, args.batch_size), args.out,
+                                    model_name=args.model)
+    print(json.dumps({k: result[k] for k in ("model", "ecl", "samples")}), "->", args.out)
+    return 0
