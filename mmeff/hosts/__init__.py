@@ -1,5 +1,5 @@
 """Host adapters: one per model family; they know where things are, never which method runs."""
-from . import llava, qwen_vl  # noqa: F401  (registration)
+from . import dit, llava, qwen_vl  # noqa: F401  (registration)
 from .vlm_base import VLMAdapter
 
 __all__ = ["VLMAdapter"]

@@ -8,7 +8,8 @@ a few hundredths of a second. ``call_kwargs(family)`` gives deterministic, silen
 from __future__ import annotations
 
 import string
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -50,8 +51,8 @@ def t5_text(seed: int = 0, umt5: bool = False) -> torch.nn.Module:
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    kw = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=1000,
-              relative_attention_num_buckets=8)
+    kw = {"d_model": 32, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4, "vocab_size": 1000,
+          "relative_attention_num_buckets": 8}
     if umt5:
         return UMT5EncoderModel(UMT5Config(**kw)).eval()
     return T5EncoderModel(T5Config(**kw)).eval()
@@ -72,7 +73,7 @@ def sd3_transformer(qk_norm: str | None = None, layers: int = 2, seed: int = 0) 
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    model = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=layers,
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=layers,
                                   attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                   joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
                                   qk_norm=qk_norm).eval()
@@ -181,7 +182,11 @@ def wan_pipeline(seed: int = 0) -> Any:
 
 
 def cogvideox_pipeline(seed: int = 0) -> Any:
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+    )
 
     torch.manual_seed(seed)
     vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, latent_channels=4,
@@ -229,11 +234,11 @@ def call_kwargs(family: str, seed: int = 0, steps: int = 2, cfg: float | None = 
     ``cfg`` is the pipeline's classifier-free guidance scale (None: the family's test default, CFG on);
     FLUX uses true CFG (``true_cfg_scale`` with a negative prompt) since its ``guidance_scale`` is distilled.
     """
-    kw: dict[str, Any] = dict(prompt="a red cube", num_inference_steps=steps,
-                              generator=torch.Generator().manual_seed(seed), output_type="np")
+    kw: dict[str, Any] = {"prompt": "a red cube", "num_inference_steps": steps,
+                          "generator": torch.Generator().manual_seed(seed), "output_type": "np"}
     s = 3.0 if cfg is None else cfg
     if family in ("sd3", "sd3_qknorm"):
-        kw.update(height=16, width=16, guidance_scale=s, negative_prompt="blur")
+        kw.update(height=16, width=16, guidance_scale=s, negative_prompt="blur", max_sequence_length=16)
     elif family == "flux":
         kw.update(height=16, width=16, max_sequence_length=16, true_cfg_scale=s, negative_prompt="blur")
     elif family == "pixart":

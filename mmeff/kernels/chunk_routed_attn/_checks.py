@@ -1,0 +1,114 @@
+"""Input validation and the selection layouts shared by the naive and Triton chunk-routed paths."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Problem", "check_inputs", "chunk_mask_from_indices", "normalise_selected"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes of one validated call."""
+
+    batch: int
+    heads: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    n_chunks: int
+    scale: float
+
+
+def chunk_mask_from_indices(selected_idx: Tensor, n_chunks: int) -> Tensor:
+    """Bool ``[B, H, Sq, n_chunks]`` from an int index list ``[B, H, Sq, max_sel]`` padded with -1.
+
+    Raises ``ValueError`` for indices outside ``[-1, n_chunks)``. Duplicates are harmless.
+    """
+    if selected_idx.is_floating_point() or selected_idx.dtype == torch.bool:
+        raise ValueError(f"an index-list selection must be an integer tensor, got {selected_idx.dtype}")
+    idx = selected_idx.long()
+    if idx.numel() > 0 and bool(((idx < -1) | (idx >= n_chunks)).any()):
+        raise ValueError(
+            f"selected chunk indices must lie in [0, n_chunks={n_chunks}) (or -1 for padding)"
+        )
+    mask = torch.zeros(*idx.shape[:-1], n_chunks + 1, dtype=torch.bool, device=idx.device)
+    mask.scatter_(-1, torch.where(idx < 0, n_chunks, idx), True)  # -1 -> spill column, dropped
+    return mask[..., :n_chunks]
+
+
+def normalise_selected(selected: Tensor, n_chunks: int) -> Tensor:
+    """The canonical bool chunk mask ``[B, H, Sq, n_chunks]`` from either accepted layout."""
+    if not isinstance(selected, Tensor) or selected.dim() != 4:
+        shape = tuple(selected.shape) if isinstance(selected, Tensor) else type(selected).__name__
+        raise ValueError(
+            "selected must be a bool chunk mask [B, H, Sq, n_chunks] or an int32 index list "
+            f"[B, H, Sq, max_sel] padded with -1, got {shape}"
+        )
+    if selected.dtype == torch.bool:
+        if selected.shape[-1] != n_chunks:
+            raise ValueError(
+                f"a bool selection must have n_chunks={n_chunks} columns (len(chunk_start) - 1), "
+                f"got {selected.shape[-1]}"
+            )
+        return selected
+    return chunk_mask_from_indices(selected, n_chunks)
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, selected: Tensor, scale: float | None) -> tuple[Problem, Tensor]:
+    """Validate a call; return its sizes and the bool selection mask. Raise ``ValueError`` naming the fix."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} must be a 4-D tensor [B, H, S, D] (heads before sequence; use "
+                f".transpose(1, 2) on a [B, S, H, D] tensor), got {shape}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch, heads, seq_q, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
+        raise ValueError(f"k/v must be [B={batch}, H={heads}, S_kv, D={head_dim}] to match q, got {tuple(k.shape)}")
+    seq_kv = k.shape[2]
+
+    if (
+        not isinstance(chunk_start, Tensor)
+        or chunk_start.dim() != 1
+        or chunk_start.numel() < 2
+        or chunk_start.is_floating_point()
+        or chunk_start.dtype == torch.bool
+    ):
+        raise ValueError(
+            "chunk_start must be a 1-D integer tensor [n_chunks + 1] of key-chunk boundaries "
+            "(0, ..., S_kv); build it with mmeff.video.vmoba_partition.chunk_starts(chunk_ids)"
+        )
+    if chunk_start.device != q.device:
+        raise ValueError("chunk_start must be on the same device as q")
+    bounds = chunk_start.tolist()  # n_chunks + 1 numbers: a cheap read-back
+    if bounds[0] != 0 or bounds[-1] != seq_kv or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(
+            f"chunk_start must be non-decreasing from 0 to S_kv={seq_kv}, got {bounds[:4]}...{bounds[-2:]}"
+        )
+    n_chunks = len(bounds) - 1
+
+    if isinstance(selected, Tensor) and selected.device != q.device:
+        raise ValueError("selected must be on the same device as q")
+    mask = normalise_selected(selected, n_chunks)
+    if tuple(mask.shape[:3]) != (batch, heads, seq_q):
+        raise ValueError(
+            f"selected must be [B={batch}, H={heads}, Sq={seq_q}, ...] (one row per query), "
+            f"got {tuple(selected.shape)}"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    return Problem(batch, heads, seq_q, seq_kv, head_dim, n_chunks, float(scale)), mask

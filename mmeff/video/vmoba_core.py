@@ -1,0 +1,391 @@
+"""VMoBA core: chunk gating, threshold / top-k chunk selection and self + routed attention.
+
+Tokens are expected **already in chunk order** (``x[..., perm, :]`` with ``perm`` from
+``mmeff.video.vmoba_partition.partition_order``), as ``q, k, v`` of shape ``[B, H, S, D]``.
+
+Algorithm (VMoBA, reference §4):
+
+1. **Chunk keys**: ``k̄_c`` = float32 mean of the keys of chunk ``c``.
+2. **Gates**: ``g[b, h, s, c] = q_s · k̄_c`` in float32, *unscaled* (no ``1/sqrt(d)``).
+3. **Selection** (always containing the query's own chunk):
+
+   - ``mode="topk"``: ``+inf`` on the own chunk, then the ``topk`` largest gates per
+     (head, query) (``threshold_type="query_head"``) or the ``topk * S`` largest gates jointly
+     over all (query, chunk) pairs of a head (``"head_global"``).
+   - ``mode="threshold"``, ``"query_head"``: min-max normalise each (head, query) row over
+     chunks, ``ĝ = (g - min) / (max - min)``; ``remain = max(τ - ĝ_self / Σĝ, 0)``; sort the
+     other chunks by ``ĝ`` descending and keep the shortest prefix whose cumulative sum over
+     ``Σĝ`` reaches ``remain`` (all of them when none does); add the own chunk.
+   - ``mode="threshold"``, ``"head_global"``: the same, but normalisation, ``Σĝ``, the self
+     share (summed over all queries' own chunks) and the sorted prefix run jointly over all
+     (query, chunk) pairs of a head, so some queries get many chunks and others only their own.
+
+   A degenerate row or head whose gates are all equal (``max == min``) is treated as
+   uniform (``ĝ = 1`` everywhere). With ``τ = 1`` the chunk at the minimum (``ĝ = 0``) adds
+   nothing to the cumulative sum and so is not selected; use ``τ > 1`` (or
+   ``topk = n_chunks``) to select every chunk.
+4. **Attention** = softmax over the keys of the union of selected chunks, computed as in the
+   paper by two parts merged through their log-sum-exps in float32: the own-chunk branch
+   (block-diagonal attention inside each chunk) and the routed branch (the selected chunks
+   other than the own one). ``split_self=False`` runs one call over the union instead.
+
+``vmoba_reference`` is the obviously-correct twin: an independent loop implementation of the
+same selection, a dense boolean ``[B, H, S, S]`` key mask and a float64 masked softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmeff.kernels.chunk_routed_attn import chunk_routed_attention, key_chunk_index
+
+from .vmoba_partition import chunk_starts
+
+__all__ = [
+    "MODES",
+    "THRESHOLD_TYPES",
+    "chunk_gates",
+    "chunk_mean_keys",
+    "merge_attention_parts",
+    "select_chunks",
+    "vmoba_attention",
+    "vmoba_reference",
+]
+
+MODES = ("threshold", "topk")
+THRESHOLD_TYPES = ("query_head", "head_global")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} must be a 4-D tensor [B, H, S, D] in chunk order (use .transpose(1, 2) on a "
+                f"[B, S, H, D] tensor), got {shape}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            "VMoBA is self-attention: q, k and v must have the same shape [B, H, S, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[2] == 0:
+        raise ValueError("q, k, v have no tokens (S == 0)")
+
+
+def _check_selection_args(mode: str, threshold: float, topk: int, threshold_type: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if threshold_type not in THRESHOLD_TYPES:
+        extra = " (VMoBA's 'overall' and 'block' variants are not implemented)" if threshold_type in (
+            "overall", "block") else ""
+        raise ValueError(f"threshold_type must be one of {THRESHOLD_TYPES}, got {threshold_type!r}{extra}")
+    if mode == "threshold":
+        if isinstance(threshold, bool) or not isinstance(threshold, Real) or not math.isfinite(threshold) or threshold < 0:
+            raise ValueError(
+                f"threshold must be a finite number >= 0 (fraction of normalised cumulative gate "
+                f"similarity, e.g. 0.25; > 1 selects every chunk), got {threshold!r}"
+            )
+    elif isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1 (chunks per query, own chunk included), got {topk!r}")
+
+
+def _chunk_layout(seq: int, chunk_ids: Tensor | None, chunk_size: int | None, device: torch.device) -> Tensor:
+    """``chunk_start [n_chunks + 1]`` (int32, on ``device``) from exactly one of the two specs."""
+    if (chunk_ids is None) == (chunk_size is None):
+        raise ValueError(
+            "pass exactly one of chunk_ids (a [S] tensor from partition_order) or chunk_size "
+            "(an int: contiguous runs of that many tokens, the last one may be shorter)"
+        )
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
+        bounds = list(range(0, seq, chunk_size)) + [seq]
+        return torch.tensor(bounds, dtype=torch.int32, device=device)
+    if not isinstance(chunk_ids, Tensor) or chunk_ids.dim() != 1 or chunk_ids.numel() != seq:
+        got = tuple(chunk_ids.shape) if isinstance(chunk_ids, Tensor) else type(chunk_ids).__name__
+        raise ValueError(f"chunk_ids must be a 1-D tensor with one chunk id per token (S={seq}), got {got}")
+    return chunk_starts(chunk_ids.to(device))
+
+
+# ----------------------------------------------------------------------------- gating
+
+
+def chunk_mean_keys(k: Tensor, chunk_start: Tensor) -> Tensor:
+    """Float32 mean key of every chunk: ``[B, H, n_chunks, D]`` (zeros for an empty chunk)."""
+    n_chunks = chunk_start.numel() - 1
+    kc = key_chunk_index(chunk_start, k.shape[2])
+    sums = torch.zeros(*k.shape[:2], n_chunks, k.shape[3], dtype=torch.float32, device=k.device)
+    sums.index_add_(2, kc, k.float())
+    counts = (chunk_start[1:] - chunk_start[:-1]).clamp_min(1).to(torch.float32)
+    return sums / counts[:, None]
+
+
+def chunk_gates(q: Tensor, k: Tensor, chunk_start: Tensor) -> Tensor:
+    """Unscaled float32 gate scores ``q_s · k̄_c``: ``[B, H, S, n_chunks]``."""
+    return torch.matmul(q.float(), chunk_mean_keys(k, chunk_start).transpose(-1, -2))
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _minmax(g: Tensor, dims: tuple[int, ...] | int) -> Tensor:
+    lo = g.amin(dim=dims, keepdim=True)
+    rng = g.amax(dim=dims, keepdim=True) - lo
+    ok = rng > 0
+    return torch.where(ok, (g - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.ones_like(g))
+
+
+def _prefix_take(others: Tensor, total: Tensor, remain: Tensor) -> Tensor:
+    """Bool mask (same shape as ``others``) of the shortest descending prefix of the last dim
+    whose cumulative sum over ``total`` reaches ``remain``; entries < 0 mark excluded slots."""
+    vals, order = others.sort(dim=-1, descending=True)
+    contrib = vals.clamp_min(0)
+    cum = contrib.cumsum(dim=-1)
+    before = F.pad(cum[..., :-1], (1, 0))  # sum of the entries ahead of each one
+    take = (before / total.unsqueeze(-1) < remain.unsqueeze(-1)) & (vals >= 0)
+    return torch.zeros_like(take).scatter_(-1, order, take)
+
+
+def select_chunks(
+    gates: Tensor,
+    query_chunk: Tensor,
+    *,
+    mode: str = "threshold",
+    threshold: float = 0.25,
+    topk: int = 3,
+    threshold_type: str = "query_head",
+) -> Tensor:
+    """VMoBA chunk selection: bool ``[B, H, S, n_chunks]``, own chunk always included.
+
+    ``gates`` is ``[B, H, S, n_chunks]`` (``chunk_gates``); ``query_chunk[s]`` is the chunk that
+    holds query ``s``. Work runs one (batch, head) slice at a time to bound memory.
+    """
+    _check_selection_args(mode, threshold, topk, threshold_type)
+    bsz, heads, seq, n_chunks = gates.shape
+    self_oh = F.one_hot(query_chunk.long(), n_chunks).bool()  # [S, C]
+    out = torch.empty(gates.shape, dtype=torch.bool, device=gates.device)
+    for b in range(bsz):
+        for h in range(heads):
+            g = gates[b, h].float()
+            if mode == "topk":
+                boosted = g.masked_fill(self_oh, float("inf"))
+                sel = torch.zeros_like(self_oh)
+                if threshold_type == "query_head":
+                    sel.scatter_(-1, boosted.topk(min(topk, n_chunks), dim=-1).indices, True)
+                else:
+                    flat = boosted.flatten().topk(min(topk * seq, seq * n_chunks)).indices
+                    sel.view(-1)[flat] = True
+            elif threshold_type == "query_head":
+                gn = _minmax(g, -1)
+                total = gn.sum(-1)
+                remain = (threshold - (gn * self_oh).sum(-1) / total).clamp_min(0)
+                sel = _prefix_take(gn.masked_fill(self_oh, -1.0), total, remain)
+            else:  # head_global: one joint competition over all (query, chunk) pairs, in float64
+                gn = _minmax(g.double(), (0, 1))
+                total = gn.sum()
+                remain = (threshold - gn[self_oh].sum() / total).clamp_min(0)
+                sel = _prefix_take(gn.masked_fill(self_oh, -1.0).flatten(), total, remain).view(seq, n_chunks)
+            out[b, h] = sel | self_oh
+    return out
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def merge_attention_parts(parts: list[tuple[Tensor, Tensor]], out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Merge partial softmax attentions ``[(out_i, lse_i), ...]`` over disjoint key sets.
+
+    Float32 (float64 for float64 parts): ``lse = log Σ exp(lse_i)``,
+    ``out = Σ exp(lse_i - lse) · out_i``. Parts with ``lse = -inf`` contribute nothing; a row
+    with no key in any part gets ``out = 0`` and ``lse = -inf``.
+    """
+    if not parts:
+        raise ValueError("merge_attention_parts needs at least one (out, lse) pair")
+    acc = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32
+    lses = torch.stack([lse.to(acc) for _, lse in parts])  # [P, B, H, S]
+    lse = torch.logsumexp(lses, dim=0)
+    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    out = torch.zeros(parts[0][0].shape, dtype=acc, device=parts[0][0].device)
+    for (o, _), part_lse in zip(parts, lses):
+        w = torch.exp(part_lse - lse_safe)  # 0 for an empty part (lse_i = -inf)
+        out = out + w.unsqueeze(-1) * o.to(acc)
+    return out.to(out_dtype or parts[0][0].dtype), lse.to(torch.float32)
+
+
+def _stats(sel: Tensor, chunk_start: Tensor, seq: int) -> dict:
+    lengths = (chunk_start[1:] - chunk_start[:-1]).to(torch.float32)
+    keys = sel.to(torch.float32) @ lengths  # attended keys per (b, h, query)
+    density = float(keys.mean() / seq)
+    return {
+        "n_chunks": int(chunk_start.numel() - 1),
+        "mean_selected_chunks": float(sel.sum(-1).to(torch.float32).mean()),
+        "density": density,
+        "sparsity": 1.0 - density,
+    }
+
+
+def vmoba_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    chunk_ids: Tensor | None = None,
+    chunk_size: int | None = None,
+    mode: str = "threshold",
+    threshold: float = 0.25,
+    topk: int = 3,
+    threshold_type: str = "query_head",
+    scale: float | None = None,
+    return_stats: bool = False,
+    split_self: bool = True,
+) -> Tensor | tuple[Tensor, dict]:
+    """VMoBA attention on tokens in chunk order; ``q, k, v`` are ``[B, H, S, D]``.
+
+    Chunks come from ``chunk_ids`` (``[S]``, non-decreasing and gap-free, e.g. from
+    ``partition_order``) or ``chunk_size`` (contiguous runs; the last may be shorter).
+    Returns ``out`` (``[B, H, S, D]``, dtype of ``q``), or ``(out, stats)`` with
+    ``return_stats=True``: ``n_chunks``, ``mean_selected_chunks`` (per query and head, own
+    chunk included), ``density`` (mean fraction of keys attended) and ``sparsity = 1 - density``.
+    """
+    _check_qkv(q, k, v)
+    _check_selection_args(mode, threshold, topk, threshold_type)
+    seq = q.shape[2]
+    chunk_start = _chunk_layout(seq, chunk_ids, chunk_size, q.device)
+    n_chunks = chunk_start.numel() - 1
+    query_chunk = key_chunk_index(chunk_start, seq)
+
+    gates = chunk_gates(q, k, chunk_start)
+    sel = select_chunks(gates, query_chunk, mode=mode, threshold=threshold, topk=topk, threshold_type=threshold_type)
+    del gates
+
+    if split_self:
+        own = F.one_hot(query_chunk, n_chunks).bool().expand_as(sel).contiguous()
+        o_self, lse_self = chunk_routed_attention(q, k, v, chunk_start, own, scale=scale)
+        o_routed, lse_routed = chunk_routed_attention(q, k, v, chunk_start, sel & ~own, scale=scale)
+        out, _ = merge_attention_parts([(o_self, lse_self), (o_routed, lse_routed)])
+    else:
+        out, _ = chunk_routed_attention(q, k, v, chunk_start, sel, scale=scale)
+    if return_stats:
+        return out, _stats(sel, chunk_start, seq)
+    return out
+
+
+# ----------------------------------------------------------------------------- reference twin
+
+
+def _reference_selection(
+    gates: list, bounds: list[int], mode: str, threshold: float, topk: int, threshold_type: str
+) -> list:
+    """Selection by explicit Python loops (float64): nested lists ``[B][H][S]`` of chunk sets."""
+    n_chunks = len(bounds) - 1
+    own = [c for c in range(n_chunks) for _ in range(bounds[c], bounds[c + 1])]
+    result = []
+    for gb in gates:
+        per_head = []
+        for gh in gb:  # gh: S rows of n_chunks floats
+            seq = len(gh)
+            if threshold_type == "query_head":
+                rows = []
+                for s, row in enumerate(gh):
+                    if mode == "topk":
+                        others = sorted((c for c in range(n_chunks) if c != own[s]), key=lambda c: -row[c])
+                        rows.append({own[s], *others[: min(topk, n_chunks) - 1]})
+                        continue
+                    lo, hi = min(row), max(row)
+                    norm = [(x - lo) / (hi - lo) if hi > lo else 1.0 for x in row]
+                    total = sum(norm)
+                    remain = max(threshold - norm[own[s]] / total, 0.0)
+                    chosen, cum = {own[s]}, 0.0
+                    for c in sorted((c for c in range(n_chunks) if c != own[s]), key=lambda c: -norm[c]):
+                        if cum / total >= remain:
+                            break
+                        chosen.add(c)
+                        cum += norm[c]
+                    rows.append(chosen)
+                per_head.append(rows)
+                continue
+            # head_global: all (query, chunk) pairs of the head compete together
+            rows = [{own[s]} for s in range(seq)]
+            pairs = [(s, c) for s in range(seq) for c in range(n_chunks) if c != own[s]]
+            if mode == "topk":
+                budget = min(topk * seq, seq * n_chunks) - seq
+                for s, c in sorted(pairs, key=lambda p: -gh[p[0]][p[1]])[:budget]:
+                    rows[s].add(c)
+                per_head.append(rows)
+                continue
+            flat = [x for row in gh for x in row]
+            lo, hi = min(flat), max(flat)
+            norm = [[(x - lo) / (hi - lo) if hi > lo else 1.0 for x in row] for row in gh]
+            total = sum(sum(row) for row in norm)
+            remain = max(threshold - sum(norm[s][own[s]] for s in range(seq)) / total, 0.0)
+            cum = 0.0
+            for s, c in sorted(pairs, key=lambda p: -norm[p[0]][p[1]]):
+                if cum / total >= remain:
+                    break
+                rows[s].add(c)
+                cum += norm[s][c]
+            per_head.append(rows)
+        result.append(per_head)
+    return result
+
+
+def vmoba_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    chunk_ids: Tensor | None = None,
+    chunk_size: int | None = None,
+    mode: str = "threshold",
+    threshold: float = 0.25,
+    topk: int = 3,
+    threshold_type: str = "query_head",
+    scale: float | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, dict]:
+    """Slow, obviously-correct VMoBA (tests and tiny inputs only): same contract as
+    ``vmoba_attention``. Selection by Python loops, a dense ``[B, H, S, S]`` key mask, float64
+    masked softmax. Stats also carry ``selected`` (the bool ``[B, H, S, n_chunks]`` selection)."""
+    _check_qkv(q, k, v)
+    _check_selection_args(mode, threshold, topk, threshold_type)
+    bsz, heads, seq, dim = q.shape
+    bounds = _chunk_layout(seq, chunk_ids, chunk_size, q.device).tolist()
+    n_chunks = len(bounds) - 1
+
+    kbar = torch.stack([k[:, :, bounds[c] : bounds[c + 1]].float().mean(dim=2) for c in range(n_chunks)], dim=2)
+    gates = torch.einsum("bhsd,bhcd->bhsc", q.float(), kbar)  # unscaled, float32
+    chosen = _reference_selection(gates.double().tolist(), bounds, mode, threshold, topk, threshold_type)
+
+    selected = torch.zeros(bsz, heads, seq, n_chunks, dtype=torch.bool)
+    key_mask = torch.zeros(bsz, heads, seq, seq, dtype=torch.bool)
+    for b in range(bsz):
+        for h in range(heads):
+            for s in range(seq):
+                for c in chosen[b][h][s]:
+                    selected[b, h, s, c] = True
+                    key_mask[b, h, s, bounds[c] : bounds[c + 1]] = True
+    key_mask = key_mask.to(q.device)
+    sc = 1.0 / math.sqrt(dim) if scale is None else scale
+    logits = (q.double() @ k.double().transpose(-1, -2)) * sc
+    probs = torch.softmax(logits.masked_fill(~key_mask, float("-inf")), dim=-1)
+    out = (probs @ v.double()).to(q.dtype)
+    if return_stats:
+        stats = _stats(selected, torch.tensor(bounds), seq)
+        stats["selected"] = selected
+        return out, stats
+    return out
