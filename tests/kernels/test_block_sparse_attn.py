@@ -12,12 +12,14 @@ compare against the naive reference. With a CUDA device the worker runs the real
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+try:
+    from .triton_worker import run_worker
+except ImportError:  # executed as the worker script
+    run_worker = None
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,6 @@ from mmeff.kernels.block_sparse_attn import (
     num_blocks,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- input builders
@@ -124,19 +125,7 @@ def _worker(out_path: str) -> None:
 def triton_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not bsa.HAS_TRITON:
         pytest.skip("triton is not installed")
-    out_path = tmp_path_factory.mktemp("bsa") / "triton_outputs.pt"
-    env = dict(os.environ)
-    env["MMEFF_FORCE_TRITON"] = "1"
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(out_path)],
-        env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=600, check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"Triton worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return torch.load(out_path, weights_only=False)
+    return run_worker(__file__, tmp_path_factory.mktemp("bsa") / "triton_outputs.pt")
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -11,12 +11,14 @@ reference. With a CUDA device the worker runs the real kernel.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+try:
+    from .triton_worker import run_worker
+except ImportError:  # executed as the worker script
+    run_worker = None
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +31,6 @@ from mmeff.kernels.chunk_routed_attn import (
     tile_union,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- input builders
@@ -127,19 +128,7 @@ def _worker(out_path: str) -> None:
 def triton_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not cra.HAS_TRITON:
         pytest.skip("triton is not installed")
-    out_path = tmp_path_factory.mktemp("cra") / "triton_outputs.pt"
-    env = dict(os.environ)
-    env["MMEFF_FORCE_TRITON"] = "1"
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(out_path)],
-        env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=600, check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"Triton worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return torch.load(out_path, weights_only=False)
+    return run_worker(__file__, tmp_path_factory.mktemp("cra") / "triton_outputs.pt")
 
 
 @pytest.mark.parametrize("name", list(CASES))
