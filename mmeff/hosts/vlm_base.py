@@ -456,6 +456,36 @@ class VLMAdapter:
         cap["last_attn"] = logits.softmax(-1)
         return cap["last_attn"]
 
+    def text_rows_attention(self, sample: int) -> torch.Tensor:
+        """[H, R, L] softmax attention of one sample's text rows after its first image (layer K-1).
+
+        Only these R query rows are computed (O(R * L)); padding keys are masked, causality holds.
+        """
+        q, k = self.rotated_qk()
+        st = self.state
+        length = q.shape[2]
+        rows = self.text_row_positions(sample)
+        logits = torch.einsum("hrd,hld->hrl", q[sample][:, rows].float(), k[sample].float()) * st.captured["attn"].scaling
+        cols = torch.arange(length, device=q.device)
+        allowed = cols[None, :] <= rows[:, None]
+        if st.attn2d is not None and st.attn2d.shape[-1] == length:
+            allowed = allowed & st.attn2d[sample].bool()[None, :]
+        return logits.masked_fill(~allowed[None], float("-inf")).softmax(-1)
+
+    def text_row_positions(self, sample: int) -> torch.Tensor:
+        """Positions of the non-padding text tokens after the sample's first image span."""
+        st = self.state
+        vis = st.visual_positions[sample]
+        length = st.input_ids.shape[1]
+        start = int(vis[st.spans[sample][0][1] - 1]) + 1 if vis.numel() else 0
+        pos = torch.arange(start, length, device=vis.device)
+        is_vis = torch.zeros(length, dtype=torch.bool, device=vis.device)
+        is_vis[vis] = True
+        keep = ~is_vis[pos]
+        if st.attn2d is not None:
+            keep = keep & st.attn2d[sample, pos].bool()
+        return pos[keep]
+
     # ------------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:
         pruner = self.pruner
@@ -511,6 +541,15 @@ class SampleView:
     def query_states(self) -> torch.Tensor:
         q, _ = self.adapter.rotated_qk()
         return q[self.sample][:, self._vis].transpose(0, 1)
+
+    def key_states(self) -> torch.Tensor:
+        """[n_visual, H, d] post-RoPE keys of layer K-1 (KV heads repeated to H)."""
+        _, k = self.adapter.rotated_qk()
+        return k[self.sample][:, self._vis].transpose(0, 1)
+
+    def text_rows_attention(self) -> torch.Tensor:
+        """[H, R, n_visual] attention from the R text rows after the image to the visual tokens."""
+        return self.adapter.text_rows_attention(self.sample)[:, :, self._vis]
 
     def hidden_states(self) -> torch.Tensor:
         if self.hidden is None:

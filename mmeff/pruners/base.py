@@ -29,6 +29,8 @@ class ScoreView(Protocol):
 
     def last_query_attention(self) -> torch.Tensor: ...  # [H, n_visual] probs of the last real query (layer K-1)
     def query_states(self) -> torch.Tensor: ...          # [n_visual, H, d] post-RoPE queries of layer K-1
+    def key_states(self) -> torch.Tensor: ...            # [n_visual, H, d] post-RoPE keys of layer K-1
+    def text_rows_attention(self) -> torch.Tensor: ...   # [H, R, n_visual] probs of the R text rows after the image
     def hidden_states(self) -> torch.Tensor: ...         # [n_visual, D] hidden states entering layer K
     def features(self) -> torch.Tensor: ...              # [n_visual, D] projected image features (pre-LLM)
     def generator(self) -> torch.Generator: ...          # seeded RNG for stochastic pruners

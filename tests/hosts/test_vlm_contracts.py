@@ -274,3 +274,47 @@ def test_right_padding_forward_equals_single(vlm, family, spec):
         for i in range(3):
             solo = model(**_take(batch, i, model)).logits[0, -1]
             torch.testing.assert_close(out.logits[i, new_len - 1 - int(pads[i])], solo, atol=5e-5, rtol=1e-4)
+
+
+def test_score_service_rows_and_keys_match_eager_attention(vlm):
+    """Text-row attention and key states from the service equal eager attention / k_proj+RoPE (batch, padding)."""
+    import dataclasses
+    from typing import ClassVar
+
+    from mmeff.core.registry import register_method
+    from mmeff.pruners.base import PrunerConfig
+
+    seen = {}
+
+    @register_method
+    @dataclasses.dataclass(frozen=True)
+    class Spy(PrunerConfig):
+        name: ClassVar[str] = "test_spy_rows"
+
+        def score(self, view):
+            seen[view.sample] = (view.text_rows_attention(), view.key_states(), view.query_states())
+            return torch.zeros(view.n_visual)
+
+    model = vlm("llava", "eager")
+    inputs = inputs_for(model, n=2)
+    out = model(**inputs, output_attentions=True)
+    with mmeff.apply(model, Spy(ratio=1.0, layer=2)):
+        model(**inputs)
+    att = out.attentions[1]  # layer K-1
+    image_id = model.config.image_token_id
+    for b in range(2):
+        ids, mask = inputs["input_ids"][b], inputs["attention_mask"][b]
+        vis = torch.nonzero(ids == image_id).flatten()
+        rows = torch.arange(int(vis[-1]) + 1, ids.shape[0])
+        rows = rows[mask[rows].bool()]
+        expected = att[b][:, rows][:, :, vis].float()
+        torch.testing.assert_close(seen[b][0], expected, atol=1e-5, rtol=1e-4)
+        q, k = seen[b][2], seen[b][1]
+        assert q.shape == k.shape == (vis.numel(), 4, 16)
+        # the visual-to-visual block of eager attention, renormalised, is softmax(q k^T * scale) under causality
+        block = att[b][:, vis][:, :, vis].float()
+        block = block / block.sum(-1, keepdim=True)
+        logits = torch.einsum("ihd,jhd->hij", q.float(), k.float()) * model.config.text_config.head_dim ** -0.5
+        causal = torch.ones(vis.numel(), vis.numel(), dtype=torch.bool).tril()
+        mine = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        torch.testing.assert_close(mine, block, atol=1e-5, rtol=1e-4)
