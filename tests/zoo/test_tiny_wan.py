@@ -1,0 +1,109 @@
+"""The shipped tiny-wan (a real WanPipeline) loads offline and generates a short video; the video fidelity metrics
+(own SSIM / PSNR) behave; video_fidelity writes its JSON and strip on a 1-prompt 2-step run; Rectified SpaAttn with
+drop=0 reproduces dense exactly on the loaded pipeline."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import mmeff
+from mmeff.eval.video_fidelity import evaluate, psnr, ssim
+from mmeff.video import RectifiedSpaAttn, VMoBA
+from mmeff.zoo.load_video import MODELS_DIR, TINY_WAN_CALL, load_video_pipeline
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+WAN_DIR = MODELS_DIR / "tiny-wan"
+needs_wan = pytest.mark.skipif(not (WAN_DIR / "model_index.json").is_file(),
+                               reason="tiny-wan not built (python -m mmeff.zoo.train_wan)")
+SHORT = {**TINY_WAN_CALL, "num_frames": 5}  # 2 latent frames: grid 2 x 8 x 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    import huggingface_hub.constants as hc
+
+    old = hc.HF_HUB_OFFLINE
+    hc.HF_HUB_OFFLINE = True  # the env var is read at import; force offline for this load too
+    try:
+        return load_video_pipeline("tiny-wan")
+    finally:
+        hc.HF_HUB_OFFLINE = old
+
+
+def _call(steps: int = 2, seed: int = 0, **kw):
+    return {"prompt": "a large red circle and a small blue square on a white background", "num_inference_steps": steps,
+            "guidance_scale": 5.0, "generator": torch.Generator().manual_seed(seed), **SHORT, **kw}
+
+
+@needs_wan
+def test_loads_offline_as_wan_pipeline_and_generates(wan):
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+
+    assert isinstance(wan, WanPipeline)
+    assert isinstance(wan.transformer, WanTransformer3DModel) and isinstance(wan.vae, AutoencoderKLWan)
+    info = json.loads((WAN_DIR / "training.json").read_text())
+    assert info["video_tokens"] == 256 and info["latent_shape"] == [8, 4, 16, 16]
+    out = wan(**_call(output_type="np"))
+    frames = torch.as_tensor(out.frames)
+    assert frames.shape == (1, 5, 64, 64, 3)
+    assert torch.isfinite(frames).all() and 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0
+    assert float(frames.std()) > 0.01  # not a constant image
+
+
+def test_ssim_and_psnr():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    assert float(ssim(x, x)) == pytest.approx(1.0, abs=1e-12)
+    assert float(psnr(x, x)) == pytest.approx(100.0)
+    prev_p, prev_s = float("inf"), 1.0
+    for sigma in (0.01, 0.05, 0.2):
+        y = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        p, s = float(psnr(y, x)), float(ssim(y, x))
+        assert p < prev_p and s < prev_s
+        prev_p, prev_s = p, s
+    assert float(psnr(x + 0.1, x)) == pytest.approx(20.0, abs=1e-6)  # MSE 0.01
+    assert float(ssim(x, 1 - x)) < 0.0  # anti-correlated
+
+
+@needs_wan
+def test_drop_zero_reproduces_dense_exactly(wan):
+    ref = wan(**_call(output_type="latent")).frames
+    with mmeff.apply(wan, RectifiedSpaAttn(drop=0.0, block=16, preset="none")):
+        out = wan(**_call(output_type="latent")).frames
+    assert torch.equal(out, ref)
+    with mmeff.apply(wan, RectifiedSpaAttn(drop=0.75, tau=0.2, block=16, preset="none")) as h:
+        sparse = wan(**_call(output_type="latent")).frames
+    assert h.report()["per_method"]["rectified_spaattn"]["calls"]["sparse"] > 0
+    assert not torch.equal(sparse, ref)
+
+
+@needs_wan
+def test_video_fidelity_writes_json_and_strip(tmp_path, wan):
+    methods = {
+        "rectified_d75": lambda: RectifiedSpaAttn(drop=0.75, tau=0.2, block=16, preset="none"),
+        "vmoba_k1": lambda: VMoBA(temporal_chunk="1", spatial_chunk="4x4", st_chunk="2x4x4", mode="topk",
+                                  topk=(1, 1, 2)),
+    }
+    out = tmp_path / "vf.json"
+    doc = evaluate("tiny-wan", out=out, n=1, steps=2, warmup=0, methods=methods, other_seed=False, call=SHORT,
+                   keep_videos=1, quiet=True)
+    saved = json.loads(out.read_text())
+    assert saved["config"]["n_prompts"] == 1 and saved["config"]["steps"] == 2
+    assert set(saved["results"]) == {"dense", "rectified_d75", "vmoba_k1"}
+    for name in methods:
+        r = saved["results"][name]
+        assert 0.0 < r["psnr"]["mean"] <= 100.0 and -1.0 <= r["ssim"]["mean"] <= 1.0
+        assert 0.0 < r["sparsity_sparse_calls"] < 1.0 and r["seconds_per_video"]["mean"] > 0
+    assert saved["versions"]["diffusers"] and (tmp_path / "vf.png").stat().st_size > 0
+    assert doc["results"]["rectified_d75"]["psnr"] == saved["results"]["rectified_d75"]["psnr"]
