@@ -54,7 +54,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, MmeffError
 
 try:  # tqdm comes with lmms-eval; keep the plugin importable without it anyway
     from tqdm.auto import tqdm
@@ -249,7 +249,7 @@ class MmeffLMM(lmms):
             torch.cuda.empty_cache()
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError(
+        raise MmeffError(
             "the mmeff lmms-eval model answers single-turn tasks (generate_until, loglikelihood); "
             "multi-round tasks are not supported"
         )
@@ -292,7 +292,7 @@ class MmeffLMM(lmms):
         vis = list(vis) if isinstance(vis, (list, tuple)) else [vis]
         for v in vis:
             if isinstance(v, (str, dict)):
-                raise NotImplementedError(
+                raise MmeffError(
                     f"task {task!r} gives {type(v).__name__} visuals (video/audio); the mmeff model takes images only"
                 )
         return [v.convert("RGB") if hasattr(v, "convert") else v for v in vis]
