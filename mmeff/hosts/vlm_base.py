@@ -239,12 +239,10 @@ class VLMAdapter:
         st.plan = plan
         kept_feats = []
         for b, spans in enumerate(st.spans):
-            kept_global = set(plan.index[b][~plan.filler[b]].tolist())
+            kept_global = plan.index[b][~plan.filler[b]]
             for (s, e), f in zip(spans, per_sample[b]):
-                vis = st.visual_positions[b][s:e]
-                sel = torch.tensor([j for j, p in enumerate(vis.tolist()) if p in kept_global], dtype=torch.long,
-                                   device=f.device)
-                kept_feats.append(f[sel])
+                sel = torch.isin(st.visual_positions[b][s:e], kept_global)
+                kept_feats.append(f[sel.to(f.device)])
         out = dict(kwargs)
         out.pop("pixel_values", None)
         out["mm_encoder_outputs"] = {**enc, "image": BaseModelOutputWithPooling(pooler_output=tuple(kept_feats))}
