@@ -4,7 +4,6 @@ drop=0 reproduces dense exactly on the loaded pipeline."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -14,31 +13,20 @@ from mmeff.eval.video_fidelity import evaluate, psnr, ssim
 from mmeff.video import RectifiedSpaAttn, VMoBA
 from mmeff.zoo.load_video import MODELS_DIR, TINY_WAN_CALL, load_video_pipeline
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from .conftest import load_offline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 WAN_DIR = MODELS_DIR / "tiny-wan"
-needs_wan = pytest.mark.skipif(not (WAN_DIR / "model_index.json").is_file(),
-                               reason="tiny-wan not built (python -m mmeff.zoo.train_wan)")
 SHORT = {**TINY_WAN_CALL, "num_frames": 5}  # 2 latent frames: grid 2 x 8 x 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def wan():
-    import huggingface_hub.constants as hc
+    return load_offline(load_video_pipeline, "tiny-wan")
 
-    old = hc.HF_HUB_OFFLINE
-    hc.HF_HUB_OFFLINE = True  # the env var is read at import; force offline for this load too
-    try:
-        return load_video_pipeline("tiny-wan")
-    finally:
-        hc.HF_HUB_OFFLINE = old
+
+def test_tiny_wan_ships_with_the_package():
+    assert (WAN_DIR / "model_index.json").is_file()
 
 
 def _call(steps: int = 2, seed: int = 0, **kw):
@@ -46,7 +34,6 @@ def _call(steps: int = 2, seed: int = 0, **kw):
             "guidance_scale": 5.0, "generator": torch.Generator().manual_seed(seed), **SHORT, **kw}
 
 
-@needs_wan
 def test_loads_offline_as_wan_pipeline_and_generates(wan):
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
@@ -76,7 +63,6 @@ def test_ssim_and_psnr():
     assert float(ssim(x, 1 - x)) < 0.0  # anti-correlated
 
 
-@needs_wan
 def test_drop_zero_reproduces_dense_exactly(wan):
     ref = wan(**_call(output_type="latent")).frames
     with mmeff.apply(wan, RectifiedSpaAttn(drop=0.0, block=16, preset="none")):
@@ -88,7 +74,6 @@ def test_drop_zero_reproduces_dense_exactly(wan):
     assert not torch.equal(sparse, ref)
 
 
-@needs_wan
 def test_video_fidelity_writes_json_and_strip(tmp_path, wan):
     methods = {
         "rectified_d75": lambda: RectifiedSpaAttn(drop=0.75, tau=0.2, block=16, preset="none"),

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .layout import check_block_indices, num_blocks
+from .._common import check_qkv
 
 
 @dataclass(frozen=True)
@@ -41,23 +42,7 @@ def check_inputs(
     check_values: bool,
 ) -> Problem:
     """Check shapes, dtypes and devices; raise ``ValueError`` naming the fix."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(
-                f"{name} must be a 4-D tensor [B, H, S, D] (heads before sequence; use "
-                f".transpose(1, 2) on a [B, S, H, D] tensor), got {shape}"
-            )
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_qkv(q, k, v)
     batch, heads, seq_q, head_dim = q.shape
     if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
         raise ValueError(

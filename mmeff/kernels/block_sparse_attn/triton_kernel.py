@@ -16,15 +16,7 @@ from torch import Tensor
 
 from ._checks import check_inputs
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is optional
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from .._common import HAS_TRITON, tl, triton
 
 __all__ = ["HAS_TRITON", "SUPPORTED_BLOCKS", "SUPPORTED_HEAD_DIMS", "block_sparse_attention_triton"]
 

@@ -29,15 +29,7 @@ from torch import Tensor
 from ..block_sparse_attn.layout import mask_to_indices
 from ._checks import check_inputs
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is optional
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from .._common import HAS_TRITON, tl, triton
 
 __all__ = [
     "HAS_TRITON",
