@@ -206,6 +206,8 @@ def summarise(results: list[dict[str, Any]], seconds: float = 0.0) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mmeff.eval.report import versions
+
     p = argparse.ArgumentParser(prog="python -m mmeff.zoo.eval_dense", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-llava", help="zoo name, local folder or hub id")
     p.add_argument("--n", type=int, default=500, help="number of held-out test scenes")
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load(args.model)
     res = evaluate(model, processor, args.n, seed_offset=args.seed_offset, max_minutes=args.max_minutes)
     res["model"] = args.model
+    res["config"] = vars(args)
+    res["versions"] = versions()
     if args.out:
         out = Path(args.out)
     elif args.model in ZOO_MODELS:

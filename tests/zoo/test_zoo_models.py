@@ -94,29 +94,41 @@ def test_unknown_names_raise_config_error():
         load("no-such-model-anywhere")
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped tiny-llava is under-trained (748 scenes on a contended 2-core CPU; "
-                   "it answers 'yes' to every existence question). Retrain with `python -m mmeff.zoo.train_vlm "
-                   "--model tiny-llava --fresh` (GPU) and remove this marker: strict, so a passing model fails CI "
-                   "until the marker goes")
-def test_trained_llava_answers_existence(llava):
-    info = training_info("tiny-llava")
-    assert info is not None, "mmeff/zoo/models/tiny-llava/training.json is missing"
-    if not info.get("trained"):
-        # An untrained placeholder must say so explicitly (and how to build the real model).
-        assert info["trained"] is False and "train_vlm" in info["note"]
-        return
-    model, processor = llava
-    rows = [r for r in build_split("test", 12, seed_offset=5000, families=["existence"])][:30]
-    assert len(rows) == 30
+def _accuracy(model, processor, family: str, n: int = 30) -> tuple[int, int]:
+    """Correct greedy answers to ``n`` held-out ``family`` questions (test split, fixed seeds)."""
+    rows = build_split("test", 40, seed_offset=5000, families=[family])[:n]
+    assert len(rows) == n
     images = [render(scene_of(r)) for r in rows]
     texts = [processor.apply_chat_template(chat(r["question"]), add_generation_prompt=True) for r in rows]
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     preds = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    correct = sum(p.strip().lower() == r["answer"] for p, r in zip(preds, rows))
-    assert correct / len(rows) >= 0.7, f"{correct}/30 existence answers correct"
+    return sum(p.strip().lower() == r["answer"] for p, r in zip(preds, rows)), n
+
+
+def _model(name: str, request):
+    info = training_info(name)
+    assert info is not None and info.get("trained"), f"mmeff/zoo/models/{name}/training.json says untrained"
+    return request.getfixturevalue("llava" if name == "tiny-llava" else "qwen")
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_trained_models_read_colours_from_the_image(name, request):
+    """Colour answers come from the image: far above the 1/8 of a prior-only model (the 500-scene
+    accuracies are in each model's eval_dense.json)."""
+    correct, n = _accuracy(*_model(name, request), "colour")
+    assert correct / n >= 0.35, f"{name}: {correct}/{n} colour answers correct"
+
+
+@pytest.mark.xfail(strict=True, reason="the zoo models do not recognise shapes yet (existence is at chance on 500 "
+                   "held-out scenes, see docs/STATUS.md); strict, so a retrained model that passes fails CI "
+                   "until this marker goes")
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_trained_models_answer_existence(name, request):
+    correct, n = _accuracy(*_model(name, request), "existence")
+    assert correct / n >= 0.75, f"{name}: {correct}/{n} existence answers correct"
 
 
 def test_shared_image_prefix_decoding_matches_generate(llava):

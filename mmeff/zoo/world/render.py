@@ -82,18 +82,32 @@ def shape_polygon(
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, o: Obj, w: int, h: int) -> None:
+def label_box(o: Obj, w: int, h: int) -> tuple[float, float, float, float]:
+    """Pixel box (x0, y0, x1, y1) of the white label under ``o`` on a ``w`` x ``h`` canvas."""
     unit = min(w, h)
     cx, cy, r = o.x * w, o.y * h, o.radius * unit
-    fill = COLOURS[o.colour]
+    lw, lh = label_width(o.word or "") * unit, LABEL_H * unit
+    top = cy + r + LABEL_GAP * unit
+    return (cx - lw / 2, top, cx + lw / 2, top + lh)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, o: Obj, w: int, h: int, fill: int | tuple[int, ...]) -> None:
+    """Fill ``o``'s shape (label excluded) with ``fill`` on a ``w`` x ``h`` canvas."""
+    unit = min(w, h)
+    cx, cy, r = o.x * w, o.y * h, o.radius * unit
     if o.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         draw.polygon(shape_polygon(o.shape, cx, cy, r), fill=fill)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, o: Obj, w: int, h: int) -> None:
+    unit = min(w, h)
+    cx = o.x * w
+    draw_shape(draw, o, w, h, COLOURS[o.colour])
     if o.word is not None:
-        lw, lh = label_width(o.word) * unit, LABEL_H * unit
-        top = cy + r + LABEL_GAP * unit
-        box = (cx - lw / 2, top, cx + lw / 2, top + lh)
+        box = label_box(o, w, h)
+        lw, top, lh = box[2] - box[0], box[1], box[3] - box[1]
         draw.rectangle(
             box, fill=_LABEL_FILL, outline=_LABEL_INK, width=max(1, round(unit / 200))
         )
