@@ -37,16 +37,19 @@ def load_pipeline(name_or_path: str | os.PathLike[str], *, device: str = "cpu", 
         s = str(path)
     elif s.startswith("tiny-"):
         raise ConfigError(f"unknown zoo pipeline {s!r}; shipped: {sorted(PIPELINES)} (or give a path / hub id)")
+    return open_pipeline(s, device=device, dtype=dtype)
+
+
+def open_pipeline(source: str, *, device: str = "cpu", dtype: Any = None) -> Any:
+    """``DiffusionPipeline.from_pretrained(source)`` on ``device`` (optionally cast to ``dtype``), every
+    module component in eval mode and the progress bar off: how mmeff's tools use a pipeline."""
     from diffusers import DiffusionPipeline
 
-    kwargs: dict[str, Any] = {}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    pipe = DiffusionPipeline.from_pretrained(s, **kwargs)
+    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    for name in ("transformer", "unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        mod = getattr(pipe, name, None)
-        if mod is not None and hasattr(mod, "eval"):
-            mod.eval()
+    for component in pipe.components.values():
+        if hasattr(component, "eval") and hasattr(component, "parameters"):
+            component.eval()
     return pipe

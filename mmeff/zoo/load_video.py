@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from .load_pipeline import open_pipeline
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 VIDEO_PIPELINES = {"tiny-wan": "train_wan"}
@@ -40,16 +41,4 @@ def load_video_pipeline(name_or_path: str | os.PathLike[str], *, device: str = "
     elif s.startswith("tiny-") and not Path(s).exists():
         raise ConfigError(f"unknown zoo video pipeline {s!r}; shipped: {sorted(VIDEO_PIPELINES)} "
                           "(or give a path / hub id)")
-    from diffusers import DiffusionPipeline
-
-    kwargs: dict[str, Any] = {}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    pipe = DiffusionPipeline.from_pretrained(s, **kwargs)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    for name in ("transformer", "transformer_2", "vae", "text_encoder"):
-        mod = getattr(pipe, name, None)
-        if mod is not None and hasattr(mod, "eval"):
-            mod.eval()
-    return pipe
+    return open_pipeline(s, device=device, dtype=dtype)
