@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmeff.kernels._common import check_qkv
 from mmeff.kernels.chunk_routed_attn import chunk_routed_attention, key_chunk_index
 
 from .vmoba_partition import chunk_starts
@@ -65,24 +66,14 @@ THRESHOLD_TYPES = ("query_head", "head_global")
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(
-                f"{name} must be a 4-D tensor [B, H, S, D] in chunk order (use .transpose(1, 2) on a "
-                f"[B, S, H, D] tensor), got {shape}"
-            )
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    """The shared kernel checks (4-D, float, one dtype/device), plus VMoBA's own: self-attention
+    (q, k, v of one shape, tokens in chunk order) with at least one token."""
+    check_qkv(q, k, v)
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
-            "VMoBA is self-attention: q, k and v must have the same shape [B, H, S, D], got "
+            "VMoBA is self-attention: q, k and v must have the same shape [B, H, S, D] in chunk order, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[2] == 0:
         raise ValueError("q, k, v have no tokens (S == 0)")
 
