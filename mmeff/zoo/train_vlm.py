@@ -53,6 +53,7 @@ from .processors import (
     QWEN_MERGE,
     build_processor,
 )
+from .local_attention_init import init_local_attention, qwen_vision_rope_theta
 from .vision_aux import FeatureCapture, VisionAuxHead, class_token_ids, image_features_only, stack_labels
 from .world import SPLITS, generate_scene, make_questions, render
 from .world.labels import patch_labels
@@ -83,8 +84,10 @@ def _vocab_size(tokenizer: Any) -> int:
     return int(math.ceil(len(tokenizer) / 64) * 64)
 
 
-def build_model(name: str, processor: Any, seed: int = 0, **overrides: int) -> Any:
-    """A randomly initialised zoo model ``name`` matching ``processor``'s tokenizer."""
+def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = True, **overrides: int) -> Any:
+    """A randomly initialised zoo model ``name`` matching ``processor``'s tokenizer; with
+    ``local_init`` its vision tower's heads start as fixed-offset (convolution-like) attention
+    (:mod:`mmeff.zoo.local_attention_init`)."""
     tok = processor.tokenizer
     s = {**SIZES[name], **overrides}
     text = dict(
@@ -142,6 +145,8 @@ def build_model(name: str, processor: Any, seed: int = 0, **overrides: int) -> A
             temporal_patch_size=2,
             mlp_ratio=2,
             in_channels=3,
+            rope_parameters={"rope_type": "axial",
+                             "rope_theta": qwen_vision_rope_theta(s["v_hidden"] // s["v_heads"])},
         )
         cfg = Qwen2VLConfig(
             vision_config=vision,
@@ -156,6 +161,8 @@ def build_model(name: str, processor: Any, seed: int = 0, **overrides: int) -> A
         model = Qwen2VLForConditionalGeneration(cfg)
     else:
         raise ValueError(f"unknown zoo model {name!r}; choose from {sorted(ZOO_MODELS)}")
+    if local_init:
+        init_local_attention(model)
     gc = model.generation_config
     gc.eos_token_id = tok.eos_token_id
     gc.pad_token_id = tok.pad_token_id

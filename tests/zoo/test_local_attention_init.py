@@ -1,0 +1,144 @@
+"""The convolution-like start of the zoo vision towers: every head attends to its own offset."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmeff.zoo.local_attention_init import (
+    head_offsets,
+    init_clip_tower,
+    init_qwen_tower,
+    qwen_vision_rope_theta,
+)
+
+GRID = 8
+
+
+def _clip_tower(heads: int = 4, layers: int = 3):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=16 * heads, intermediate_size=32 * heads, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=14 * GRID, patch_size=14,
+                           attn_implementation="eager")
+    torch.manual_seed(0)
+    return CLIPVisionModel(cfg).eval()
+
+
+def _scene_pixels(n: int) -> torch.Tensor:
+    """Shapes-world scenes at the tiny tower's size, CLIP-normalised."""
+    from mmeff.zoo.world import generate_scene, render
+
+    mean = torch.tensor([0.4815, 0.4578, 0.4082]).view(3, 1, 1)
+    std = torch.tensor([0.2686, 0.2613, 0.2758]).view(3, 1, 1)
+    imgs = []
+    for seed in range(n):
+        arr = torch.from_numpy(np.asarray(render(generate_scene(seed), 14 * GRID), dtype=np.float32))
+        imgs.append((arr.permute(2, 0, 1) / 255 - mean) / std)
+    return torch.stack(imgs)
+
+
+def _peaks(attn: torch.Tensor, grid: int, row: int, col: int) -> list[tuple[int, int, float]]:
+    """Per head: (dx, dy, weight) of the most attended patch from the query at (row, col)."""
+    out = []
+    for a in attn:
+        w = a[row * grid + col]
+        j = int(w.argmax())
+        out.append((j % grid - col, j // grid - row, float(w[j])))
+    return out
+
+
+def test_head_offsets_cover_the_neighbourhood():
+    assert set(head_offsets(8, 0)) == {(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)} - {(0, 0)}
+    assert set(head_offsets(4, 0)) | set(head_offsets(4, 1)) == set(head_offsets(8, 0))
+
+
+@pytest.mark.parametrize("heads", [4, 8])
+def test_clip_heads_attend_to_their_offset(heads):
+    tower = _clip_tower(heads)
+    before = _clip_tower(heads)
+    init_clip_tower(tower, GRID)
+    pixels = _scene_pixels(2)
+    with torch.no_grad():
+        attns = tower(pixel_values=pixels, output_attentions=True).attentions
+        attns_before = before(pixel_values=pixels, output_attentions=True).attentions
+    for layer, (a, a0) in enumerate(zip(attns, attns_before)):
+        for b in range(2):
+            patches = a[b, :, 1:, 1:]  # drop CLS
+            for (dx, dy, w), want in zip(_peaks(patches, GRID, 4, 4), head_offsets(heads, layer)):
+                assert (dx, dy) == want, f"layer {layer}: head peaks at {(dx, dy)}, expected {want}"
+                assert w > 0.3  # uniform would be 1/64
+        # the stock start is near-uniform: the check above can fail
+        assert a0[:, :, 1:, 1:].amax() < 0.2
+
+
+def test_clip_init_rejects_a_wrong_grid():
+    with pytest.raises(ValueError, match="position table"):
+        init_clip_tower(_clip_tower(), GRID + 1)
+
+
+def _qwen_visual(theta: float | None):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=2, embed_dim=96, hidden_size=64, num_heads=4, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, mlp_ratio=2, in_channels=3)
+    if theta is not None:
+        vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": theta}
+    cfg = Qwen2VLConfig(vision_config=vision, text_config=dict(vocab_size=64, hidden_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}))
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(cfg).model.visual.eval()
+
+
+def _qwen_attention(visual, pixels, grid_thw) -> list[torch.Tensor]:
+    """Per block: softmax(q k^T / sqrt(d)) [heads, N, N] from the block's own q/k and rotary tables."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    seen: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+    handles = []
+    for blk in visual.blocks:
+        def hook(mod, args, kwargs, out, blk=blk):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            seen.append((blk.attn.qkv(h), kwargs["position_embeddings"]))
+        handles.append(blk.attn.register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        visual(pixels, grid_thw=grid_thw)
+    for h in handles:
+        h.remove()
+    heads = visual.blocks[0].attn.num_heads
+    out = []
+    for qkv, (cos, sin) in seen:
+        n = qkv.shape[0]
+        q, k, _ = qkv.reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5
+        out.append(scores.softmax(-1))
+    return out
+
+
+def _window_order(grid: int, merge: int = 2) -> list[tuple[int, int]]:
+    """(row, col) of each vision token in Qwen2-VL's merge-window order."""
+    return [(bh * merge + i, bw * merge + j) for bh in range(grid // merge) for bw in range(grid // merge)
+            for i in range(merge) for j in range(merge)]
+
+
+def test_qwen_heads_attend_to_their_offset():
+    visual = _qwen_visual(qwen_vision_rope_theta(96 // 4))
+    init_qwen_tower(visual)
+    pixels = torch.randn(GRID * GRID, 3 * 2 * 14 * 14)
+    grid_thw = torch.tensor([[1, GRID, GRID]])
+    order = _window_order(GRID)
+    index = {rc: i for i, rc in enumerate(order)}
+    query = index[(4, 4)]
+    for layer, attn in enumerate(_qwen_attention(visual, pixels, grid_thw)):
+        for h, (dx, dy) in enumerate(head_offsets(4, layer)):
+            w = attn[h, query]
+            assert int(w.argmax()) == index[(4 + dy, 4 + dx)], f"layer {layer} head {h}"
+            assert float(w.max()) > 0.5
+
+
+def test_qwen_init_needs_usable_rotary_frequencies():
+    # a base of 1e6 with 24-dim heads leaves one frequency >= 0.2 rad/patch per axis (1, 0.1, ...)
+    with pytest.raises(ValueError, match="rope_theta"):
+        init_qwen_tower(_qwen_visual(1e6))
