@@ -32,8 +32,8 @@ CLIP_FREQS: tuple[float, ...] = (2.0, 1.5, 1.0, 0.6)
 """Radians per patch of the sine-cosine position channels (high enough to separate neighbours,
 incommensurate enough that no far offset scores like the target)."""
 
-SCORE_GAP = 5.0
-"""Logit margin of the target offset over its nearest rival at the start (about 0.9 attention)."""
+SCORE_GAP = 12.0
+"""Logit margin of the target offset over its nearest rival (attention ~0.99 on the target)."""
 
 
 def head_offsets(n_heads: int, layer: int) -> list[tuple[int, int]]:
@@ -52,7 +52,7 @@ def _rotation(freq: float, shift: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_clip_tower(tower: Any, grid: int, alpha: float = 2.0, content_gain: float = 0.25) -> None:
+def init_clip_tower(tower: Any, grid: int, alpha: float = 3.0, position_gain: float = 8.0) -> None:
     """Convolution-like start for a ``CLIPVisionModel`` / ``CLIPVisionTransformer`` on a
     ``grid`` x ``grid`` patch grid (see the module docstring)."""
     cfg = tower.config
@@ -77,8 +77,9 @@ def init_clip_tower(tower: Any, grid: int, alpha: float = 2.0, content_gain: flo
             table[1:, ch + 1] = torch.cos(f * coord)
     emb.patch_embedding.weight[p0:] = 0
     # LayerNorm divides each token by its own spread: if content dominated it, a key's score would
-    # scale with how busy its patch is, and a plain neighbour could outscore the target offset
-    tower.pre_layrnorm.weight[:p0] = content_gain
+    # scale with how busy its patch is, and a plain neighbour could outscore the target offset. So the
+    # position channels leave the first LayerNorm ``position_gain`` times louder than content.
+    tower.pre_layrnorm.weight[p0:] = position_gain
     for li, layer in enumerate(tower.encoder.layers):
         attn = layer.self_attn
         for lin in (attn.out_proj, layer.mlp.fc2):  # keep the position channels clean at the start
@@ -99,9 +100,10 @@ def init_clip_tower(tower: Any, grid: int, alpha: float = 2.0, content_gain: flo
 
 
 @torch.no_grad()
-def init_qwen_tower(visual: Any, min_freq: float = 0.2) -> None:
+def init_qwen_tower(visual: Any, min_freq: float = 0.2, score_gap: float = SCORE_GAP) -> None:
     """Convolution-like start for a Qwen2-VL vision tower (see the module docstring). Rotary
-    frequencies below ``min_freq`` radians per patch barely separate neighbours and get no weight."""
+    frequencies below ``min_freq`` radians per patch barely separate neighbours and get no weight;
+    ``score_gap`` is the logit margin of the target over a one-patch miss."""
     blocks = visual.blocks
     n_heads = blocks[0].attn.num_heads
     dim = blocks[0].attn.qkv.in_features
@@ -114,7 +116,7 @@ def init_qwen_tower(visual: Any, min_freq: float = 0.2) -> None:
             f"only {int(weights.sum())} rotary frequencies >= {min_freq} per axis; lower the vision rope_theta"
         )
     gap = float((weights * (1 - torch.cos(inv_freq))).sum())  # score drop one patch off target
-    alpha = math.sqrt(SCORE_GAP / (gap * head_dim**-0.5))
+    alpha = math.sqrt(score_gap / (gap * head_dim**-0.5))
     for li, blk in enumerate(blocks):
         qkv = blk.attn.qkv
         qkv.weight[: 2 * dim] = 0
@@ -147,3 +149,46 @@ def init_local_attention(model: Any) -> None:
     else:
         cfg = inner.vision_tower.config
         init_clip_tower(inner.vision_tower, cfg.image_size // cfg.patch_size)
+
+
+def position_rows(model: Any) -> dict[str, tuple[torch.nn.Parameter, slice]]:
+    """The parameters (and rows) that hold the fixed-offset attention of a zoo model's tower:
+    query/key projections, and for CLIP the rows writing into the position channels."""
+    inner = model.model
+    rows: dict[str, tuple[torch.nn.Parameter, slice]] = {}
+    if hasattr(inner, "visual"):
+        for i, blk in enumerate(inner.visual.blocks):
+            dim = blk.attn.qkv.in_features
+            rows[f"blocks.{i}.qkv.weight"] = (blk.attn.qkv.weight, slice(0, 2 * dim))
+            rows[f"blocks.{i}.qkv.bias"] = (blk.attn.qkv.bias, slice(0, 2 * dim))
+        return rows
+    tower = inner.vision_tower
+    width, n_heads = tower.config.hidden_size, tower.config.num_attention_heads
+    p0 = width - 4 * min(len(CLIP_FREQS), width // n_heads // 4)
+    every = slice(None)
+    rows["patch_embedding"] = (tower.embeddings.patch_embedding.weight, slice(p0, None))
+    rows["position_embedding"] = (tower.embeddings.position_embedding.weight, every)
+    rows["pre_layrnorm.weight"] = (tower.pre_layrnorm.weight, slice(p0, None))
+    for i, layer in enumerate(tower.encoder.layers):
+        a = layer.self_attn
+        for nm, lin in (("q_proj", a.q_proj), ("k_proj", a.k_proj)):
+            rows[f"{i}.{nm}.weight"] = (lin.weight, every)
+            rows[f"{i}.{nm}.bias"] = (lin.bias, every)
+        for nm, lin in (("out_proj", a.out_proj), ("fc2", layer.mlp.fc2)):
+            rows[f"{i}.{nm}.weight"] = (lin.weight, slice(p0, None))
+            rows[f"{i}.{nm}.bias"] = (lin.bias, slice(p0, None))
+    return rows
+
+
+def freeze_local_attention(model: Any) -> list[Any]:
+    """Keep the tower's attention pattern fixed while the rest trains: gradient hooks zero the
+    gradient of :func:`position_rows`. Returns the hook handles (``.remove()`` to unfreeze).
+    Training-only; the saved model is a stock class whose attention simply is that pattern."""
+    handles = []
+    for param, rows in position_rows(model).values():
+        def mask(grad: torch.Tensor, rows: slice = rows) -> torch.Tensor:
+            grad = grad.clone()
+            grad[rows] = 0
+            return grad
+        handles.append(param.register_hook(mask))
+    return handles

@@ -142,3 +142,21 @@ def test_qwen_init_needs_usable_rotary_frequencies():
     # a base of 1e6 with 24-dim heads leaves one frequency >= 0.2 rad/patch per axis (1, 0.1, ...)
     with pytest.raises(ValueError, match="rope_theta"):
         init_qwen_tower(_qwen_visual(1e6))
+
+
+def test_freeze_keeps_the_offset_pattern_and_trains_the_rest():
+    from mmeff.zoo.local_attention_init import freeze_local_attention, position_rows
+
+    from .test_fixed_offset_attention import _Host
+
+    tower = _clip_tower(4)
+    init_clip_tower(tower, GRID)
+    host = _Host(vision_tower=tower)
+    handles = freeze_local_attention(host)
+    tower(pixel_values=_scene_pixels(2)).last_hidden_state.pow(2).mean().backward()
+    for name, (param, rows) in position_rows(host).items():
+        assert param.grad is not None and not param.grad[rows].any(), name
+    assert tower.encoder.layers[0].self_attn.v_proj.weight.grad.abs().sum() > 0
+    assert tower.encoder.layers[0].self_attn.out_proj.weight.grad[:8].abs().sum() > 0  # content rows train
+    for h in handles:
+        h.remove()
