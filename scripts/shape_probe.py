@@ -6,6 +6,8 @@ labels of :mod:`mmeff.zoo.world.labels`; they differ only in how patches are mix
 
 * ``vit``: the zoo's CLIP tower (64 wide, 3 layers, 4 heads), stock initialisation;
 * ``vit-local``: the same tower with the convolution-like start;
+* ``vit-hard``: that start kept frozen, attention computed as the hard fixed-offset gather
+  (:mod:`mmeff.zoo.fixed_offset_attention`), as in the zoo's vision-only training steps;
 * ``taps``: the same mixing the local start gives, as explicit shifts (4 neighbour taps of rank
   16 per layer, alternating 4-neighbourhood and diagonals), in a pre-LN residual CNN;
 * ``conv``: pre-LN residual CNN with full 3x3 convolutions.
@@ -96,15 +98,24 @@ class ResCNN(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, local: bool):
+    def __init__(self, local: bool, hard: bool = False):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         self.tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH,
                                                       num_hidden_layers=3, num_attention_heads=4,
                                                       image_size=GRID * PATCH, patch_size=PATCH))
-        if local:
+        if local or hard:
             init_clip_tower(self.tower, GRID)
+        if hard:
+            from types import SimpleNamespace
+
+            from mmeff.zoo.fixed_offset_attention import FixedOffsetMode
+            from mmeff.zoo.local_attention_init import freeze_local_attention
+
+            host = SimpleNamespace(model=SimpleNamespace(vision_tower=self.tower))  # as in the zoo VLMs
+            FixedOffsetMode(host, GRID).on()
+            freeze_local_attention(host)
         self.head = nn.Linear(WIDTH, N_SHAPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +144,7 @@ def evaluate(model: nn.Module, val: dict[str, torch.Tensor]) -> dict[str, float]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=("vit", "vit-local", "taps", "conv"), required=True)
+    p.add_argument("--kind", choices=("vit", "vit-local", "vit-hard", "taps", "conv"), required=True)
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--train-scenes", type=int, default=2000)
     p.add_argument("--val-scenes", type=int, default=200)
@@ -145,7 +156,7 @@ def main() -> None:
     torch.manual_seed(0)
     print("rendering scenes ...", flush=True)
     train, val = scenes("train", args.train_scenes), scenes("val", args.val_scenes)
-    model = ViT(args.kind == "vit-local") if args.kind.startswith("vit") else ResCNN(args.kind == "taps")
+    model = ViT(args.kind == "vit-local", args.kind == "vit-hard") if args.kind.startswith("vit") else ResCNN(args.kind == "taps")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     history, step, t0, next_eval = [], 0, time.time(), 0.0
     while time.time() - t0 < args.minutes * 60:
