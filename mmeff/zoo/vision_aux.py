@@ -69,12 +69,12 @@ class VisionAuxHead(nn.Module):
             logits = self.log_scale.exp() * unit @ protos.T
             tgt = targets[c]
             fg = tgt > 0
-            for head_logits in (logits, self.linear[c](feats)):
-                total = total + _balanced_ce(head_logits, tgt, fg)
+            linear = self.linear[c](feats)
+            total = total + _balanced_ce(logits, tgt, fg) + _balanced_ce(linear, tgt, fg)
             if fg.any():
                 acc[c] = float((logits.argmax(-1)[fg] == tgt[fg]).float().mean())
                 if c == "shape":
-                    acc["shape_lin"] = float((self.linear[c](feats).argmax(-1)[fg] == tgt[fg]).float().mean())
+                    acc["shape_lin"] = float((linear.argmax(-1)[fg] == tgt[fg]).float().mean())
         obj = targets["shape"] > 0
         if obj.any():
             total = total + 10.0 * F.mse_loss(self.centre(feats)[obj], targets["centre"][obj])
