@@ -37,11 +37,15 @@ def clip_source(grid: int, n_heads: int, layer: int) -> torch.Tensor:
     return torch.cat([torch.zeros(n_heads, 1, dtype=torch.long), patches], dim=1)
 
 
+def qwen_window_order(grid: int, merge: int) -> list[tuple[int, int]]:
+    """(row, col) of each Qwen2-VL vision token: ``merge`` x ``merge`` windows, row-major."""
+    return [(bh * merge + i, bw * merge + j) for bh in range(grid // merge) for bw in range(grid // merge)
+            for i in range(merge) for j in range(merge)]
+
+
 def qwen_source(grid: int, merge: int, n_heads: int, layer: int) -> torch.Tensor:
-    """Sources for a Qwen2-VL tower, whose tokens come in ``merge`` x ``merge`` window order."""
-    order = [(bh * merge + i, bw * merge + j) for bh in range(grid // merge) for bw in range(grid // merge)
-             for i in range(merge) for j in range(merge)]
-    return _grid_source(grid, head_offsets(n_heads, layer), order)
+    """Sources for a Qwen2-VL tower, whose tokens come in window order."""
+    return _grid_source(grid, head_offsets(n_heads, layer), qwen_window_order(grid, merge))
 
 
 def fixed_offset_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

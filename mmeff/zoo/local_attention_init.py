@@ -45,6 +45,12 @@ def head_offsets(n_heads: int, layer: int) -> list[tuple[int, int]]:
     return list((NEIGHBOURS if layer % 2 == 0 else DIAGONALS)[:n_heads]) + [(0, 0)] * max(0, n_heads - 4)
 
 
+def _clip_position_layout(width: int, n_heads: int) -> tuple[int, int]:
+    """(first position channel, frequencies per axis) of a CLIP tower's fixed-offset start."""
+    n_freq = min(len(CLIP_FREQS), width // n_heads // 4)
+    return width - 4 * n_freq, n_freq
+
+
 def _rotation(freq: float, shift: int) -> torch.Tensor:
     """2x2 map taking (sin f x, cos f x) to (sin f(x+shift), cos f(x+shift))."""
     c, s = math.cos(freq * shift), math.sin(freq * shift)
@@ -58,11 +64,10 @@ def init_clip_tower(tower: Any, grid: int, alpha: float = 3.0, position_gain: fl
     cfg = tower.config
     width, n_heads = cfg.hidden_size, cfg.num_attention_heads
     head_dim = width // n_heads
-    n_freq = min(len(CLIP_FREQS), head_dim // 4)
+    p0, n_freq = _clip_position_layout(width, n_heads)
     if n_freq < 2:
         raise ValueError(f"local attention init needs head_dim >= 8, got {head_dim}")
     freqs = CLIP_FREQS[:n_freq]
-    p0 = width - 4 * n_freq  # first position channel
     emb = tower.embeddings
     if emb.position_embedding.weight.shape[0] != grid * grid + 1:
         raise ValueError(f"position table has {emb.position_embedding.weight.shape[0]} rows, expected {grid * grid + 1}")
@@ -164,7 +169,7 @@ def position_rows(model: Any) -> dict[str, tuple[torch.nn.Parameter, slice]]:
         return rows
     tower = inner.vision_tower
     width, n_heads = tower.config.hidden_size, tower.config.num_attention_heads
-    p0 = width - 4 * min(len(CLIP_FREQS), width // n_heads // 4)
+    p0, _ = _clip_position_layout(width, n_heads)
     every = slice(None)
     rows["patch_embedding"] = (tower.embeddings.patch_embedding.weight, slice(p0, None))
     rows["position_embedding"] = (tower.embeddings.position_embedding.weight, every)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmeff.zoo.fixed_offset_attention import qwen_window_order
 from mmeff.zoo.local_attention_init import (
     head_offsets,
     init_clip_tower,
@@ -117,18 +118,12 @@ def _qwen_attention(visual, pixels, grid_thw) -> list[torch.Tensor]:
     return out
 
 
-def _window_order(grid: int, merge: int = 2) -> list[tuple[int, int]]:
-    """(row, col) of each vision token in Qwen2-VL's merge-window order."""
-    return [(bh * merge + i, bw * merge + j) for bh in range(grid // merge) for bw in range(grid // merge)
-            for i in range(merge) for j in range(merge)]
-
-
 def test_qwen_heads_attend_to_their_offset():
     visual = _qwen_visual(qwen_vision_rope_theta(96 // 4))
     init_qwen_tower(visual)
     pixels = torch.randn(GRID * GRID, 3 * 2 * 14 * 14)
     grid_thw = torch.tensor([[1, GRID, GRID]])
-    order = _window_order(GRID)
+    order = qwen_window_order(GRID, 2)
     index = {rc: i for i, rc in enumerate(order)}
     query = index[(4, 4)]
     for layer, attn in enumerate(_qwen_attention(visual, pixels, grid_thw)):
