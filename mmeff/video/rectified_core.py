@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff.kernels.block_sparse_attn import (
-    block_abs_deviation,
     block_mean,
     block_sparse_attention,
+    block_stats,
     mask_to_indices,
 )
 
@@ -247,8 +247,9 @@ def plan_rectified(
     counts = torch.full((n_v,), float(block), device=dev)
     counts[-1] = float(n_visual - (n_v - 1) * block)
 
-    q_bar = block_mean(q_vis, block)  # [B, H, n_v, D] float32
-    k_bar = block_mean(k_vis, block)
+    # block means and mean |x - mean| per block, one fused pass each on the GPU
+    q_bar, dq = block_stats(q_vis, block)  # [B, H, n_v, D] float32
+    k_bar, dk = block_stats(k_vis, block)
     s_vis = torch.matmul(q_bar, k_bar.transpose(-1, -2))  # unscaled q̄·k̄
     # IPAR: column j stands for counts[j] keys -> add log(counts) to its logit.
     logit_vis = s_vis * scale + counts.log()
@@ -281,8 +282,6 @@ def plan_rectified(
         sel[..., :f, :f] = True
 
     # Step 5: GAPR eligibility on unscaled pooled products.
-    dq = block_abs_deviation(q_vis, block)
-    dk = block_abs_deviation(k_vis, block)
     err = torch.matmul(dq, k_bar.transpose(-1, -2)).abs() + torch.matmul(q_bar, dk.transpose(-1, -2)).abs()
     eligible = s_vis.abs() > err
 

@@ -8,10 +8,13 @@ Usage::
 
 Data: scenes of the *train* split (seeds drawn at random from its range), rendered at
 336 px on the fly. One training sequence = one image followed by all questions of that
-scene as a multi-turn chat (existence incl. POPE negatives, colour, size, count, position,
-reading, caption with the canonical caption as answer), turns shuffled; the loss covers
-the answer tokens (and the closing ``<|end|>``) only. The first turn is exactly the
-single-question chat format used at inference.
+scene (existence incl. POPE negatives, colour, size, count, position, reading, caption with
+the canonical caption as answer), in random order; the loss covers the answer tokens (and
+the closing ``<|end|>``) only. The questions are packed as isolated turns
+(:mod:`mmeff.zoo.isolated_turns`): each sees the image and itself only, at the positions of
+the single-question chat used at inference, so no answer can be copied from another turn
+(an ordinary multi-turn chat taught the models to answer existence from earlier mentions).
+``--init-from`` continues a saved model (e.g. the shipped one) under this recipe.
 
 Vision supervision (:mod:`mmeff.zoo.vision_aux`): the answer loss alone is too weak a
 signal to teach a from-scratch ViT the world through a 576-token image in CPU-minutes (the
@@ -54,6 +57,7 @@ from .processors import (
     build_processor,
 )
 from .fixed_offset_attention import FixedOffsetMode
+from .isolated_turns import isolate_turns
 from .local_attention_init import freeze_local_attention, init_local_attention, qwen_vision_rope_theta
 from .vision_aux import FeatureCapture, VisionAuxHead, class_token_ids, image_features_only, stack_labels
 from .world import SPLITS, generate_scene, make_questions, render
@@ -207,19 +211,24 @@ class Batcher:
                 self._cache[text] = ids
         return ids
 
-    def sequence(self, seed: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    def sequence(self, seed: int, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+        """Token ids, labels and segment ids of one scene: the prefix (BOS, ``<|user|>``, image)
+        then one segment per question (question, EOS, ``<|assistant|>``, answer, EOS). With
+        :func:`mmeff.zoo.isolated_turns.isolate_turns` each segment sees only the prefix and
+        itself, i.e. exactly the single-question chat used at inference."""
         scene = generate_scene(seed)
         qas = make_questions(scene, rng, per_family=3)
         rng.shuffle(qas)
-        ids = [self.id[BOS]]
-        labels = [-100]
-        for k, qa in enumerate(qas):
-            user = [self.id["<|user|>"]] + (self.image_ids if k == 0 else []) + self._enc(qa.question)
-            user += [self.id[EOS], self.id["<|assistant|>"]]
+        ids = [self.id[BOS], self.id["<|user|>"]] + self.image_ids
+        labels = [-100] * len(ids)
+        segments = [0] * len(ids)
+        for k, qa in enumerate(qas, start=1):
+            question = self._enc(qa.question) + [self.id[EOS], self.id["<|assistant|>"]]
             ans = self._enc(qa.answer) + [self.id[EOS]]
-            ids += user + ans
-            labels += [-100] * len(user) + ans
-        return ids, labels
+            ids += question + ans
+            labels += [-100] * len(question) + ans
+            segments += [k] * (len(question) + len(ans))
+        return ids, labels, segments
 
     def images(self, seeds: list[int]) -> dict[str, torch.Tensor]:
         """Pixel inputs plus per-token auxiliary targets (``aux_*`` keys) for ``seeds``."""
@@ -233,17 +242,23 @@ class Batcher:
         return out
 
     def batch(self, seeds: list[int], rng: random.Random) -> dict[str, torch.Tensor]:
+        """Padded token ids, labels, flat attention mask and ``segment_ids`` (-1 on padding)
+        plus the image inputs; :func:`isolate_turns` turns the segments into the model's
+        4-D mask and position ids."""
         seqs = [self.sequence(s, rng) for s in seeds]
-        n = max(len(i) for i, _ in seqs)
+        n = max(len(i) for i, _, _ in seqs)
         pad = self.tok.pad_token_id
         input_ids = torch.full((len(seqs), n), pad, dtype=torch.long)
         labels = torch.full((len(seqs), n), -100, dtype=torch.long)
         attn = torch.zeros((len(seqs), n), dtype=torch.long)
-        for b, (i, l) in enumerate(seqs):
+        segment_ids = torch.full((len(seqs), n), -1, dtype=torch.long)
+        for b, (i, l, g) in enumerate(seqs):
             input_ids[b, : len(i)] = torch.tensor(i)
             labels[b, : len(l)] = torch.tensor(l)
             attn[b, : len(i)] = 1
-        out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
+            segment_ids[b, : len(g)] = torch.tensor(g)
+        out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attn, "labels": labels,
+                                        "segment_ids": segment_ids}
         out.update(self.images(seeds))
         if self.qwen:
             out["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
@@ -290,6 +305,21 @@ def init_only(name: str, out: Path, seed: int = 0) -> None:
     print(f"saved untrained {name} to {out} ({info['model_size_mb']} MB)")
 
 
+def load_weights(model: Any, folder: Path) -> dict[str, Any]:
+    """Start from the weights saved in ``folder`` (a zoo model folder of the same size) and
+    return its ``training.json`` (empty if absent), e.g. to continue a shipped model with a new
+    data recipe. The auxiliary head and the optimiser start fresh."""
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"no *.safetensors in {folder}; pass a folder written by save_pretrained")
+    saved = type(model).from_pretrained(folder).state_dict()  # applies the class's key renaming
+    missing, unexpected = model.load_state_dict(saved, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not match the model built from SIZES: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    meta = folder / "training.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def _split_aux(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     inputs = {k: v for k, v in batch.items() if not k.startswith("aux_")}
     targets = {k[4:]: v for k, v in batch.items() if k.startswith("aux_")}
@@ -323,6 +353,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_path = ckpt_dir / "ckpt.pt"
     processor = build_processor(ZOO_MODELS[name])
     model = build_model(name, processor, seed=args.seed)
+    previous = load_weights(model, Path(args.init_from)) if args.init_from else None
     model.train()
     qwen = name == "tiny-qwen2-vl"
     aux_head = VisionAuxHead(model.config.text_config.hidden_size, class_token_ids(processor.tokenizer))
@@ -346,6 +377,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     lo, hi = SPLITS["train"]
     probe_lo = SPLITS["val"][0]
     probe_batch, _ = _split_aux(batcher.batch(list(range(probe_lo, probe_lo + 8)), random.Random("probe")))
+    probe_batch = isolate_turns(model, probe_batch)
     last_probe = time.time()
 
     def save_ckpt() -> None:
@@ -390,6 +422,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         else:
             seeds = [rng.randrange(lo, hi) for _ in range(args.batch)]
             inputs, targets = _split_aux(batcher.batch(seeds, rng))
+            inputs = isolate_turns(model, inputs)
             lm = model(**inputs, use_cache=False).loss
             aux, acc = aux_head.loss(capture.take(len(seeds)), targets, embed)
             loss = lm + args.aux_weight * aux
@@ -457,6 +490,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "config": {**SIZES[name]},
         "history": state["history"],
     }
+    if previous is not None:
+        info["initialised_from"] = {"path": str(args.init_from),
+                                    **{k: v for k, v in previous.items() if k not in ("history", "config")}}
     save_final(model, processor, out, info)
     print(json.dumps({k: v for k, v in info.items() if k != "history"}, indent=2))
     return info
@@ -483,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default .zoo_ckpt/<name>)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--new-budget", action="store_true", help="on resume, use --minutes as the new total")
+    p.add_argument("--init-from", default=None,
+                   help="start from the weights of a saved zoo model folder (e.g. the shipped one) instead of "
+                        "a random init; ignored when a checkpoint is resumed")
     p.add_argument("--init-only", action="store_true", help="save an untrained model + processor and exit")
     args = p.parse_args(argv)
     if args.init_only:

@@ -95,6 +95,25 @@ CASES: dict[str, dict] = {
 }
 
 
+STATS_CASES: dict[str, dict] = {
+    "fp32_ragged": {"shape": (2, 3, 37, 16), "block": 16, "dtype": torch.float32},
+    "bf16_ragged": {"shape": (1, 2, 50, 24), "block": 16, "dtype": torch.bfloat16},
+    "fp32_block12_d8": {"shape": (2, 2, 30, 8), "block": 12, "dtype": torch.float32},
+    "fp32_strided": {"shape": (2, 3, 64, 32), "block": 32, "dtype": torch.float32, "strided": True},
+    "fp16_short": {"shape": (1, 1, 5, 16), "block": 8, "dtype": torch.float16},
+}
+
+
+def make_stats_case(name: str) -> tuple[torch.Tensor, int]:
+    """Seeded ``x [B, H, S, D]`` and block for a fused pooled-statistics case (CPU)."""
+    spec = STATS_CASES[name]
+    gen = torch.Generator().manual_seed(len(name))
+    x = (torch.randn(*spec["shape"], generator=gen) * 2 + 0.5).to(spec["dtype"])
+    if spec.get("strided"):
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x, spec["block"]
+
+
 def _tolerances(dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return {"atol": 1e-5, "rtol": 1e-5}
@@ -118,6 +137,15 @@ def _worker(out_path: str) -> None:
         else:
             out, lse = block_sparse_attention_triton(*args, **kwargs)
         results[name] = (out.cpu(), lse.cpu())
+    for name in STATS_CASES:
+        x, block = make_stats_case(name)
+        x = x.to(dev)
+        if name == "fp32_ragged":
+            results["meta"]["stats_dispatch_uses_triton"] = bsa.use_triton(x)
+            mean, mad = bsa.block_stats(x, block)
+        else:
+            mean, mad = bsa.block_stats_triton(x, block)
+        results[f"stats_{name}"] = (mean.cpu(), mad.cpu())
     torch.save(results, out_path)
 
 
@@ -155,6 +183,30 @@ def test_triton_empty_rows(triton_outputs: dict) -> None:
     expect = kwargs["row_add"].repeat_interleave(16, dim=2)[:, :, : args[0].shape[2]]
     torch.testing.assert_close(out, expect)
     assert torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("name", list(STATS_CASES))
+def test_fused_block_stats_match_torch_twin(triton_outputs: dict, name: str) -> None:
+    x, block = make_stats_case(name)
+    mean_ref, mad_ref = bsa.block_stats_naive(x, block)
+    mean, mad = triton_outputs[f"stats_{name}"]
+    assert mean.dtype == mad.dtype == torch.float32 and mean.shape == mean_ref.shape == mad.shape
+    torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mad, mad_ref, atol=1e-5, rtol=1e-5)
+    assert triton_outputs["meta"]["stats_dispatch_uses_triton"] is True
+
+
+def test_fused_block_stats_errors() -> None:
+    x = torch.randn(1, 1, 8, 4)
+    with pytest.raises(ValueError, match=r"\[B, H, S, D\]"):
+        bsa.block_stats_triton(x[0], 4)
+    with pytest.raises(ValueError, match="positive int"):
+        bsa.block_stats_triton(x, 0)
+    with pytest.raises(ValueError, match="register tile"):
+        bsa.block_stats_triton(torch.randn(1, 1, 8, 256), 512)
+    mean, mad = bsa.block_stats(x, 4)  # CPU without the force flag: the torch twin
+    torch.testing.assert_close(mean, block_mean(x, 4))
+    torch.testing.assert_close(mad, block_abs_deviation(x, 4))
 
 
 # ----------------------------------------------------------------------------- naive reference

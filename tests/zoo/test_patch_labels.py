@@ -49,6 +49,7 @@ def test_labels_are_deterministic_and_match_the_id_map():
 def test_aux_head_reads_the_features_the_lm_receives(name, one_thread):
     """The capture hook sees one feature per grid cell, and a few steps on a fixed batch
     lower the patch loss (the targets are learnable from the features)."""
+    from mmeff.zoo.isolated_turns import isolate_turns
     from mmeff.zoo.load import ZOO_MODELS
     from mmeff.zoo.processors import build_processor
     from mmeff.zoo.train_vlm import Batcher, _split_aux, build_model
@@ -77,6 +78,7 @@ def test_aux_head_reads_the_features_the_lm_receives(name, one_thread):
     assert losses[-1] < 0.8 * losses[0]
     # the full forward still works with the hook gone, and no features are left captured
     seq_inputs, _ = _split_aux(batcher.batch([3], random.Random(0)))
+    seq_inputs = isolate_turns(model, seq_inputs)
     assert torch.isfinite(model(**seq_inputs, use_cache=False).loss)
     with pytest.raises(RuntimeError, match="no image features"):
         cap.take(1)

@@ -3,7 +3,8 @@
 ``block_sparse_attention`` picks the Triton kernel for CUDA tensors (or everywhere when
 ``MMEFF_FORCE_TRITON=1``, used with ``TRITON_INTERPRET=1`` on CPU) and the torch reference
 otherwise. See ``layout`` for the ``(kv_block_idx, kv_block_count)`` representation and
-``pooled`` for the block-mean statistics used by Rectified SpaAttn's pooled terms.
+``pooled`` for the block-mean statistics used by Rectified SpaAttn's pooled terms
+(``block_stats``: both statistics in one fused Triton pass on the GPU).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .layout import (
 )
 from .naive import block_sparse_attention_naive
 from .pooled import block_abs_deviation, block_mean
+from .pooled_triton import block_stats, block_stats_naive, block_stats_triton
 from .triton_kernel import HAS_TRITON, block_sparse_attention_triton
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_naive",
     "block_sparse_attention_triton",
+    "block_stats",
+    "block_stats_naive",
+    "block_stats_triton",
     "check_block_indices",
     "full_block_indices",
     "indices_to_mask",
