@@ -60,7 +60,7 @@ from .fixed_offset_attention import FixedOffsetMode
 from .isolated_turns import isolate_turns
 from .local_attention_init import freeze_local_attention, init_local_attention, qwen_vision_rope_theta
 from .vision_aux import FeatureCapture, VisionAuxHead, class_token_ids, image_features_only, stack_labels
-from .world import SPLITS, generate_scene, make_questions, render
+from .world import SPLITS, generate_scene, grounding_drill, make_questions, render
 from .world.labels import patch_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -183,8 +183,9 @@ def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = Tru
 class Batcher:
     """Builds training batches (token ids, labels, pixel inputs) straight from scenes."""
 
-    def __init__(self, name: str, processor: Any):
+    def __init__(self, name: str, processor: Any, drill: bool = False):
         self.name = name
+        self.drill = drill
         self.proc = processor
         self.tok = processor.tokenizer
         self.qwen = name == "tiny-qwen2-vl"
@@ -218,6 +219,9 @@ class Batcher:
         itself, i.e. exactly the single-question chat used at inference."""
         scene = generate_scene(seed)
         qas = make_questions(scene, rng, per_family=3)
+        if self.drill:  # every shape's existence and count, once each
+            asked = {qa.question for qa in qas}
+            qas += [qa for qa in grounding_drill(scene) if qa.question not in asked]
         rng.shuffle(qas)
         ids = [self.id[BOS], self.id["<|user|>"]] + self.image_ids
         labels = [-100] * len(ids)
@@ -372,7 +376,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         budget = ck.get("budget", budget) if not args.new_budget else budget
         print(f"resumed {name} from {ckpt_path}: step {state['step']}, {state['samples']} samples, "
               f"{state['elapsed'] / 60:.1f} of {budget / 60:.1f} min", flush=True)
-    batcher = Batcher(name, processor)
+    batcher = Batcher(name, processor, drill=args.drill)
     capture = FeatureCapture(model, qwen)
     lo, hi = SPLITS["train"]
     probe_lo = SPLITS["val"][0]
@@ -476,6 +480,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "vision_only_steps": state["vision_steps"],
         "vision_tower_start": "convolution-like attention (mmeff.zoo.local_attention_init); vision-only steps "
                               + ("with hard fixed-offset attention" if args.hard_offsets else "with softmax attention"),
+        "grounding_drill": args.drill,
         "batch_size": args.batch,
         "vision_batch_size": args.vision_batch,
         "aux_weight": args.aux_weight,
@@ -519,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default .zoo_ckpt/<name>)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--new-budget", action="store_true", help="on resume, use --minutes as the new total")
+    p.add_argument("--drill", action="store_true",
+                   help="add every shape's existence and count question to each scene (more supervision of "
+                        "matching a question word against the image, at little cost: the image is encoded once)")
     p.add_argument("--init-from", default=None,
                    help="start from the weights of a saved zoo model folder (e.g. the shipped one) instead of "
                         "a random init; ignored when a checkpoint is resumed")

@@ -73,3 +73,19 @@ def test_each_packed_turn_equals_the_single_question_chat(name, one_thread):
         leaky = model(**flat, use_cache=False).logits
     last = (seg[0] == int(seg[0].max())).nonzero().squeeze(-1)
     assert not torch.allclose(leaky[0, last], packed[0, last], atol=1e-3)
+
+
+def test_drill_adds_every_shape_question():
+    from mmeff.zoo.load import ZOO_MODELS
+    from mmeff.zoo.processors import build_processor
+    from mmeff.zoo.train_vlm import Batcher
+    from mmeff.zoo.world import SHAPES
+
+    proc = build_processor(ZOO_MODELS["tiny-qwen2-vl"])
+    plain, drill = Batcher("tiny-qwen2-vl", proc), Batcher("tiny-qwen2-vl", proc, drill=True)
+    ids0, _, seg0 = plain.sequence(11, random.Random(0))
+    ids1, _, seg1 = drill.sequence(11, random.Random(0))
+    assert max(seg1) > max(seg0)
+    text = proc.tokenizer.decode(ids1)
+    for s in SHAPES:
+        assert text.count(f"Is there a {s} in the image?") >= 1

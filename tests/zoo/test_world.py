@@ -27,6 +27,7 @@ from mmeff.zoo.world import (
     build_split,
     chair_scores,
     generate_scene,
+    grounding_drill,
     make_caption,
     make_prompt,
     make_questions,
@@ -270,6 +271,17 @@ def test_answers_correct_by_construction(scenes: list[Scene]) -> None:
     }
     for setting in ("random", "popular", "adversarial"):
         assert settings[(setting, "yes")] == settings[(setting, "no")] > 0
+
+
+def test_grounding_drill_asks_every_shape_correctly(scenes: list[Scene]) -> None:
+    for sc in scenes:
+        qas = grounding_drill(sc)
+        for qa in qas:
+            _check_qa(sc, qa)
+        exist = {qa.meta["shape"]: qa.answer for qa in qas if qa.family == "existence"}
+        assert exist == {s: ("yes" if s in sc.shapes() else "no") for s in SHAPES}
+        counts = {qa.meta["shape"]: int(qa.answer) for qa in qas if qa.family == "count"}
+        assert counts == {s: sc.count(s) for s in sc.shapes()} and all(c > 0 for c in counts.values())
 
 
 def test_colour_only_when_unambiguous() -> None:

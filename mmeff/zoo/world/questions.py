@@ -292,6 +292,23 @@ def _reading(scene: Scene) -> list[QA]:
     return []
 
 
+def grounding_drill(scene: Scene) -> list[QA]:
+    """Existence of every shape and the count of every present shape: the questions that need
+    the question's shape word matched against the image, asked exhaustively. Training-only
+    extra turns (the benchmark splits keep :func:`make_questions`)."""
+    present = scene.shapes()
+    out = [
+        QA("existence", f"Is there a {s} in the image?", "yes" if s in present else "no",
+           {"pope": "drill", "shape": s, "biased": False})
+        for s in SHAPES
+    ]
+    out += [
+        QA("count", f"How many {PLURALS[s]} are there?", str(scene.count(s)), {"shape": s})
+        for s in SHAPES if s in present
+    ]
+    return out
+
+
 def make_questions(
     scene: Scene,
     rng: random.Random | int,
