@@ -58,7 +58,12 @@ from .processors import (
 )
 from .fixed_offset_attention import FixedOffsetMode
 from .isolated_turns import isolate_turns
-from .local_attention_init import freeze_local_attention, init_local_attention, qwen_vision_rope_theta
+from .local_attention_init import (
+    freeze_local_attention,
+    init_local_attention,
+    position_rows,
+    qwen_vision_rope_theta,
+)
 from .vision_aux import FeatureCapture, VisionAuxHead, class_token_ids, image_features_only, stack_labels
 from .world import SPLITS, generate_scene, grounding_drill, make_questions, render
 from .world.labels import patch_labels
@@ -363,7 +368,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     aux_head = VisionAuxHead(model.config.text_config.hidden_size, class_token_ids(processor.tokenizer))
     embed = model.get_input_embeddings().weight
     params = list(model.parameters()) + list(aux_head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    # the frozen fixed-offset weights get no gradient, and must not shrink under AdamW's decay either
+    frozen = {id(p) for p, _ in position_rows(model).values()} if args.hard_offsets else set()
+    groups = [{"params": [p for p in params if id(p) not in frozen]},
+              {"params": [p for p in params if id(p) in frozen], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     state = {"step": 0, "vision_steps": 0, "samples": 0, "elapsed": 0.0, "loss_ema": None, "aux_ema": None,
              "history": []}
     budget = args.minutes * 60.0
@@ -475,7 +484,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "samples_seen": state["samples"],
         "data": "shapes-world train split: vision-only steps on per-patch targets (shape/colour/size/word/"
-                "centre), then one multi-turn chat of all questions per scene + the patch targets",
+                "centre), then all questions of a scene as isolated turns (each sees only the image and "
+                "itself, mmeff.zoo.isolated_turns) + the patch targets",
         "steps": state["step"],
         "vision_only_steps": state["vision_steps"],
         "vision_tower_start": "convolution-like attention (mmeff.zoo.local_attention_init); vision-only steps "
