@@ -8,6 +8,10 @@ labels of :mod:`mmeff.zoo.world.labels`; they differ only in how patches are mix
 * ``vit-local``: the same tower with the convolution-like start;
 * ``vit-hard``: that start kept frozen, attention computed as the hard fixed-offset gather
   (:mod:`mmeff.zoo.fixed_offset_attention`), as in the zoo's vision-only training steps;
+* ``vit-frozen``: that start kept frozen but computed with softmax attention, as the saved model
+  computes it (``--position-gain`` sets how loudly the position channels leave the first
+  LayerNorm); the local kinds also log ``soft_offset_agreement``, per layer the share of rows
+  whose softmax attention peaks at the head's offset;
 * ``taps``: the same mixing the local start gives, as explicit shifts (4 neighbour taps of rank
   16 per layer, alternating 4-neighbourhood and diagonals), in a pre-LN residual CNN;
 * ``conv``: pre-LN residual CNN with full 3x3 convolutions.
@@ -98,28 +102,63 @@ class ResCNN(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, local: bool, hard: bool = False):
+    def __init__(self, local: bool, hard: bool = False, frozen: bool = False, position_gain: float = 8.0):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         self.tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH,
                                                       num_hidden_layers=3, num_attention_heads=4,
                                                       image_size=GRID * PATCH, patch_size=PATCH))
-        if local or hard:
-            init_clip_tower(self.tower, GRID)
-        if hard:
+        self.local_start = local or hard or frozen
+        if self.local_start:
+            init_clip_tower(self.tower, GRID, position_gain=position_gain)
+        self.hard = None
+        if hard or frozen:
             from types import SimpleNamespace
 
             from mmeff.zoo.fixed_offset_attention import FixedOffsetMode
             from mmeff.zoo.local_attention_init import freeze_local_attention
 
             host = SimpleNamespace(model=SimpleNamespace(vision_tower=self.tower))  # as in the zoo VLMs
-            FixedOffsetMode(host, GRID).on()
+            if hard:
+                self.hard = FixedOffsetMode(host, GRID)
+                self.hard.on()
             freeze_local_attention(host)
         self.head = nn.Linear(WIDTH, N_SHAPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.tower(pixel_values=x).last_hidden_state[:, 1:])
+
+
+@torch.no_grad()
+def offset_agreement(vit: "ViT", x: torch.Tensor) -> list[float]:
+    """Per layer: share of (patch token, head) rows with a neighbour at the head's offset whose
+    *softmax* attention peaks there, i.e. how far the saved model's stock attention equals the
+    hard pattern it was trained with."""
+    from mmeff.zoo.fixed_offset_attention import clip_source
+    from mmeff.zoo.local_attention_init import head_offsets
+
+    cfg = vit.tower.config
+    before = cfg._attn_implementation
+    cfg._attn_implementation = "eager"
+    try:
+        att = vit.tower(pixel_values=x, output_attentions=True).attentions
+    finally:
+        cfg._attn_implementation = before
+    out = []
+    for li, a in enumerate(att):
+        src = clip_source(GRID, cfg.num_attention_heads, li)  # [H, N]
+        peak = a.argmax(-1)  # [B, H, N]
+        # rows whose offset leaves the grid are clamped to themselves by the hard gather; the soft
+        # attention has no such target, so only rows with a real neighbour count
+        rc = torch.arange(GRID * GRID)
+        r, c = rc // GRID, rc % GRID
+        inside = torch.stack([(r + dy >= 0) & (r + dy < GRID) & (c + dx >= 0) & (c + dx < GRID)
+                              for dx, dy in head_offsets(cfg.num_attention_heads, li)])
+        inside = torch.cat([torch.zeros(len(inside), 1, dtype=torch.bool), inside], dim=1)  # CLS row out
+        hit = (peak == src[None]) & inside[None]
+        out.append(round(float(hit.sum() / (inside.sum() * a.shape[0])), 4))
+    return out
 
 
 @torch.no_grad()
@@ -138,13 +177,18 @@ def evaluate(model: nn.Module, val: dict[str, torch.Tensor]) -> dict[str, float]
             if k and m.any():
                 right += int(logits[b][m].softmax(-1).mean(0)[1:].argmax() + 1 == tgt[b][m][0])
                 total += 1
-    return {"edge": float(ok[fg & ~interior].float().mean()), "interior": float(ok[fg & interior].float().mean()),
-            "object": right / max(total, 1)}
+    out = {"edge": float(ok[fg & ~interior].float().mean()), "interior": float(ok[fg & interior].float().mean()),
+           "object": right / max(total, 1)}
+    if isinstance(model, ViT) and model.local_start:
+        out["soft_offset_agreement"] = offset_agreement(model, val["x"][:20])
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=("vit", "vit-local", "vit-hard", "taps", "conv"), required=True)
+    p.add_argument("--kind", choices=("vit", "vit-local", "vit-hard", "vit-frozen", "taps", "conv"), required=True,
+                   help="vit-frozen: the conv-like start kept frozen but computed with softmax attention")
+    p.add_argument("--position-gain", type=float, default=8.0, help="CLIP position-channel gain (vit-local/hard/frozen)")
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--train-scenes", type=int, default=2000)
     p.add_argument("--val-scenes", type=int, default=200)
@@ -156,7 +200,8 @@ def main() -> None:
     torch.manual_seed(0)
     print("rendering scenes ...", flush=True)
     train, val = scenes("train", args.train_scenes), scenes("val", args.val_scenes)
-    model = ViT(args.kind == "vit-local", args.kind == "vit-hard") if args.kind.startswith("vit") else ResCNN(args.kind == "taps")
+    model = (ViT(args.kind == "vit-local", args.kind == "vit-hard", args.kind == "vit-frozen", args.position_gain)
+             if args.kind.startswith("vit") else ResCNN(args.kind == "taps"))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     history, step, t0, next_eval = [], 0, time.time(), 0.0
     while time.time() - t0 < args.minutes * 60:
