@@ -181,6 +181,27 @@ def _save_ckpt(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def load_saved(pipe: Any, folder: Path) -> dict[str, Any]:
+    """Copy the weights of a saved tiny-sd3 pipeline into ``pipe`` (built by :func:`build_pipeline`)
+    and return the training state its ``training.json`` records (counters, curves, latent
+    statistics), so a continued run's schedule, data order and report carry on from it."""
+    from diffusers import StableDiffusion3Pipeline
+
+    meta_path = folder / "training.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} has no training.json; pass a folder written by train_sd3")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder} is format {meta.get('format')!r}, expected {FORMAT!r}")
+    saved = StableDiffusion3Pipeline.from_pretrained(folder)
+    for name in ("vae", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())
+    vae, diff = meta["vae"], meta["diffusion"]
+    return {"phase": 1, "vae_step": vae["steps"], "vae_seconds": vae["minutes"] * 60, "vae_losses": vae["mse_curve"],
+            "step": diff["steps"], "diff_seconds": diff["minutes"] * 60, "losses": diff["loss_curve"],
+            "latent_shift": vae["shift_factor"], "latent_scale": vae["scaling_factor"]}
+
+
 def _lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
@@ -188,7 +209,10 @@ def _lr(step: int, base: float, warmup: int) -> float:
 # ---------------------------------------------------------------------------------------------- training
 def train(minutes: float, vae_minutes: float | None = None, batch: int = 16, seed: int = 0,
           ckpt_every: float = 60.0, fresh: bool = False, out_dir: Path = OUT_DIR, ckpt_dir: Path = CKPT_DIR,
-          threads: int | None = None, log_every: int = 50) -> dict[str, Any]:
+          threads: int | None = None, log_every: int = 50, init_from: Path | None = None) -> dict[str, Any]:
+    """Train (or resume) tiny-sd3 until ``minutes`` in total are spent; ``init_from`` (a saved
+    tiny-sd3 folder, e.g. the shipped one) continues that model instead of starting fresh, so
+    training can go on across machines that keep no ``.zoo_ckpt``."""
     if threads:
         torch.set_num_threads(threads)
     vae_minutes = min(4.0, 0.2 * minutes) if vae_minutes is None else vae_minutes
@@ -211,6 +235,10 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 16, see
         st.update(ck["state"])
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {ckpt_path}: phase {st['phase']}, vae_step {st['vae_step']}, step {st['step']}")
+    elif init_from is not None:
+        st.update(load_saved(pipe, Path(init_from)))
+        print(f"continuing {init_from}: diffusion step {st['step']}, "
+              f"{(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent")
 
     def checkpoint() -> None:
         _save_ckpt(ckpt_path, {"vae": vae.state_dict(), "transformer": tr.state_dict(),
@@ -350,8 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--ckpt-dir", type=Path, default=CKPT_DIR)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue a saved tiny-sd3 (e.g. mmeff/zoo/models/tiny-sd3) when no checkpoint exists; "
+                         "--minutes stays the total budget, so it trains for the minutes not yet spent")
     a = ap.parse_args(argv)
-    train(a.minutes, a.vae_minutes, a.batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir, a.threads, a.log_every)
+    train(a.minutes, a.vae_minutes, a.batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir, a.threads, a.log_every,
+          init_from=a.init_from)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,25 @@ def test_guidance_eval_writes_json_and_grid(tmp_path):
     grid = Image.open(tmp_path / "g_grid.png")
     assert grid.size[0] > 2 * 128 and grid.size[1] >= 4 * 128
     assert "cfg+softpag" in table(rep)
+
+
+def test_training_continues_the_shipped_pipeline(tmp_path):
+    """``--init-from`` starts from the saved weights and counters: a few more diffusion steps,
+    the VAE and its latent statistics untouched, the report cumulative."""
+    from mmeff.zoo.train_sd3 import build_pipeline, load_saved, train
+
+    before = json.loads((SD3_DIR / "training.json").read_text())
+    pipe = build_pipeline()
+    state = load_saved(pipe, SD3_DIR)
+    assert state["step"] == before["diffusion"]["steps"] and state["phase"] == 1
+    shipped = load_offline(load_pipeline, "tiny-sd3")
+    for a, b in zip(pipe.transformer.state_dict().values(), shipped.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    spent = before["vae"]["minutes"] + before["diffusion"]["minutes"]
+    info = train(spent + 0.03, batch=2, out_dir=tmp_path / "out", ckpt_dir=tmp_path / "ckpt", init_from=SD3_DIR,
+                 log_every=1)
+    assert info["diffusion"]["steps"] > before["diffusion"]["steps"]
+    assert info["vae"]["steps"] == before["vae"]["steps"]
+    assert info["vae"]["scaling_factor"] == before["vae"]["scaling_factor"]
+    with pytest.raises(FileNotFoundError, match="training.json"):
+        load_saved(build_pipeline(), tmp_path)
