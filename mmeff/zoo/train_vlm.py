@@ -188,9 +188,10 @@ def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = Tru
 class Batcher:
     """Builds training batches (token ids, labels, pixel inputs) straight from scenes."""
 
-    def __init__(self, name: str, processor: Any, drill: bool = False):
+    def __init__(self, name: str, processor: Any, drill: bool = False, position_drill: int = 0):
         self.name = name
         self.drill = drill
+        self.position_drill = position_drill
         self.proc = processor
         self.tok = processor.tokenizer
         self.qwen = name == "tiny-qwen2-vl"
@@ -226,7 +227,8 @@ class Batcher:
         qas = make_questions(scene, rng, per_family=3)
         if self.drill:  # every shape's existence and count, once each
             asked = {qa.question for qa in qas}
-            qas += [qa for qa in grounding_drill(scene) if qa.question not in asked]
+            extra = grounding_drill(scene, rng, positions=self.position_drill)
+            qas += [qa for qa in extra if qa.question not in asked]
         rng.shuffle(qas)
         ids = [self.id[BOS], self.id["<|user|>"]] + self.image_ids
         labels = [-100] * len(ids)
@@ -385,7 +387,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         budget = ck.get("budget", budget) if not args.new_budget else budget
         print(f"resumed {name} from {ckpt_path}: step {state['step']}, {state['samples']} samples, "
               f"{state['elapsed'] / 60:.1f} of {budget / 60:.1f} min", flush=True)
-    batcher = Batcher(name, processor, drill=args.drill)
+    batcher = Batcher(name, processor, drill=args.drill, position_drill=args.position_drill)
     capture = FeatureCapture(model, qwen)
     lo, hi = SPLITS["train"]
     probe_lo = SPLITS["val"][0]
@@ -491,6 +493,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "vision_tower_start": "convolution-like attention (mmeff.zoo.local_attention_init); vision-only steps "
                               + ("with hard fixed-offset attention" if args.hard_offsets else "with softmax attention"),
         "grounding_drill": args.drill,
+        "position_drill": args.position_drill if args.drill else 0,
         "batch_size": args.batch,
         "vision_batch_size": args.vision_batch,
         "aux_weight": args.aux_weight,
@@ -537,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drill", action="store_true",
                    help="add every shape's existence and count question to each scene (more supervision of "
                         "matching a question word against the image, at little cost: the image is encoded once)")
+    p.add_argument("--position-drill", type=int, default=0,
+                   help="with --drill, also up to this many extra relative-position questions per scene")
     p.add_argument("--init-from", default=None,
                    help="start from the weights of a saved zoo model folder (e.g. the shipped one) instead of "
                         "a random init; ignored when a checkpoint is resumed")

@@ -282,6 +282,15 @@ def test_grounding_drill_asks_every_shape_correctly(scenes: list[Scene]) -> None
         assert exist == {s: ("yes" if s in sc.shapes() else "no") for s in SHAPES}
         counts = {qa.meta["shape"]: int(qa.answer) for qa in qas if qa.family == "count"}
         assert counts == {s: sc.count(s) for s in sc.shapes()} and all(c > 0 for c in counts.values())
+        with_positions = grounding_drill(sc, random.Random(sc.seed), positions=8)
+        extra = with_positions[len(qas):]
+        assert with_positions[: len(qas)] == qas and len(extra) <= 8
+        assert all(qa.family == "position" for qa in extra)
+        for qa in extra:
+            _check_qa(sc, qa)
+    assert any(len(grounding_drill(sc, random.Random(0), positions=8)) > len(grounding_drill(sc)) for sc in scenes)
+    with pytest.raises(ValueError, match="rng"):
+        grounding_drill(scenes[0], positions=2)
 
 
 def test_colour_only_when_unambiguous() -> None:

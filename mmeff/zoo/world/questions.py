@@ -292,10 +292,13 @@ def _reading(scene: Scene) -> list[QA]:
     return []
 
 
-def grounding_drill(scene: Scene) -> list[QA]:
-    """Existence of every shape and the count of every present shape: the questions that need
-    the question's shape word matched against the image, asked exhaustively. Training-only
-    extra turns (the benchmark splits keep :func:`make_questions`)."""
+def grounding_drill(scene: Scene, rng: random.Random | None = None, positions: int = 0) -> list[QA]:
+    """Existence of every shape and the count of every present shape (the questions that need
+    the question's shape word matched against the image, asked exhaustively), plus up to
+    ``positions`` relative-position questions drawn with ``rng``. Training-only extra turns
+    (the benchmark splits keep :func:`make_questions`)."""
+    if positions and rng is None:
+        raise ValueError("grounding_drill needs an rng to draw position questions")
     present = scene.shapes()
     out = [
         QA("existence", f"Is there a {s} in the image?", "yes" if s in present else "no",
@@ -306,6 +309,8 @@ def grounding_drill(scene: Scene) -> list[QA]:
         QA("count", f"How many {PLURALS[s]} are there?", str(scene.count(s)), {"shape": s})
         for s in SHAPES if s in present
     ]
+    if positions:
+        out += _position(scene, rng, positions)
     return out
 
 
