@@ -102,7 +102,8 @@ class ResCNN(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, local: bool, hard: bool = False, frozen: bool = False, position_gain: float = 8.0):
+    def __init__(self, local: bool, hard: bool = False, frozen: bool = False, position_gain: float = 8.0,
+                 dominant: float | None = None):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -111,7 +112,7 @@ class ViT(nn.Module):
                                                       image_size=GRID * PATCH, patch_size=PATCH))
         self.local_start = local or hard or frozen
         if self.local_start:
-            init_clip_tower(self.tower, GRID, position_gain=position_gain)
+            init_clip_tower(self.tower, GRID, position_gain=position_gain, dominant=dominant)
         self.hard = None
         if hard or frozen:
             from types import SimpleNamespace
@@ -189,6 +190,8 @@ def main() -> None:
     p.add_argument("--kind", choices=("vit", "vit-local", "vit-hard", "vit-frozen", "taps", "conv"), required=True,
                    help="vit-frozen: the conv-like start kept frozen but computed with softmax attention")
     p.add_argument("--position-gain", type=float, default=8.0, help="CLIP position-channel gain (vit-local/hard/frozen)")
+    p.add_argument("--dominant", type=float, default=None,
+                   help="position-dominant LayerNorms (local_attention_init.init_clip_tower(dominant=...))")
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--train-scenes", type=int, default=2000)
     p.add_argument("--val-scenes", type=int, default=200)
@@ -200,7 +203,8 @@ def main() -> None:
     torch.manual_seed(0)
     print("rendering scenes ...", flush=True)
     train, val = scenes("train", args.train_scenes), scenes("val", args.val_scenes)
-    model = (ViT(args.kind == "vit-local", args.kind == "vit-hard", args.kind == "vit-frozen", args.position_gain)
+    model = (ViT(args.kind == "vit-local", args.kind == "vit-hard", args.kind == "vit-frozen", args.position_gain,
+                 args.dominant)
              if args.kind.startswith("vit") else ResCNN(args.kind == "taps"))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     history, step, t0, next_eval = [], 0, time.time(), 0.0

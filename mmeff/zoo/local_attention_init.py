@@ -58,9 +58,18 @@ def _rotation(freq: float, shift: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_clip_tower(tower: Any, grid: int, alpha: float = 3.0, position_gain: float = 8.0) -> None:
+def init_clip_tower(tower: Any, grid: int, alpha: float = 3.0, position_gain: float = 8.0,
+                    dominant: float | None = None) -> None:
     """Convolution-like start for a ``CLIPVisionModel`` / ``CLIPVisionTransformer`` on a
-    ``grid`` x ``grid`` patch grid (see the module docstring)."""
+    ``grid`` x ``grid`` patch grid (see the module docstring).
+
+    ``dominant`` (e.g. 20): *position-dominant LayerNorms*. The raw position table is that many
+    times louder, and the position channels leave the first LayerNorm ``position_gain`` times
+    louder again. So in every LayerNorm the spread sigma is set by the position channels, which are
+    never written, and it hardly depends on a token's content. Without this, a key's score scales
+    with its own 1/sigma, and the softmax attention drifts away from the fixed offsets as content
+    grows. The content gains of every LayerNorm start at the expected sigma, so content passes
+    through at its raw scale."""
     cfg = tower.config
     width, n_heads = cfg.hidden_size, cfg.num_attention_heads
     head_dim = width // n_heads
@@ -78,13 +87,21 @@ def init_clip_tower(tower: Any, grid: int, alpha: float = 3.0, position_gain: fl
     for k, f in enumerate(freqs):
         for axis, coord in ((0, xs), (1, ys)):
             ch = p0 + axis * 2 * n_freq + 2 * k
-            table[1:, ch] = torch.sin(f * coord)
-            table[1:, ch + 1] = torch.cos(f * coord)
+            table[1:, ch] = torch.sin(f * coord) * (dominant or 1.0)
+            table[1:, ch + 1] = torch.cos(f * coord) * (dominant or 1.0)
     emb.patch_embedding.weight[p0:] = 0
     # LayerNorm divides each token by its own spread: if content dominated it, a key's score would
     # scale with how busy its patch is, and a plain neighbour could outscore the target offset. So the
     # position channels leave the first LayerNorm ``position_gain`` times louder than content.
     tower.pre_layrnorm.weight[p0:] = position_gain
+    if dominant:
+        # sigma of a pre_layrnorm input ~ |position| / sqrt(width); of a residual-stream vector likewise
+        n_pos = width - p0
+        tower.pre_layrnorm.weight[:p0] = dominant * math.sqrt(n_pos / 2) / math.sqrt(width)
+        residual_pos = position_gain * math.sqrt(width)  # norm of the position part after pre_layrnorm
+        for layer in tower.encoder.layers:
+            for ln in (layer.layer_norm1, layer.layer_norm2):
+                ln.weight[:p0] = residual_pos / math.sqrt(width)
     for li, layer in enumerate(tower.encoder.layers):
         attn = layer.self_attn
         for lin in (attn.out_proj, layer.mlp.fc2):  # keep the position channels clean at the start
@@ -175,6 +192,9 @@ def position_rows(model: Any) -> dict[str, tuple[torch.nn.Parameter, slice]]:
     rows["position_embedding"] = (tower.embeddings.position_embedding.weight, every)
     rows["pre_layrnorm.weight"] = (tower.pre_layrnorm.weight, slice(p0, None))
     for i, layer in enumerate(tower.encoder.layers):
+        # the attention LayerNorm's position rows shape the pattern as much as q/k do
+        rows[f"{i}.layer_norm1.weight"] = (layer.layer_norm1.weight, slice(p0, None))
+        rows[f"{i}.layer_norm1.bias"] = (layer.layer_norm1.bias, slice(p0, None))
         a = layer.self_attn
         for nm, lin in (("q_proj", a.q_proj), ("k_proj", a.k_proj)):
             rows[f"{i}.{nm}.weight"] = (lin.weight, every)
