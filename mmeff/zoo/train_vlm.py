@@ -14,7 +14,9 @@ the closing ``<|end|>``) only. The questions are packed as isolated turns
 (:mod:`mmeff.zoo.isolated_turns`): each sees the image and itself only, at the positions of
 the single-question chat used at inference, so no answer can be copied from another turn
 (an ordinary multi-turn chat taught the models to answer existence from earlier mentions).
-``--init-from`` continues a saved model (e.g. the shipped one) under this recipe.
+``--drill`` adds every shape's existence and count question to each scene (and
+``--position-drill N`` up to N position questions): the shipped tiny-qwen2-vl went from chance
+to 0.99 on existence with it. ``--init-from`` continues a saved model (e.g. the shipped one).
 
 Vision supervision (:mod:`mmeff.zoo.vision_aux`): the answer loss alone is too weak a
 signal to teach a from-scratch ViT the world through a 576-token image in CPU-minutes (the
