@@ -98,10 +98,11 @@ def init_clip_tower(tower: Any, grid: int, alpha: float = 3.0, position_gain: fl
         # sigma of a pre_layrnorm input ~ |position| / sqrt(width); of a residual-stream vector likewise
         n_pos = width - p0
         tower.pre_layrnorm.weight[:p0] = dominant * math.sqrt(n_pos / 2) / math.sqrt(width)
-        residual_pos = position_gain * math.sqrt(width)  # norm of the position part after pre_layrnorm
+        # the position part leaves pre_layrnorm with norm position_gain * sqrt(width), so every later
+        # LayerNorm's sigma is ~position_gain: content gains at that value pass content at its raw scale
         for layer in tower.encoder.layers:
             for ln in (layer.layer_norm1, layer.layer_norm2):
-                ln.weight[:p0] = residual_pos / math.sqrt(width)
+                ln.weight[:p0] = position_gain
     for li, layer in enumerate(tower.encoder.layers):
         attn = layer.self_attn
         for lin in (attn.out_proj, layer.mlp.fc2):  # keep the position channels clean at the start
