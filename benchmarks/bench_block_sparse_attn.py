@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-warps", type=int, default=None, help="override the kernel's num_warps")
     p.add_argument("--num-stages", type=int, default=None, help="override the kernel's num_stages")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune", action="store_true",
+                   help="first sweep num_warps x num_stages on the first shape at drops 0 and 0.8 (reported under 'tune')")
     return p.parse_args(argv)
 
 
@@ -124,6 +126,27 @@ def bench_shape(name: str, seq: int, heads: int, args: argparse.Namespace) -> li
     return rows
 
 
+def tune_launch(shape: tuple[str, tuple[int, int]], args: argparse.Namespace) -> list[dict]:
+    """Time the kernel under each (num_warps, num_stages) on one shape, to choose the launch defaults."""
+    name, (seq, heads) = shape
+    saved = (args.num_warps, args.num_stages, args.drops)
+    rows = []
+    try:
+        for warps in (4, 8):
+            for stages in (1, 2, 3, 4):
+                args.num_warps, args.num_stages, args.drops = warps, stages, [0.0, 0.8]
+                try:
+                    for row in bench_shape(name, seq, heads, args):
+                        rows.append({"num_warps": warps, "num_stages": stages, **row})
+                except Exception as exc:  # e.g. out of shared memory at this launch
+                    rows.append({"num_warps": warps, "num_stages": stages, "error": repr(exc)[:300]})
+                    print(f"warps={warps} stages={stages}: {exc!r}"[:300], flush=True)
+                torch.cuda.empty_cache()
+    finally:
+        args.num_warps, args.num_stages, args.drops = saved
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -133,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = QUICK_SHAPE if args.quick else {n: SHAPES[n] for n in (args.shapes or SHAPES)}
     t0 = time.time()
+    tune = tune_launch(next(iter(shapes.items())), args) if args.tune else []
     results = []
     for name, (seq, heads) in shapes.items():
         results.extend(bench_shape(name, seq, heads, args))
@@ -145,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
         },
         "results": results,
+        "tune": tune,
         "wall_s": time.time() - t0,
     }
     text = json.dumps(report, indent=2)

@@ -98,6 +98,29 @@ def run_case(model, inputs, spec: str | None, new_tokens: int, device: str, repe
             handle.remove()
 
 
+def profile_prefill(model, inputs, spec: str | None, device: str) -> None:
+    """Print torch.profiler's top ops for one prefill under ``spec`` (to find syncs and slow kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    handle = mmeff.apply(model, spec) if spec else None
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=True)
+            sync(device)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+            with profile(activities=acts) as prof:
+                model(**inputs, use_cache=True)
+                sync(device)
+        key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+        print(f"--- profile of one prefill, {spec or 'dense'}, sorted by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
+        print(f"--- same, sorted by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    finally:
+        if handle:
+            handle.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_vlm_pruning.json")
@@ -107,6 +130,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--text-len", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", nargs="*", default=None, metavar="SPEC",
+                    help="after the timings, profile one batch-1 prefill per SPEC ('dense' for none)")
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (checks the script only)")
     args = ap.parse_args()
 
@@ -140,6 +165,10 @@ def main() -> None:
                 print(f"batch {batch} {r['spec']}: prefill x{r['prefill_speedup']:.2f}, generate "
                       f"x{r['generate_speedup']:.2f}, KV {r['kv_cache_ratio']:.2f}, method "
                       f"{r['method_s_per_prompt'] * 1e3:.2f} ms")
+    if args.profile is not None:
+        inputs = make_batch(model, 1, args.text_len, device, dtype)
+        for spec in args.profile or ["dense"]:
+            profile_prefill(model, inputs, None if spec == "dense" else spec, device)
     import transformers
     meta = {"config": vars(args), "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

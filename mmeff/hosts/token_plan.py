@@ -19,12 +19,14 @@ class KeepPlan:
     filler: [B, L'] True for filler slots
     length: original sequence length L
     dropped: [B] number of visual tokens dropped per sample
+    fillers_present: whether any filler slot exists, known on the host (None: read ``filler`` once)
     """
 
     index: torch.Tensor
     filler: torch.Tensor
     length: int
     dropped: torch.Tensor
+    fillers_present: bool | None = None
 
     @property
     def new_length(self) -> int:
@@ -32,7 +34,10 @@ class KeepPlan:
 
     @property
     def has_fillers(self) -> bool:
-        return bool(self.filler.any())
+        """Host-side flag: asked by every layer at every decode step, so it must never sync with the GPU."""
+        if self.fillers_present is None:
+            self.fillers_present = bool(self.filler.any())
+        return self.fillers_present
 
     @property
     def is_identity(self) -> bool:
@@ -50,7 +55,8 @@ def build_plan(keep_positions: list[torch.Tensor], length: int, dropped: list[in
         n = int(keep.numel())
         index[b, new_len - n:] = keep
         filler[b, new_len - n:] = False
-    return KeepPlan(index, filler, length, torch.tensor(dropped, dtype=torch.long, device=device))
+    any_filler = any(int(k.numel()) < new_len for k in keep_positions)
+    return KeepPlan(index, filler, length, torch.tensor(dropped, dtype=torch.long, device=device), any_filler)
 
 
 def gather_seq(x: torch.Tensor, plan: KeepPlan, dim: int = 1) -> torch.Tensor:

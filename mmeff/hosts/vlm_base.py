@@ -395,9 +395,11 @@ class VLMAdapter:
     def _decode_layer_inputs(self, index: int, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
         hidden = args[0] if args else kwargs["hidden_states"]
         q = hidden.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is None and q == 1 and self.pruner.positions == "original" and not plan.has_fillers:
+            return None  # one new token sees the whole (pruned) cache at its original position: nothing to change
         past = kwargs.get("past_key_values")
         kv_pruned = (past.get_seq_length(index) if past is not None else plan.new_length) + q
-        mask = kwargs.get("attention_mask")
         as_bool, dtype = self._mask_format(mask)
         out = dict(kwargs)
         make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_pruned=kv_pruned, as_bool=as_bool, dtype=dtype)  # noqa: E731

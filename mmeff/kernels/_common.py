@@ -14,6 +14,22 @@ except ImportError:  # pragma: no cover - triton is optional
     HAS_TRITON = False
 
 
+# Shared memory one H100 block may use (Triton reports 232,448 bytes there); stay a little below it.
+_SMEM_BUDGET = 224 * 1024
+
+
+def default_num_stages(block_m: int, block_n: int, head_dim: int, element_size: int) -> int:
+    """Pipeline depth for the attention kernels: the deepest of 3, 2, 1 whose tiles fit in shared memory.
+
+    Each stage buffers one K and one V tile; the Q tile stays resident. On an H100 (bf16, 128-row
+    tiles, d=128) three stages ran 1.2x faster than two and four did not fit (benchmarks/, tune).
+    """
+    for stages in (3, 2):
+        if element_size * head_dim * (block_m + 2 * stages * block_n) <= _SMEM_BUDGET:
+            return stages
+    return 1
+
+
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     """q, k, v must be 4-D [B, H, S, D] float tensors of one dtype and device, with k.shape == v.shape."""
     for name, t in (("q", q), ("k", k), ("v", v)):

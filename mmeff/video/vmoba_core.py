@@ -164,35 +164,47 @@ def select_chunks(
     """VMoBA chunk selection: bool ``[B, H, S, n_chunks]``, own chunk always included.
 
     ``gates`` is ``[B, H, S, n_chunks]`` (``chunk_gates``); ``query_chunk[s]`` is the chunk that
-    holds query ``s``. Work runs one (batch, head) slice at a time to bound memory.
+    holds query ``s``. Heads are processed in groups of at most ``_GROUP_ELEMENTS`` gate entries,
+    which bounds the temporaries (sorts, float64 copies) without a kernel launch per head.
     """
     _check_selection_args(mode, threshold, topk, threshold_type)
     bsz, heads, seq, n_chunks = gates.shape
     self_oh = F.one_hot(query_chunk.long(), n_chunks).bool()  # [S, C]
     out = torch.empty(gates.shape, dtype=torch.bool, device=gates.device)
+    per_head = max(1, seq * n_chunks)
+    group = max(1, _GROUP_ELEMENTS // per_head)
     for b in range(bsz):
-        for h in range(heads):
-            g = gates[b, h].float()
-            if mode == "topk":
-                boosted = g.masked_fill(self_oh, float("inf"))
-                sel = torch.zeros_like(self_oh)
-                if threshold_type == "query_head":
-                    sel.scatter_(-1, boosted.topk(min(topk, n_chunks), dim=-1).indices, True)
-                else:
-                    flat = boosted.flatten().topk(min(topk * seq, seq * n_chunks)).indices
-                    sel.view(-1)[flat] = True
-            elif threshold_type == "query_head":
-                gn = _minmax(g, -1)
-                total = gn.sum(-1)
-                remain = (threshold - (gn * self_oh).sum(-1) / total).clamp_min(0)
-                sel = _prefix_take(gn.masked_fill(self_oh, -1.0), total, remain)
-            else:  # head_global: one joint competition over all (query, chunk) pairs, in float64
-                gn = _minmax(g.double(), (0, 1))
-                total = gn.sum()
-                remain = (threshold - gn[self_oh].sum() / total).clamp_min(0)
-                sel = _prefix_take(gn.masked_fill(self_oh, -1.0).flatten(), total, remain).view(seq, n_chunks)
-            out[b, h] = sel | self_oh
+        for h0 in range(0, heads, group):
+            g = gates[b, h0:h0 + group].float()  # [G, S, C]
+            out[b, h0:h0 + group] = _select_group(g, self_oh, mode, threshold, topk, threshold_type)
     return out
+
+
+_GROUP_ELEMENTS = 1 << 27  # gate entries per selection group (512 MiB of float32)
+
+
+def _select_group(g: Tensor, self_oh: Tensor, mode: str, threshold: float, topk: int, threshold_type: str) -> Tensor:
+    """Selection for a group of heads ``g`` ``[G, S, C]`` (see ``select_chunks``)."""
+    n_heads, seq, n_chunks = g.shape
+    if mode == "topk":
+        boosted = g.masked_fill(self_oh, float("inf"))
+        sel = torch.zeros(g.shape, dtype=torch.bool, device=g.device)
+        if threshold_type == "query_head":
+            sel.scatter_(-1, boosted.topk(min(topk, n_chunks), dim=-1).indices, True)
+        else:
+            flat = boosted.flatten(1).topk(min(topk * seq, seq * n_chunks), dim=-1).indices
+            sel.view(n_heads, -1).scatter_(-1, flat, True)
+    elif threshold_type == "query_head":
+        gn = _minmax(g, -1)
+        total = gn.sum(-1)
+        remain = (threshold - (gn * self_oh).sum(-1) / total).clamp_min(0)
+        sel = _prefix_take(gn.masked_fill(self_oh, -1.0), total, remain)
+    else:  # head_global: one joint competition over all (query, chunk) pairs of a head, in float64
+        gn = _minmax(g.double(), (1, 2))
+        total = gn.sum((1, 2))
+        remain = (threshold - (gn * self_oh).sum((1, 2)) / total).clamp_min(0)
+        sel = _prefix_take(gn.masked_fill(self_oh, -1.0).flatten(1), total, remain).view(g.shape)
+    return sel | self_oh
 
 
 # ----------------------------------------------------------------------------- attention

@@ -424,3 +424,14 @@ def test_pooled_helpers_valid_len() -> None:
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
     _worker(sys.argv[2])
+
+
+def test_default_num_stages_fits_shared_memory() -> None:
+    from mmeff.kernels._common import default_num_stages
+
+    # Measured on an H100: bf16 128x128 tiles at d=128 run fastest with 3 stages; 4 do not fit.
+    assert default_num_stages(128, 128, 128, 2) == 3
+    assert default_num_stages(64, 64, 64, 2) == 3
+    # fp32 doubles the tiles: two stages of 128x128 no longer fit.
+    assert default_num_stages(128, 128, 128, 4) == 1
+    assert default_num_stages(128, 64, 128, 4) == 2

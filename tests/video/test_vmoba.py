@@ -336,3 +336,22 @@ def test_preset_layers_and_errors() -> None:
         wan_latent_grid(80, 480, 832)
     with pytest.raises(ValueError, match="mode"):
         VMoBAPreset("x", (4, 4, 4), 1, 1, (2, 2), 1, (2, 2, 2), 1, mode="fast")
+
+
+@pytest.mark.parametrize("mode_kw", [dict(mode="topk", topk=2), dict(mode="threshold", threshold=0.4)])
+@pytest.mark.parametrize("threshold_type", ["query_head", "head_global"])
+def test_selection_same_in_any_head_grouping(monkeypatch: pytest.MonkeyPatch, threshold_type: str,
+                                             mode_kw: dict) -> None:
+    """Heads are selected in memory-bounded groups; the grouping must not change the result."""
+    import mmeff.video.vmoba_core as core
+
+    g = torch.Generator().manual_seed(3)
+    seq, n_chunks, heads = 24, 6, 5
+    gates = torch.randn(2, heads, seq, n_chunks, generator=g)
+    query_chunk = torch.arange(seq) // 4
+    whole = core.select_chunks(gates, query_chunk, threshold_type=threshold_type, **mode_kw)
+    for per_group in (1, 2):  # one head at a time, then pairs (5 heads: an uneven last group)
+        monkeypatch.setattr(core, "_GROUP_ELEMENTS", per_group * seq * n_chunks)
+        grouped = core.select_chunks(gates, query_chunk, threshold_type=threshold_type, **mode_kw)
+        assert torch.equal(grouped, whole)
+    assert whole.sum(-1).min() >= 1  # own chunk always in

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._checks import check_inputs
 
-from .._common import HAS_TRITON, tl, triton
+from .._common import HAS_TRITON, default_num_stages, tl, triton
 
 __all__ = ["HAS_TRITON", "SUPPORTED_BLOCKS", "SUPPORTED_HEAD_DIMS", "block_sparse_attention_triton"]
 
@@ -221,6 +221,6 @@ def block_sparse_attention_triton(
         DOT_PRECISION="ieee" if (q.dtype == torch.float32 or interpreted) else "tf32",
         DOT_IN_FP32=interpreted and q.dtype != torch.float32,
         num_warps=num_warps or _default_num_warps(block_m, block_n, prob.head_dim),
-        num_stages=num_stages or 2,
+        num_stages=num_stages or default_num_stages(block_m, block_n, prob.head_dim, q.element_size()),
     )
     return out, lse

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU work of one device lease, in one command: environment, the Triton kernel tests on real
+# hardware, and the benchmarks (block-sparse kernel, video sparse attention incl. a full Wan
+# transformer forward, VLM pruning at LLaVA-1.5-7B size). Every step has its own time limit, so
+# one failure never costs the others. Results land in $OUT (default runs/gpu).
+#
+#   bash scripts/gpu_suite.sh [step ...]    # steps: env tests bsa bsa-tune video video-random vmoba vlm
+#                                         (default: env tests bsa video vlm)
+#
+# The device image lacks diffusers; carry wheels in .whl (see docs/STATUS.md) and they are installed first.
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+LOG="$OUT/suite.log"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  echo "=== $name rc=$? in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+steps=${*:-env tests bsa video vlm}
+for s in $steps; do
+  case $s in
+    env) step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers, diffusers; print(torch.__version__, triton.__version__, transformers.__version__, diffusers.__version__, torch.cuda.get_device_name())'" ;;
+    tests) step tests 180 $PY -m pytest tests/kernels -o addopts="" -q -p no:cacheprovider ;;
+    bsa) step bsa 170 $PY benchmarks/bench_block_sparse_attn.py --out "$OUT/bench_block_sparse_attn.json" ;;
+    bsa-tune) step bsa-tune 170 $PY benchmarks/bench_block_sparse_attn.py --tune --out "$OUT/bench_block_sparse_attn_tune.json" ;;
+    video) step video 300 $PY benchmarks/bench_video_sparse_attn.py --transformer wan1.3b-480p wan14b-720p \
+             --transformer-repeats 2 --out "$OUT/bench_video_sparse_attn.json" ;;
+    video-random) step video-random 200 $PY benchmarks/bench_video_sparse_attn.py --inputs random \
+             --out "$OUT/bench_video_sparse_attn_random.json" ;;
+    vmoba) step vmoba 200 $PY benchmarks/bench_video_sparse_attn.py --shapes wan1.3b-480p,wan14b-720p --drops 0.8 \
+             --out "$OUT/bench_vmoba_breakdown.json" ;;
+    vlm) step vlm 200 $PY benchmarks/bench_vlm_pruning.py --profile dense fastv:budget=64 entropyprune:budget=64 \
+             --out "$OUT/bench_vlm_pruning.json" ;;
+    *) echo "unknown step $s" | tee -a "$LOG" ;;
+  esac
+done
