@@ -7,7 +7,9 @@
 #   bash scripts/gpu_suite.sh [step ...]    # steps: env tests bsa bsa-tune video video-random vmoba vlm
 #                                         (default: env tests bsa video vlm)
 #
-# The device image lacks diffusers; carry wheels in .whl (see docs/STATUS.md) and they are installed first.
+# A GPU image without diffusers (or with another transformers) gets them from wheels in .whl, installed first:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 transformers==5.23.0 importlib_metadata
+# (keep .whl out of git, e.g. in .git/info/exclude).
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
