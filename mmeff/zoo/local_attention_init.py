@@ -164,14 +164,18 @@ def qwen_vision_rope_theta(head_dim: int, second_freq: float = 0.46) -> float:
     return second_freq ** (-(head_dim // 2) / 2)
 
 
-def init_local_attention(model: Any) -> None:
-    """Apply the convolution-like start to a zoo LLaVA or Qwen2-VL model's vision tower."""
+def init_local_attention(model: Any, dominant: float | None = None) -> None:
+    """Apply the convolution-like start to a zoo LLaVA or Qwen2-VL model's vision tower
+    (``dominant``: CLIP's position-dominant LayerNorms, see :func:`init_clip_tower`)."""
     inner = model.model
     if hasattr(inner, "visual"):
+        if dominant:
+            raise ValueError("dominant applies to the CLIP tower (tiny-llava); Qwen2-VL's rotary tower has no "
+                             "position channels to make dominant")
         init_qwen_tower(inner.visual)
     else:
         cfg = inner.vision_tower.config
-        init_clip_tower(inner.vision_tower, cfg.image_size // cfg.patch_size)
+        init_clip_tower(inner.vision_tower, cfg.image_size // cfg.patch_size, dominant=dominant)
 
 
 def position_rows(model: Any) -> dict[str, tuple[torch.nn.Parameter, slice]]:
@@ -192,6 +196,7 @@ def position_rows(model: Any) -> dict[str, tuple[torch.nn.Parameter, slice]]:
     rows["patch_embedding"] = (tower.embeddings.patch_embedding.weight, slice(p0, None))
     rows["position_embedding"] = (tower.embeddings.position_embedding.weight, every)
     rows["pre_layrnorm.weight"] = (tower.pre_layrnorm.weight, slice(p0, None))
+    rows["pre_layrnorm.bias"] = (tower.pre_layrnorm.bias, slice(p0, None))
     for i, layer in enumerate(tower.encoder.layers):
         # the attention LayerNorm's position rows shape the pattern as much as q/k do
         rows[f"{i}.layer_norm1.weight"] = (layer.layer_norm1.weight, slice(p0, None))

@@ -96,10 +96,11 @@ def _vocab_size(tokenizer: Any) -> int:
     return int(math.ceil(len(tokenizer) / 64) * 64)
 
 
-def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = True, **overrides: int) -> Any:
+def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = True, dominant: float | None = None,
+                **overrides: int) -> Any:
     """A randomly initialised zoo model ``name`` matching ``processor``'s tokenizer; with
     ``local_init`` its vision tower's heads start as fixed-offset (convolution-like) attention
-    (:mod:`mmeff.zoo.local_attention_init`)."""
+    (:mod:`mmeff.zoo.local_attention_init`; ``dominant``: position-dominant LayerNorms, CLIP only)."""
     tok = processor.tokenizer
     s = {**SIZES[name], **overrides}
     text = dict(
@@ -174,7 +175,7 @@ def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = Tru
     else:
         raise ValueError(f"unknown zoo model {name!r}; choose from {sorted(ZOO_MODELS)}")
     if local_init:
-        init_local_attention(model)
+        init_local_attention(model, dominant=dominant)
     gc = model.generation_config
     gc.eos_token_id = tok.eos_token_id
     gc.pad_token_id = tok.pad_token_id
@@ -365,7 +366,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "ckpt.pt"
     processor = build_processor(ZOO_MODELS[name])
-    model = build_model(name, processor, seed=args.seed)
+    model = build_model(name, processor, seed=args.seed, dominant=args.dominant)
     previous = load_weights(model, Path(args.init_from)) if args.init_from else None
     model.train()
     qwen = name == "tiny-qwen2-vl"
@@ -494,6 +495,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "vision_only_steps": state["vision_steps"],
         "vision_tower_start": "convolution-like attention (mmeff.zoo.local_attention_init); vision-only steps "
                               + ("with hard fixed-offset attention" if args.hard_offsets else "with softmax attention"),
+        "position_dominant_layernorms": args.dominant,
         "grounding_drill": args.drill,
         "position_drill": args.position_drill if args.drill else 0,
         "batch_size": args.batch,
@@ -544,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
                         "matching a question word against the image, at little cost: the image is encoded once)")
     p.add_argument("--position-drill", type=int, default=0,
                    help="with --drill, also up to this many extra relative-position questions per scene")
+    p.add_argument("--dominant", type=float, default=None,
+                   help="tiny-llava: start the CLIP tower with position-dominant LayerNorms of this gain (e.g. 20), "
+                        "so its fixed-offset attention does not drift as content grows (local_attention_init)")
     p.add_argument("--init-from", default=None,
                    help="start from the weights of a saved zoo model folder (e.g. the shipped one) instead of "
                         "a random init; ignored when a checkpoint is resumed")

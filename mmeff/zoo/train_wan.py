@@ -175,6 +175,29 @@ def _save_ckpt(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def load_saved(pipe: Any, folder: Path, vae_minutes: float) -> dict[str, Any]:
+    """Copy a saved tiny-wan pipeline's weights into ``pipe`` and return the training state its
+    ``training.json`` records. The VAE phase resumes when ``vae_minutes`` exceeds the minutes the
+    saved VAE had (its latent statistics are then measured again before diffusion goes on)."""
+    from diffusers import WanPipeline
+
+    meta_path = folder / "training.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} has no training.json; pass a folder written by train_wan")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder} is format {meta.get('format')!r}, expected {FORMAT!r}")
+    saved = WanPipeline.from_pretrained(folder)
+    for name in ("vae", "transformer", "text_encoder"):
+        getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())
+    vae, diff = meta["vae"], meta["diffusion"]
+    return {"phase": 0 if vae_minutes > vae["minutes"] else 1, "vae_step": vae["steps"],
+            "vae_seconds": vae["minutes"] * 60, "vae_losses": vae["mse_curve"], "step": diff["steps"],
+            "diff_seconds": diff["minutes"] * 60, "losses": diff["loss_curve"],
+            "latents_mean": vae["latents_mean"], "latents_std": vae["latents_std"],
+            "vae_frames": vae.get("clip_frames", VAE_FRAMES), "initialised_from": str(folder)}
+
+
 def _lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
@@ -183,7 +206,10 @@ def _lr(step: int, base: float, warmup: int) -> float:
 def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_batch: int = 4, seed: int = 0,
           ckpt_every: float = 60.0, fresh: bool = False, out_dir: Path = OUT_DIR, ckpt_dir: Path = CKPT_DIR,
           threads: int | None = None, log_every: int = 25, lr: float = 5e-4,
-          new_per_step: int = 2, vae_lr: float = 3e-4, vae_frames: int = VAE_FRAMES) -> dict[str, Any]:
+          new_per_step: int = 2, vae_lr: float = 3e-4, vae_frames: int = VAE_FRAMES,
+          init_from: Path | None = None) -> dict[str, Any]:
+    """Train (or resume) tiny-wan until ``minutes`` in total are spent (VAE, then diffusion);
+    ``init_from`` (a saved tiny-wan folder) continues that model, its minutes counted in the total."""
     if threads:
         torch.set_num_threads(threads)
     vae_minutes = min(5.0, 0.2 * minutes) if vae_minutes is None else vae_minutes
@@ -206,6 +232,11 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         st.update(ck["state"])
         torch.set_rng_state(ck["rng"])
         print(f"resumed from {ckpt_path}: phase {st['phase']}, vae_step {st['vae_step']}, step {st['step']}",
+              flush=True)
+    elif init_from is not None:
+        st.update(load_saved(pipe, Path(init_from), vae_minutes))
+        print(f"continuing {init_from}: phase {st['phase']}, vae_step {st['vae_step']}, diffusion step "
+              f"{st['step']}, {(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent",
               flush=True)
     st["threads"] = list(st.get("threads", [])) + [torch.get_num_threads()]
     st["new_per_step"] = new_per_step
@@ -358,6 +389,7 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int
                    "vae": n_params(pipe.vae)},
         "total_minutes": round((st["vae_seconds"] + st["diff_seconds"]) / 60, 2), "budget_minutes": minutes,
         "torch_threads": st.get("threads", []),
+        **({"initialised_from": st["initialised_from"]} if st.get("initialised_from") else {}),
         "disk_bytes": size,
         "data": f"shapes world train split: render_video(generate_scene(s), {FRAMES}, seed=s, size={SIZE}), "
                 "make_prompt(scene)",
@@ -387,11 +419,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue a saved tiny-wan folder (e.g. the shipped one); --minutes counts its minutes too")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--ckpt-dir", type=Path, default=CKPT_DIR)
     a = ap.parse_args(argv)
     train(a.minutes, a.vae_minutes, a.batch, a.vae_batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir,
-          a.threads, a.log_every, a.lr, a.new_per_step, a.vae_lr, a.vae_frames)
+          a.threads, a.log_every, a.lr, a.new_per_step, a.vae_lr, a.vae_frames, a.init_from)
 
 
 if __name__ == "__main__":

@@ -193,3 +193,21 @@ def test_position_dominant_layernorms_keep_the_offsets_when_content_grows():
     assert results[None][0] == 1.0 and results[20.0][0] == 1.0
     assert results[20.0][1] >= 0.97, results  # measured 0.984; plain start 0.745
     assert results[None][1] < results[20.0][1] - 0.1, results
+
+
+def test_train_vlm_builds_the_dominant_start_and_freezes_its_rows() -> None:
+    """``train_vlm --dominant`` reaches the CLIP tower; Qwen2-VL refuses it; the frozen rows include
+    the first LayerNorm's position bias."""
+    from mmeff.zoo.load import ZOO_MODELS
+    from mmeff.zoo.train_vlm import build_model, build_processor
+    from mmeff.zoo.local_attention_init import position_rows
+
+    proc = build_processor(ZOO_MODELS["tiny-llava"])
+    plain = build_model("tiny-llava", proc, seed=0)
+    dom = build_model("tiny-llava", proc, seed=0, dominant=20.0)
+    table_plain = plain.model.vision_tower.embeddings.position_embedding.weight
+    table_dom = dom.model.vision_tower.embeddings.position_embedding.weight
+    assert torch.allclose(table_dom, 20.0 * table_plain)
+    assert "pre_layrnorm.bias" in position_rows(dom)
+    with pytest.raises(ValueError, match="CLIP tower"):
+        build_model("tiny-qwen2-vl", build_processor(ZOO_MODELS["tiny-qwen2-vl"]), dominant=20.0)

@@ -92,3 +92,27 @@ def test_video_fidelity_writes_json_and_strip(tmp_path, wan):
         assert 0.0 < r["sparsity_sparse_calls"] < 1.0 and r["seconds_per_video"]["mean"] > 0
     assert saved["versions"]["diffusers"] and (tmp_path / "vf.png").stat().st_size > 0
     assert doc["results"]["rectified_d75"]["psnr"] == saved["results"]["rectified_d75"]["psnr"]
+
+
+def test_training_continues_the_shipped_pipeline(tmp_path):
+    """``--init-from`` starts from the saved weights and counters: a few more diffusion steps, the
+    VAE and its latent statistics untouched (its minutes are already spent), the report cumulative."""
+    from mmeff.zoo.train_wan import build_pipeline, load_saved, train
+
+    before = json.loads((WAN_DIR / "training.json").read_text())
+    pipe = build_pipeline()
+    state = load_saved(pipe, WAN_DIR, vae_minutes=before["vae"]["minutes"])
+    assert state["step"] == before["diffusion"]["steps"] and state["phase"] == 1
+    shipped = load_offline(load_video_pipeline, "tiny-wan")
+    for a, b in zip(pipe.transformer.state_dict().values(), shipped.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    assert load_saved(build_pipeline(), WAN_DIR, vae_minutes=before["vae"]["minutes"] + 1)["phase"] == 0
+    spent = before["vae"]["minutes"] + before["diffusion"]["minutes"]
+    info = train(spent + 0.03, vae_minutes=before["vae"]["minutes"], batch=2, out_dir=tmp_path / "out",
+                 ckpt_dir=tmp_path / "ckpt", init_from=WAN_DIR, log_every=1)
+    assert info["diffusion"]["steps"] > before["diffusion"]["steps"]
+    assert info["vae"]["steps"] == before["vae"]["steps"]
+    assert info["vae"]["latents_mean"] == before["vae"]["latents_mean"]
+    assert info["initialised_from"] == str(WAN_DIR)
+    with pytest.raises(FileNotFoundError, match="training.json"):
+        load_saved(build_pipeline(), tmp_path, vae_minutes=1.0)
