@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .saved_meta import read_training_json
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 OUT_DIR = MODELS_DIR / "tiny-sd3"
@@ -187,12 +189,7 @@ def load_saved(pipe: Any, folder: Path) -> dict[str, Any]:
     statistics), so a continued run's schedule, data order and report carry on from it."""
     from diffusers import StableDiffusion3Pipeline
 
-    meta_path = folder / "training.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder} has no training.json; pass a folder written by train_sd3")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder} is format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = read_training_json(folder, FORMAT, "train_sd3")
     saved = StableDiffusion3Pipeline.from_pretrained(folder)
     for name in ("vae", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())

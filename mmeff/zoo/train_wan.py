@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .saved_meta import read_training_json
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 OUT_DIR = MODELS_DIR / "tiny-wan"
@@ -181,12 +183,7 @@ def load_saved(pipe: Any, folder: Path, vae_minutes: float) -> dict[str, Any]:
     saved VAE had (its latent statistics are then measured again before diffusion goes on)."""
     from diffusers import WanPipeline
 
-    meta_path = folder / "training.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder} has no training.json; pass a folder written by train_wan")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder} is format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = read_training_json(folder, FORMAT, "train_wan")
     saved = WanPipeline.from_pretrained(folder)
     for name in ("vae", "transformer", "text_encoder"):
         getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())
