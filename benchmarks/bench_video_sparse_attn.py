@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mmeff.kernels.chunk_routed_attn import key_chunk_index
 from mmeff.video.layout import block_neighbours, gilbert_order
 from mmeff.video.rectified_core import rectified_sparse_attention
-from mmeff.kernels.chunk_routed_attn import key_chunk_index
 from mmeff.video.vmoba_core import vmoba_attention
 from mmeff.video.vmoba_partition import partition_order
 
