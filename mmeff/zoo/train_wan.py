@@ -361,6 +361,9 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int
     for m in (pipe.vae, pipe.transformer, pipe.text_encoder):
         m.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    backend = pipe.tokenizer.backend_tokenizer  # encoding left its padding/truncation state set; ship it clean
+    backend.no_padding()
+    backend.no_truncation()
     pipe.save_pretrained(out_dir)
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file() and f.name != "training.json")
     lat = [Z_DIM, (FRAMES - 1) // 4 + 1, SIZE // 4, SIZE // 4]

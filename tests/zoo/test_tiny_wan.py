@@ -114,5 +114,7 @@ def test_training_continues_the_shipped_pipeline(tmp_path):
     assert info["vae"]["steps"] == before["vae"]["steps"]
     assert info["vae"]["latents_mean"] == before["vae"]["latents_mean"]
     assert info["initialised_from"] == str(WAN_DIR)
+    saved_tok = json.loads((tmp_path / "out" / "tokenizer" / "tokenizer.json").read_text())
+    assert saved_tok["padding"] is None and saved_tok["truncation"] is None  # same tokenizer as shipped
     with pytest.raises(FileNotFoundError, match="training.json"):
         load_saved(build_pipeline(), tmp_path, vae_minutes=1.0)
