@@ -95,32 +95,58 @@ def local_qkv(grid: tuple[int, int, int], heads: int, text: int, head_dim: int, 
 
 def vmoba_breakdown(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, topk: int,
                     dense_s: float, repeats: int) -> list[dict]:
-    """Where VMoBA's time goes: routing (gates + top-k) vs the chunk-routed kernel at several query tiles.
+    """Where VMoBA's time goes, old path against new, all against dense SDPA of the same run.
 
-    ``work`` is the fraction of dense key reads the kernel does: per query tile it visits the union of
-    the chunks its rows chose, so tiles whose rows disagree read much more than each row needs.
+    - routing: the torch path (``[S, n_chunks]`` gates + ``topk``/sort) vs the fused Triton router
+      (top-k and threshold), and how often the two pick the same chunks;
+    - attention: the query-major kernel at several query tiles (``work`` = fraction of dense key
+      reads: each tile visits the union of its rows' chunks) vs the key-major kernel (tiles of
+      queries that chose one chunk: ``work`` = per-query density) at several tiles.
     """
     from mmeff.kernels.chunk_routed_attn import chunk_routed_attention_triton, tile_union
-    from mmeff.video.vmoba_core import _chunk_layout, chunk_gates, select_chunks
+    from mmeff.kernels.chunk_routed_attn.key_major import chunk_routed_attention_key_major
+    from mmeff.kernels.chunk_routing import route_chunks
+    from mmeff.video.vmoba_core import _chunk_layout, chunk_gates, chunk_mean_keys, select_chunks
 
     run = timer("cuda" if q.is_cuda else "cpu")
     seq = q.shape[2]
     starts = _chunk_layout(seq, ids, None, q.device)
     qchunk = key_chunk_index(starts, seq)
-    route_s = run(lambda: select_chunks(chunk_gates(q, k, starts), qchunk, mode="topk", topk=topk), repeats)
-    sel = select_chunks(chunk_gates(q, k, starts), qchunk, mode="topk", topk=topk)
     lengths = (starts[1:] - starts[:-1]).float()
-    rows = [{"shape": name, "method": "vmoba_routing_only", "seconds": route_s, "share_of_dense": route_s / dense_s}]
-    print(f"{name} vmoba routing: {route_s * 1e3:.1f} ms")
-    for bm, bn in ((16, 64), (32, 64), (64, 64), (128, 64), (64, 32)):
-        tidx, tcnt = tile_union(sel, bm)
-        safe = tidx.clamp_min(0).long()
-        keys = (lengths[safe] * (tidx >= 0)).sum(-1)  # keys read per tile
-        work = float(keys.mean() / seq)
+    rows = []
+
+    def add(method: str, seconds: float, **extra) -> None:
+        rows.append({"shape": name, "method": method, "seconds": seconds, "speedup": dense_s / seconds,
+                     "share_of_dense": seconds / dense_s, **extra})
+        print(f"{name} {method} {extra}: {seconds * 1e3:.2f} ms ({seconds / dense_s:.3f} of dense)")
+
+    add("vmoba_routing_torch", run(lambda: select_chunks(chunk_gates(q, k, starts), qchunk, mode="topk", topk=topk), repeats),
+        mode="topk")
+    add("vmoba_routing_torch", run(lambda: select_chunks(chunk_gates(q, k, starts), qchunk, mode="threshold",
+                                                         threshold=0.25), repeats), mode="threshold")
+    sel = select_chunks(chunk_gates(q, k, starts), qchunk, mode="topk", topk=topk)
+    fused = lambda mode: route_chunks(q, chunk_mean_keys(k, starts), qchunk, mode=mode, topk=topk, threshold=0.25)  # noqa: E731
+    idx = fused("topk")
+    fused_mask = torch.zeros_like(sel).scatter_(-1, idx.long(), True)
+    agree = float((fused_mask == sel).all(-1).float().mean())
+    add("vmoba_routing_fused", run(lambda: fused("topk"), repeats), mode="topk", rows_agreeing_with_torch=agree)
+    thr_t = select_chunks(chunk_gates(q, k, starts), qchunk, mode="threshold", threshold=0.25)
+    agree_t = float((fused("threshold") == thr_t).all(-1).float().mean())
+    add("vmoba_routing_fused", run(lambda: fused("threshold"), repeats), mode="threshold", rows_agreeing_with_torch=agree_t)
+    del thr_t
+
+    density = float(lengths[idx.long()].sum(-1).mean() / seq)
+    for bm, bn in ((16, 64), (64, 64), (64, 32)):
+        tidx, _ = tile_union(sel, bm)
+        keys = (lengths[tidx.clamp_min(0).long()] * (tidx >= 0)).sum(-1)  # keys read per tile
         s = run(lambda: chunk_routed_attention_triton(q, k, v, starts, sel, block_m=bm, block_n=bn), repeats)
-        rows.append({"shape": name, "method": "vmoba_kernel_only", "block_m": bm, "block_n": bn, "seconds": s,
-                     "speedup": dense_s / s, "work": work})
-        print(f"{name} vmoba kernel block_m={bm} block_n={bn}: {s * 1e3:.1f} ms (x{dense_s / s:.2f}), work {work:.3f}")
+        add("vmoba_kernel_query_major", s, block_m=bm, block_n=bn, work=float(keys.mean() / seq))
+    ref = F.scaled_dot_product_attention(q, k, v).float()
+    for bm, bn in ((32, 32), (64, 32), (64, 64), (128, 32)):
+        s = run(lambda: chunk_routed_attention_key_major(q, k, v, starts, idx, block_m=bm, block_n=bn), repeats)
+        out, _ = chunk_routed_attention_key_major(q, k, v, starts, idx, block_m=bm, block_n=bn)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        add("vmoba_kernel_key_major", s, block_m=bm, block_n=bn, work=density, rel_error_vs_dense=err)
     return rows
 
 
@@ -170,6 +196,13 @@ def bench_shape(name: str, grid: tuple[int, int, int], heads: int, text: int, dr
                      "density": float(st["density"])})
         print(f"{name} vmoba topk {topk} of {n_chunks}: {s * 1e3:.1f} ms (x{dense_s / s:.2f}), rel err {err:.3f}, "
               f"density {float(st['density']):.3f}")
+        if device == "cuda":  # the whole op with the older query-major kernel (fused routing in both)
+            fn = lambda: vmoba_attention(qp, kp, vp, chunk_ids=ids, mode="topk", topk=min(topk, n_chunks),  # noqa: E731
+                                         layout="query_major")
+            s = run(fn, repeats)
+            rows.append({"shape": name, "tokens": n_v, "heads": heads, "method": "vmoba_topk_query_major",
+                         "chunk": list(chunk), "topk": topk, "seconds": s, "speedup": dense_s / s})
+            print(f"{name} vmoba topk, query-major kernel: {s * 1e3:.1f} ms (x{dense_s / s:.2f})")
         fn = lambda: vmoba_attention(qp, kp, vp, chunk_ids=ids, mode="threshold", threshold=0.25)  # noqa: E731
         s = run(fn, repeats)
         out, st = vmoba_attention(qp, kp, vp, chunk_ids=ids, mode="threshold", threshold=0.25, return_stats=True)

@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff.kernels._common import check_qkv
-from mmeff.kernels.chunk_routed_attn import chunk_routed_attention, key_chunk_index
+from mmeff.kernels.chunk_routed_attn import chunk_routed_attention, key_chunk_index, use_triton
+from mmeff.kernels.chunk_routed_attn.key_major import chunk_routed_attention_key_major
+from mmeff.kernels.chunk_routing import route_chunks, route_threshold_rows, route_topk_rows, triton_routes
 
 from .vmoba_partition import chunk_starts
 
@@ -144,7 +146,7 @@ def _minmax(g: Tensor, dims: tuple[int, ...] | int) -> Tensor:
 def _prefix_take(others: Tensor, total: Tensor, remain: Tensor) -> Tensor:
     """Bool mask (same shape as ``others``) of the shortest descending prefix of the last dim
     whose cumulative sum over ``total`` reaches ``remain``; entries < 0 mark excluded slots."""
-    vals, order = others.sort(dim=-1, descending=True)
+    vals, order = others.sort(dim=-1, descending=True, stable=True)
     contrib = vals.clamp_min(0)
     cum = contrib.cumsum(dim=-1)
     before = F.pad(cum[..., :-1], (1, 0))  # sum of the entries ahead of each one
@@ -186,20 +188,17 @@ _GROUP_ELEMENTS = 1 << 27  # gate entries per selection group (512 MiB of float3
 def _select_group(g: Tensor, self_oh: Tensor, mode: str, threshold: float, topk: int, threshold_type: str) -> Tensor:
     """Selection for a group of heads ``g`` ``[G, S, C]`` (see ``select_chunks``)."""
     n_heads, seq, n_chunks = g.shape
-    if mode == "topk":
+    if threshold_type == "query_head":  # per-row rules, shared with the fused Triton router
+        if mode == "topk":
+            idx = route_topk_rows(g, self_oh, topk).long()
+            return torch.zeros(g.shape, dtype=torch.bool, device=g.device).scatter_(-1, idx, True)
+        return route_threshold_rows(g, self_oh, threshold)
+    if mode == "topk":  # head_global: one joint competition over all (query, chunk) pairs of a head
         boosted = g.masked_fill(self_oh, float("inf"))
         sel = torch.zeros(g.shape, dtype=torch.bool, device=g.device)
-        if threshold_type == "query_head":
-            sel.scatter_(-1, boosted.topk(min(topk, n_chunks), dim=-1).indices, True)
-        else:
-            flat = boosted.flatten(1).topk(min(topk * seq, seq * n_chunks), dim=-1).indices
-            sel.view(n_heads, -1).scatter_(-1, flat, True)
-    elif threshold_type == "query_head":
-        gn = _minmax(g, -1)
-        total = gn.sum(-1)
-        remain = (threshold - (gn * self_oh).sum(-1) / total).clamp_min(0)
-        sel = _prefix_take(gn.masked_fill(self_oh, -1.0), total, remain)
-    else:  # head_global: one joint competition over all (query, chunk) pairs of a head, in float64
+        flat = boosted.flatten(1).topk(min(topk * seq, seq * n_chunks), dim=-1).indices
+        sel.view(n_heads, -1).scatter_(-1, flat, True)
+    else:  # in float64
         gn = _minmax(g.double(), (1, 2))
         total = gn.sum((1, 2))
         remain = (threshold - (gn * self_oh).sum((1, 2)) / total).clamp_min(0)
@@ -242,6 +241,22 @@ def _stats(sel: Tensor, chunk_start: Tensor, seq: int) -> dict:
     }
 
 
+def _stats_from_indices(idx: Tensor, chunk_start: Tensor, seq: int) -> dict:
+    lengths = (chunk_start[1:] - chunk_start[:-1]).to(torch.float32)
+    used = idx >= 0
+    keys = torch.where(used, lengths[idx.clamp_min(0).long()], torch.zeros((), device=idx.device)).sum(-1)
+    density = float(keys.mean() / seq)
+    return {
+        "n_chunks": int(chunk_start.numel() - 1),
+        "mean_selected_chunks": float(used.sum(-1).to(torch.float32).mean()),
+        "density": density,
+        "sparsity": 1.0 - density,
+    }
+
+
+KERNEL_LAYOUTS = ("auto", "query_major", "key_major")
+
+
 def vmoba_attention(
     q: Tensor,
     k: Tensor,
@@ -256,6 +271,7 @@ def vmoba_attention(
     scale: float | None = None,
     return_stats: bool = False,
     split_self: bool = True,
+    layout: str = "auto",
 ) -> Tensor | tuple[Tensor, dict]:
     """VMoBA attention on tokens in chunk order; ``q, k, v`` are ``[B, H, S, D]``.
 
@@ -264,17 +280,41 @@ def vmoba_attention(
     Returns ``out`` (``[B, H, S, D]``, dtype of ``q``), or ``(out, stats)`` with
     ``return_stats=True``: ``n_chunks``, ``mean_selected_chunks`` (per query and head, own
     chunk included), ``density`` (mean fraction of keys attended) and ``sparsity = 1 - density``.
+
+    Where the Triton kernels run (CUDA, or ``MMEFF_FORCE_TRITON=1``) and the selection is per
+    (head, query) (``threshold_type="query_head"``), routing runs fused (``route_chunks``:
+    no ``[B, H, S, n_chunks]`` gates, no sort). ``layout`` picks the attention kernel there:
+    ``"key_major"`` (top-k only: tiles of queries that chose one chunk, so only needed keys
+    are read), ``"query_major"`` (query tiles over the union of their rows' chunks) or
+    ``"auto"`` (key-major for top-k, query-major for threshold). Every path computes the same
+    softmax over the same keys; ``split_self`` only matters for the query-major and torch paths.
     """
     _check_qkv(q, k, v)
     _check_selection_args(mode, threshold, topk, threshold_type)
+    if layout not in KERNEL_LAYOUTS:
+        raise ValueError(f"layout must be one of {KERNEL_LAYOUTS}, got {layout!r}")
+    if layout == "key_major" and mode != "topk":
+        raise ValueError("layout='key_major' needs mode='topk' (threshold routing selects too many chunks per query)")
     seq = q.shape[2]
     chunk_start = _chunk_layout(seq, chunk_ids, chunk_size, q.device)
     n_chunks = chunk_start.numel() - 1
     query_chunk = key_chunk_index(chunk_start, seq)
 
-    gates = chunk_gates(q, k, chunk_start)
-    sel = select_chunks(gates, query_chunk, mode=mode, threshold=threshold, topk=topk, threshold_type=threshold_type)
-    del gates
+    fused = threshold_type == "query_head" and use_triton(q) and triton_routes(q, n_chunks)
+    if fused:
+        routes = route_chunks(
+            q, chunk_mean_keys(k, chunk_start), query_chunk, mode=mode, topk=topk, threshold=threshold
+        )
+        if mode == "topk" and layout != "query_major":
+            out, _ = chunk_routed_attention_key_major(q, k, v, chunk_start, routes, scale=scale)
+            return (out, _stats_from_indices(routes, chunk_start, seq)) if return_stats else out
+        if mode == "topk":
+            routes = torch.zeros(*q.shape[:3], n_chunks, dtype=torch.bool, device=q.device).scatter_(-1, routes.long(), True)
+        sel = routes
+    else:
+        gates = chunk_gates(q, k, chunk_start)
+        sel = select_chunks(gates, query_chunk, mode=mode, threshold=threshold, topk=topk, threshold_type=threshold_type)
+        del gates
 
     if split_self:
         own = F.one_hot(query_chunk, n_chunks).bool().expand_as(sel).contiguous()

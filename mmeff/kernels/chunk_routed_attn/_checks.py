@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from .._common import check_qkv
 
-__all__ = ["Problem", "check_inputs", "chunk_mask_from_indices", "normalise_selected"]
+__all__ = ["Problem", "check_index_inputs", "check_inputs", "chunk_mask_from_indices", "normalise_selected"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ def normalise_selected(selected: Tensor, n_chunks: int) -> Tensor:
     return chunk_mask_from_indices(selected, n_chunks)
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, selected: Tensor, scale: float | None) -> tuple[Problem, Tensor]:
-    """Validate a call; return its sizes and the bool selection mask. Raise ``ValueError`` naming the fix."""
+def _check_layout(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, scale: float | None) -> Problem:
+    """q/k/v and the key-chunk boundaries (one small read-back of ``chunk_start``)."""
     check_qkv(q, k, v)
     batch, heads, seq_q, head_dim = q.shape
     if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
@@ -86,16 +86,42 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, selected:
         raise ValueError(
             f"chunk_start must be non-decreasing from 0 to S_kv={seq_kv}, got {bounds[:4]}...{bounds[-2:]}"
         )
-    n_chunks = len(bounds) - 1
-
-    if isinstance(selected, Tensor) and selected.device != q.device:
-        raise ValueError("selected must be on the same device as q")
-    mask = normalise_selected(selected, n_chunks)
-    if tuple(mask.shape[:3]) != (batch, heads, seq_q):
-        raise ValueError(
-            f"selected must be [B={batch}, H={heads}, Sq={seq_q}, ...] (one row per query), "
-            f"got {tuple(selected.shape)}"
-        )
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    return Problem(batch, heads, seq_q, seq_kv, head_dim, n_chunks, float(scale)), mask
+    return Problem(batch, heads, seq_q, seq_kv, head_dim, len(bounds) - 1, float(scale))
+
+
+def _check_rows(selected: Tensor, prob: Problem) -> None:
+    if tuple(selected.shape[:3]) != (prob.batch, prob.heads, prob.seq_q):
+        raise ValueError(
+            f"selected must be [B={prob.batch}, H={prob.heads}, Sq={prob.seq_q}, ...] (one row per query), "
+            f"got {tuple(selected.shape)}"
+        )
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, selected: Tensor, scale: float | None) -> tuple[Problem, Tensor]:
+    """Validate a call; return its sizes and the bool selection mask. Raise ``ValueError`` naming the fix."""
+    prob = _check_layout(q, k, v, chunk_start, scale)
+    if isinstance(selected, Tensor) and selected.device != q.device:
+        raise ValueError("selected must be on the same device as q")
+    mask = normalise_selected(selected, prob.n_chunks)
+    _check_rows(selected, prob)
+    return prob, mask
+
+
+def check_index_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, idx: Tensor, scale: float | None) -> Problem:
+    """Validate a call that takes an index-list selection as is (key-major path): ``idx`` must be an
+    integer ``[B, H, Sq, K]`` tensor with entries in ``[-1, n_chunks)`` (one read-back)."""
+    prob = _check_layout(q, k, v, chunk_start, scale)
+    if not isinstance(idx, Tensor) or idx.dim() != 4 or idx.is_floating_point() or idx.dtype == torch.bool:
+        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(
+            f"the key-major path takes an integer index list [B, H, Sq, K] padded with -1, got {got}; "
+            "convert a bool mask with chunk_routed_attention (query-major) instead"
+        )
+    if idx.device != q.device:
+        raise ValueError("selected must be on the same device as q")
+    _check_rows(idx, prob)
+    if idx.numel() > 0 and bool(((idx < -1) | (idx >= prob.n_chunks)).any()):
+        raise ValueError(f"selected chunk indices must lie in [0, n_chunks={prob.n_chunks}) (or -1 for padding)")
+    return prob
