@@ -3,9 +3,10 @@
 ``python -m mmeff.eval.guidance_eval --out runs/guidance.json`` (defaults: 16 test prompts, 10 steps):
 
 1. **Search** (HeadHunter, arXiv 2506.10978 Alg. 1): greedy rounds over every (layer, head) of the
-   transformer on *val*-split prompts/seeds (disjoint from the test scenes), objective = the tiny CLIP judge's
-   ``clip_score`` (higher is better), SoftPAG with ``--search-u`` and CFG on (so the heads are chosen for the
-   setting they are deployed in). The search state is saved next to the output and resumes.
+   transformer on *val*-split prompts/seeds (disjoint from the test scenes), objective (``--objective``) = the
+   tiny CLIP judge's ``clip`` score (100 x cos), its object ``presence`` accuracy, or ``clip+presence``
+   (clip / 100 + presence), higher is better; SoftPAG with ``--search-u`` and CFG on (so the heads are chosen
+   for the setting they are deployed in). The search state is saved next to the output and resumes.
 2. **Evaluation** on ``--n-test`` *test*-split scenes (prompt = ``make_prompt(scene)``, generator seed = scene
    seed), same seeds for every method:
 
@@ -35,6 +36,25 @@ import numpy as np
 import torch
 
 METHODS = ("cfg", "cfg+pag", "cfg+softpag")
+OBJECTIVES = ("clip", "presence", "clip+presence")
+
+
+def make_objective(judge: Any, name: str) -> Any:
+    """HeadHunter objective ``fn(images, prompts) -> list[float]`` from the tiny judge (higher is better)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
+
+    def objective(images: Any, prompts: list[str]) -> list[float]:
+        clip = judge.clip_score(images, prompts) if "clip" in name else None
+        pres = judge.object_presence(images, prompts) if "presence" in name else None
+        if clip is None:
+            return pres
+        if pres is None:
+            return clip
+        return [c / 100.0 + p for c, p in zip(clip, pres)]
+
+    objective.__name__ = f"judge.{name}"
+    return objective
 
 
 def scenes_of(split: str, n: int, offset: int = 0) -> list[Any]:
@@ -111,7 +131,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         steps: int = 10, cfg: float = 4.0, pag_scale: float = 3.0, u: float = 1.0, search_u: float = 1.0,
         search_prompts: int = 8, rounds: int = 2, top_k: int = 2, candidates: Any = "heads",
         heads: str | None = None, batch_size: int = 8, threads: int | None = 1,
-        progress: bool = False) -> dict[str, Any]:
+        progress: bool = False, objective: str = "clip") -> dict[str, Any]:
     from ..guidance import HeadHunter, SoftPAG
     from ..zoo.judge import Judge
     from ..zoo.load_pipeline import TINY_SD3_CALL, load_pipeline
@@ -135,19 +155,17 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         val = scenes_of("val", search_prompts)
         sprompts, sseeds = [make_prompt(s) for s in val], [s.seed for s in val]
 
-        def clip_score(images: Any, prompts: list[str]) -> list[float]:
-            return judge.clip_score(images, prompts)
-
         state = out.with_name(out.stem + "_headhunter_state.json")
         t0 = time.time()
-        hh = HeadHunter(pipe, clip_score, sprompts, sseeds, rounds=rounds, top_k=top_k, candidates=candidates,
+        hh = HeadHunter(pipe, make_objective(judge, objective), sprompts, sseeds, rounds=rounds, top_k=top_k, candidates=candidates,
                         u=search_u, scale=pag_scale, call_kwargs={**call, "output_type": "np"}, state_path=state,
                         batch_size=batch_size, progress=progress)
         res = hh.run()
         found = ";".join(f"{l}.{h}" for l, h in res.heads)
         preset = res.save_preset(out.with_name(out.stem + "_heads.json"))
         search = {"split": "val", "n_prompts": len(sprompts), "seeds": sseeds, "rounds": rounds, "top_k": top_k,
-                  "u": search_u, "scale": pag_scale, "objective": "judge.clip_score", "cfg": cfg, "steps": steps,
+                  "u": search_u, "scale": pag_scale, "objective": f"judge.{objective}", "cfg": cfg, "steps": steps,
+                  "baseline_cfg_only": res.baseline,
                   "n_candidates": len(hh.pool), "evaluations": hh.evaluations, "seconds": round(time.time() - t0, 1),
                   "heads": res.candidates, "history": res.history, "state": str(state), "preset": str(preset)}
 
@@ -156,6 +174,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
     prompts, seeds = [make_prompt(s) for s in test], [s.seed for s in test]
     configs = {"cfg": None, "cfg+pag": SoftPAG(layers=(1,), u=1.0, scale=pag_scale),
                "cfg+softpag": SoftPAG(heads=found, u=u, scale=pag_scale)}
+    score = make_objective(judge, objective)  # the search objective, reported on the test set too
     generate(pipe, prompts[:1], seeds[:1], None, call, 1)  # warm-up
     results: dict[str, Any] = {}
     rows: dict[str, list[np.ndarray]] = {}
@@ -166,6 +185,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         rows[name] = images
         results[name] = {"clip_score": float(np.mean(cs)), "clip_score_std": float(np.std(cs)),
                          "presence_acc": float(np.mean(pres)), "sec_per_image": spi,
+                         "objective": float(np.mean(score(images, prompts))),
                          "config": None if conf is None else conf.to_dict() if hasattr(conf, "to_dict") else repr(conf),
                          "per_prompt": {"clip_score": cs, "presence": pres}}
     # reference: the judge on the real renders of the test scenes (upper bound of the metrics)
@@ -182,7 +202,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         sd3_info = json.loads(f.read_text()) if f.is_file() else None
     report = {
         "format": "mmeff.guidance_eval/1",
-        "config": {"model": model, "n_test": n_test, "test_split": "test", "steps": steps, "cfg": cfg,
+        "config": {"model": model, "n_test": n_test, "objective": f"judge.{objective}", "test_split": "test", "steps": steps, "cfg": cfg,
                    "pag_scale": pag_scale, "u": u, "mode": "joint_identity", "batch_size": batch_size,
                    "threads": torch.get_num_threads(), "call_kwargs": call,
                    "pag_definition": "SoftPAG(layers=(1,), u=1): all heads of block 1 (diffusers' default 'blocks.1')"},
@@ -202,11 +222,13 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = ["| method | CLIP score | presence acc | s/image |", "|---|---|---|---|"]
+    obj = report["config"].get("objective", "objective")
+    lines = [f"| method | CLIP score | presence acc | {obj} | s/image |", "|---|---|---|---|---|"]
     for name, r in report["results"].items():
-        lines.append(f"| {name} | {r['clip_score']:.2f} | {r['presence_acc']:.3f} | {r['sec_per_image']:.4f} |")
+        lines.append(f"| {name} | {r['clip_score']:.2f} | {r['presence_acc']:.3f} | {r.get('objective', float('nan')):.3f} "
+                     f"| {r['sec_per_image']:.4f} |")
     ref = report["reference_real_renders"]
-    lines.append(f"| (real renders) | {ref['clip_score']:.2f} | {ref['presence_acc']:.3f} | - |")
+    lines.append(f"| (real renders) | {ref['clip_score']:.2f} | {ref['presence_acc']:.3f} | - | - |")
     return "\n".join(lines)
 
 
@@ -228,11 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="clip", help="HeadHunter's search objective")
     a = ap.parse_args(argv)
     cands: Any = a.candidates if a.candidates in ("heads", "layers") else [c for c in a.candidates.split(",") if c]
     rep = run(a.out, model=a.model, n_test=a.n_test, steps=a.steps, cfg=a.cfg, pag_scale=a.pag_scale, u=a.u,
               search_u=a.search_u, search_prompts=a.search_prompts, rounds=a.rounds, top_k=a.top_k,
-              candidates=cands, heads=a.heads, batch_size=a.batch_size, threads=a.threads, progress=a.progress)
+              candidates=cands, heads=a.heads, batch_size=a.batch_size, threads=a.threads, progress=a.progress,
+              objective=a.objective)
     print(table(rep))
     print(f"found heads: {rep['found_heads']}")
     print(f"wrote {a.out} and {rep['grid']}")

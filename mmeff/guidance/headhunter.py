@@ -4,7 +4,9 @@ Algorithm (arXiv 2506.10978, Alg. 1), in rounds r = 1..R:
 1. for every candidate c still in the pool, generate the prompt/seed set with SoftPAG on ``selected + [c]``;
 2. score c by the mean of ``objective(images, prompts)``;
 3. move the top-k candidates (highest score, or lowest with ``maximize=False``) into ``selected``.
-Later rounds therefore pick candidates that work *together* with earlier picks. Cost: M prompts x N
+The objective without SoftPAG (``baseline``) and the composed selection after every round
+(``selection_score``) are scored too, so the log shows whether the picks beat guidance-free sampling on the
+search set at all. Later rounds therefore pick candidates that work *together* with earlier picks. Cost: M prompts x N
 candidates x R rounds generations.
 
 The driver is generic: it calls the stock pipeline with SoftPAG applied through ``mmeff.apply`` and never
@@ -41,6 +43,7 @@ class SearchResult:
     history: list[dict[str, Any]]
     state_path: Path | None
     meta: dict[str, Any]
+    baseline: float | None = None  # the objective of the unmodified pipeline on the search set
 
     def save_preset(self, path: str | Path) -> Path:
         return save_preset(path, self.heads, **self.meta, picked=self.candidates)
@@ -139,7 +142,8 @@ class HeadHunter:
         return images
 
     def score(self, selection: list[str]) -> float:
-        images = self.generate(self._config(selection))
+        """Mean objective with SoftPAG on ``selection`` (an empty selection: the unmodified pipeline)."""
+        images = self.generate(self._config(selection) if selection else None)
         values = [float(x) for x in self.objective(images, list(self.prompts))]
         if len(values) != len(self.prompts):
             raise ConfigError(f"HeadHunter: the objective returned {len(values)} scores for {len(self.prompts)} images")
@@ -178,6 +182,9 @@ class HeadHunter:
         from tqdm.auto import tqdm
 
         state = self._load()
+        if state.get("baseline") is None:
+            state["baseline"] = self.score([])
+            self._save(state)
         while not state["done"] and state["round"] < self.rounds:
             r = state["round"]
             pool = [c for c in self.pool if c not in state["selected"]]
@@ -194,12 +201,13 @@ class HeadHunter:
             state["history"].append({"round": r, "added": added,
                                      "scores": {c: state["scores"][c] for c in ranked}})
             state["selected"] = state["selected"] + added
+            state["history"][-1]["selection_score"] = self.score(state["selected"])
             state["scores"] = {}
             state["round"] = r + 1
             state["done"] = state["round"] >= self.rounds or len(state["selected"]) >= len(self.pool)
             self._save(state)
         return SearchResult(heads=self._expand(state["selected"]), candidates=list(state["selected"]),
-                            history=state["history"], state_path=self.state_path,
+                            history=state["history"], state_path=self.state_path, baseline=state["baseline"],
                             meta={"model": self.info.model_class, "rounds": self.rounds, "top_k": self.top_k,
                                   "u": self.u, "scale": self.scale, "mode": self.mode,
                                   "objective": self._signature()["objective"]})

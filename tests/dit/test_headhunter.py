@@ -36,6 +36,11 @@ def test_two_rounds_resume_and_preset(pipes, tmp_path):
     assert len(ref.history[0]["scores"]) == 8 and len(ref.history[1]["scores"]) == 7  # 2 layers x 4 heads
     best = max(ref.history[0]["scores"], key=ref.history[0]["scores"].get)
     assert ref.candidates[0] == best
+    # top_k=1: the round-0 selection is the best candidate alone, so its score repeats exactly
+    assert ref.history[0]["selection_score"] == ref.history[0]["scores"][best]
+    plain = pipe(prompt=PROMPTS, generator=[torch.Generator().manual_seed(i) for i in range(2)], **CALL).images
+    assert ref.baseline == pytest.approx(float(np.mean([np.asarray(im).mean() for im in plain])))
+    assert ref.baseline not in ref.history[0]["scores"].values()  # every candidate changes the images
 
     calls = {"n": 0}
 
@@ -49,10 +54,11 @@ def test_two_rounds_resume_and_preset(pipes, tmp_path):
     with pytest.raises(Interrupt):
         _hunter(pipe, flaky, state).run()
     saved = json.loads(state.read_text())
-    assert saved["round"] == 0 and len(saved["scores"]) == 3
+    assert saved["round"] == 0 and len(saved["scores"]) == 2 and saved["baseline"] == ref.baseline
     hunter = _hunter(pipe, flaky, state)
     res = hunter.run()
-    assert hunter.evaluations == 15 - 3  # only the missing candidates were generated
+    # baseline + 8 + 7 candidates + one selection score per round; the baseline and 2 candidates were saved
+    assert hunter.evaluations == 18 - 3  # only the missing ones were generated
     assert res.candidates == ref.candidates
     assert json.loads(state.read_text())["done"]
     assert _hunter(pipe, flaky, state).run().candidates == ref.candidates  # finished state: nothing to do

@@ -91,11 +91,14 @@ def test_guidance_eval_writes_json_and_grid(tmp_path):
     j = Judge.load() if (JUDGE_DIR / "config.json").is_file() else Judge(build()[0], default_config())
     out = tmp_path / "g.json"
     rep = run(out, pipe=pipe, judge=j, n_test=2, steps=2, search_prompts=1, rounds=1, top_k=1,
-              candidates=["0.0", "1.1"], batch_size=2)
+              candidates=["0.0", "1.1"], batch_size=2, objective="clip+presence")
     data = json.loads(out.read_text())
     assert set(data["results"]) == set(METHODS)
     for r in data["results"].values():
         assert np.isfinite(r["clip_score"]) and 0.0 <= r["presence_acc"] <= 1.0 and r["sec_per_image"] > 0
+        # the combined objective is clip / 100 + presence, per image, so also in the mean
+        assert r["objective"] == pytest.approx(r["clip_score"] / 100 + r["presence_acc"], abs=1e-6)
+    assert data["search"]["objective"] == "judge.clip+presence" and np.isfinite(data["search"]["baseline_cfg_only"])
     assert data["found_heads"] in ("0.0", "1.1")
     assert {"torch", "diffusers", "transformers"} <= set(data["versions"])
     grid = Image.open(tmp_path / "g_grid.png")
