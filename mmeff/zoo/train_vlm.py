@@ -66,6 +66,7 @@ from .local_attention_init import (
     position_rows,
     qwen_vision_rope_theta,
 )
+from .lm_position_aux import LMPositionAux
 from .vision_aux import FeatureCapture, VisionAuxHead, class_token_ids, image_features_only, stack_labels
 from .world import SPLITS, generate_scene, grounding_drill, make_questions, render
 from .world.labels import patch_labels
@@ -372,7 +373,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     qwen = name == "tiny-qwen2-vl"
     aux_head = VisionAuxHead(model.config.text_config.hidden_size, class_token_ids(processor.tokenizer))
     embed = model.get_input_embeddings().weight
+    batcher = Batcher(name, processor, drill=args.drill, position_drill=args.position_drill)
+    pos_aux = (LMPositionAux(model, args.lm_position_layer, batcher.image_token_id)
+               if args.lm_position_weight > 0 else None)
     params = list(model.parameters()) + list(aux_head.parameters())
+    if pos_aux is not None:
+        params += list(pos_aux.head.parameters())
     # the frozen fixed-offset weights get no gradient, and must not shrink under AdamW's decay either
     frozen = {id(p) for p, _ in position_rows(model).values()} if args.hard_offsets else set()
     groups = [{"params": [p for p in params if id(p) not in frozen]},
@@ -385,12 +391,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         aux_head.load_state_dict(ck["aux_head"])
+        if pos_aux is not None and "lm_position_head" in ck:
+            pos_aux.head.load_state_dict(ck["lm_position_head"])
         opt.load_state_dict(ck["opt"])
         state = {**state, **ck["state"]}
         budget = ck.get("budget", budget) if not args.new_budget else budget
         print(f"resumed {name} from {ckpt_path}: step {state['step']}, {state['samples']} samples, "
               f"{state['elapsed'] / 60:.1f} of {budget / 60:.1f} min", flush=True)
-    batcher = Batcher(name, processor, drill=args.drill, position_drill=args.position_drill)
     capture = FeatureCapture(model, qwen)
     lo, hi = SPLITS["train"]
     probe_lo = SPLITS["val"][0]
@@ -401,6 +408,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     def save_ckpt() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
+                    **({"lm_position_head": pos_aux.head.state_dict()} if pos_aux is not None else {}),
                     "state": state, "budget": budget, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt_path)
 
@@ -444,6 +452,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             lm = model(**inputs, use_cache=False).loss
             aux, acc = aux_head.loss(capture.take(len(seeds)), targets, embed)
             loss = lm + args.aux_weight * aux
+            if pos_aux is not None:
+                pos_loss, pos_r2 = pos_aux.loss(inputs["input_ids"])
+                loss = loss + args.lm_position_weight * pos_loss
+                acc.update(pos_r2)
             ema("loss_ema", float(lm.detach()))
         ema("aux_ema", float(aux.detach()))
         opt.zero_grad(set_to_none=True)
@@ -482,6 +494,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         hard.off()  # the saved model uses the stock attention
     save_ckpt()
     capture.remove()
+    if pos_aux is not None:
+        pos_aux.remove()
     wall = state["elapsed"]
     info = {
         "trained": True,
@@ -501,6 +515,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch,
         "vision_batch_size": args.vision_batch,
         "aux_weight": args.aux_weight,
+        "lm_position_aux": ({"weight": args.lm_position_weight, "layer": args.lm_position_layer}
+                            if args.lm_position_weight > 0 else None),
         "lr": args.lr,
         "wall_minutes": round(wall / 60, 2),
         "samples_per_s": round(state["samples"] / max(wall, 1e-9), 3),
@@ -546,6 +562,10 @@ def main(argv: list[str] | None = None) -> int:
                         "matching a question word against the image, at little cost: the image is encoded once)")
     p.add_argument("--position-drill", type=int, default=0,
                    help="with --drill, also up to this many extra relative-position questions per scene")
+    p.add_argument("--lm-position-weight", type=float, default=0.0,
+                   help="weight of a read-out of each image token's grid position from an LM layer "
+                        "(mmeff.zoo.lm_position_aux), so the LM computes absolute positions it can compare")
+    p.add_argument("--lm-position-layer", type=int, default=1, help="the LM layer that read-out reads")
     p.add_argument("--dominant", type=float, default=None,
                    help="tiny-llava: start the CLIP tower with position-dominant LayerNorms of this gain (e.g. 20), "
                         "so its fixed-offset attention does not drift as content grows (local_attention_init)")
