@@ -6,7 +6,8 @@
    transformer on *val*-split prompts/seeds (disjoint from the test scenes), objective (``--objective``) = the
    tiny CLIP judge's ``clip`` score (100 x cos), its object ``presence`` accuracy, or ``clip+presence``
    (clip / 100 + presence), higher is better; SoftPAG with ``--search-u`` and CFG on (so the heads are chosen
-   for the setting they are deployed in). The search state is saved next to the output and resumes.
+   for the setting they are deployed in). ``--keep best`` (default) deploys the heads after the round whose
+   composed selection scored best on the search set. The search state is saved next to the output and resumes.
 2. **Evaluation** on ``--n-test`` *test*-split scenes (prompt = ``make_prompt(scene)``, generator seed = scene
    seed), same seeds for every method:
 
@@ -131,7 +132,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         steps: int = 10, cfg: float = 4.0, pag_scale: float = 3.0, u: float = 1.0, search_u: float = 1.0,
         search_prompts: int = 8, rounds: int = 2, top_k: int = 2, candidates: Any = "heads",
         heads: str | None = None, batch_size: int = 8, threads: int | None = 1,
-        progress: bool = False, objective: str = "clip") -> dict[str, Any]:
+        progress: bool = False, objective: str = "clip", keep: str = "best") -> dict[str, Any]:
     from ..guidance import HeadHunter, SoftPAG
     from ..zoo.judge import Judge
     from ..zoo.load_pipeline import TINY_SD3_CALL, load_pipeline
@@ -159,13 +160,13 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         t0 = time.time()
         hh = HeadHunter(pipe, make_objective(judge, objective), sprompts, sseeds, rounds=rounds, top_k=top_k, candidates=candidates,
                         u=search_u, scale=pag_scale, call_kwargs={**call, "output_type": "np"}, state_path=state,
-                        batch_size=batch_size, progress=progress)
+                        batch_size=batch_size, progress=progress, keep=keep)
         res = hh.run()
         found = ";".join(f"{l}.{h}" for l, h in res.heads)
         preset = res.save_preset(out.with_name(out.stem + "_heads.json"))
         search = {"split": "val", "n_prompts": len(sprompts), "seeds": sseeds, "rounds": rounds, "top_k": top_k,
                   "u": search_u, "scale": pag_scale, "objective": f"judge.{objective}", "cfg": cfg, "steps": steps,
-                  "baseline_cfg_only": res.baseline,
+                  "baseline_cfg_only": res.baseline, "keep": keep, "kept_round": res.meta["kept_round"],
                   "n_candidates": len(hh.pool), "evaluations": hh.evaluations, "seconds": round(time.time() - t0, 1),
                   "heads": res.candidates, "history": res.history, "state": str(state), "preset": str(preset)}
 
@@ -251,12 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--objective", choices=OBJECTIVES, default="clip", help="HeadHunter's search objective")
+    ap.add_argument("--keep", choices=("best", "last"), default="best",
+                    help="the heads after the best-scoring search round (validated) or after the last one (Alg. 1)")
     a = ap.parse_args(argv)
     cands: Any = a.candidates if a.candidates in ("heads", "layers") else [c for c in a.candidates.split(",") if c]
     rep = run(a.out, model=a.model, n_test=a.n_test, steps=a.steps, cfg=a.cfg, pag_scale=a.pag_scale, u=a.u,
               search_u=a.search_u, search_prompts=a.search_prompts, rounds=a.rounds, top_k=a.top_k,
               candidates=cands, heads=a.heads, batch_size=a.batch_size, threads=a.threads, progress=a.progress,
-              objective=a.objective)
+              objective=a.objective, keep=a.keep)
     print(table(rep))
     print(f"found heads: {rep['found_heads']}")
     print(f"wrote {a.out} and {rep['grid']}")

@@ -6,7 +6,9 @@ Algorithm (arXiv 2506.10978, Alg. 1), in rounds r = 1..R:
 3. move the top-k candidates (highest score, or lowest with ``maximize=False``) into ``selected``.
 The objective without SoftPAG (``baseline``) and the composed selection after every round
 (``selection_score``) are scored too, so the log shows whether the picks beat guidance-free sampling on the
-search set at all. Later rounds therefore pick candidates that work *together* with earlier picks. Cost: M prompts x N
+search set at all. ``keep="best"`` returns the selection after the round that scored best (the released
+script validates after every round; a later round's picks can hurt together what they helped alone), the
+default ``keep="last"`` the selection after round R as in Alg. 1. Later rounds therefore pick candidates that work *together* with earlier picks. Cost: M prompts x N
 candidates x R rounds generations.
 
 The driver is generic: it calls the stock pipeline with SoftPAG applied through ``mmeff.apply`` and never
@@ -62,12 +64,15 @@ class HeadHunter:
                  *, rounds: int = 5, top_k: int = 3, candidates: str | Iterable[Any] = "heads", u: float = 1.0,
                  scale: float = 3.0, mode: str = "joint_identity", call_kwargs: dict[str, Any] | None = None,
                  state_path: str | Path | None = None, maximize: bool = True, batch_size: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, keep: str = "last") -> None:
         if not prompts:
             raise ConfigError("HeadHunter needs at least one prompt")
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ConfigError(f"HeadHunter: {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        if keep not in ("last", "best"):
+            raise ConfigError(f"HeadHunter: keep must be 'last' (Alg. 1) or 'best' (best-scoring round), got {keep!r}")
+        self.keep = keep
         if rounds < 1 or top_k < 1:
             raise ConfigError(f"HeadHunter: rounds and top_k must be >= 1, got rounds={rounds}, top_k={top_k}")
         SoftPAG(heads="0.0", u=u, scale=scale, mode=mode)  # validates u/scale/mode early
@@ -206,8 +211,18 @@ class HeadHunter:
             state["round"] = r + 1
             state["done"] = state["round"] >= self.rounds or len(state["selected"]) >= len(self.pool)
             self._save(state)
-        return SearchResult(heads=self._expand(state["selected"]), candidates=list(state["selected"]),
+        kept, kept_round = self._kept(state)
+        return SearchResult(heads=self._expand(kept), candidates=kept,
                             history=state["history"], state_path=self.state_path, baseline=state["baseline"],
                             meta={"model": self.info.model_class, "rounds": self.rounds, "top_k": self.top_k,
-                                  "u": self.u, "scale": self.scale, "mode": self.mode,
-                                  "objective": self._signature()["objective"]})
+                                  "u": self.u, "scale": self.scale, "mode": self.mode, "keep": self.keep,
+                                  "kept_round": kept_round, "objective": self._signature()["objective"]})
+
+    def _kept(self, state: dict[str, Any]) -> tuple[list[str], int]:
+        """The selection to return and the round it ends with (``keep``)."""
+        history = state["history"]
+        if self.keep == "last" or not history:
+            return list(state["selected"]), len(history) - 1
+        pick = max if self.maximize else min
+        best = pick(range(len(history)), key=lambda r: history[r]["selection_score"])
+        return [c for h in history[:best + 1] for c in h["added"]], best

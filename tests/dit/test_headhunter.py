@@ -62,6 +62,15 @@ def test_two_rounds_resume_and_preset(pipes, tmp_path):
     assert res.candidates == ref.candidates
     assert json.loads(state.read_text())["done"]
     assert _hunter(pipe, flaky, state).run().candidates == ref.candidates  # finished state: nothing to do
+    # keep="best": the selection after the best-scoring round, read from the same finished state
+    best_hunter = _hunter(pipe, flaky, state, keep="best")
+    kept = best_hunter.run()
+    scores = [h["selection_score"] for h in ref.history]
+    r_best = scores.index(max(scores))
+    assert best_hunter.evaluations == 0 and kept.meta["kept_round"] == r_best
+    assert kept.candidates == ref.candidates[: r_best + 1]
+    with pytest.raises(ConfigError, match="keep must be"):
+        _hunter(pipe, flaky, state, keep="first")
 
     preset = res.save_preset(tmp_path / "preset.json")
     data = json.loads(preset.read_text())
