@@ -58,6 +58,17 @@ def make_objective(judge: Any, name: str) -> Any:
     return objective
 
 
+def paired_differences(method: dict[str, list[float]], base: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Mean per-prompt difference (method - base) of every metric, its standard error and t = mean / se
+    (same prompts and seeds on both sides, so the pairing removes the prompt-to-prompt spread)."""
+    out = {}
+    for key in method:
+        d = np.asarray(method[key], dtype=np.float64) - np.asarray(base[key], dtype=np.float64)
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        out[key] = {"mean": float(d.mean()), "se": se, "t": float(d.mean() / se) if se and se > 0 else float("nan")}
+    return out
+
+
 def scenes_of(split: str, n: int, offset: int = 0) -> list[Any]:
     from ..zoo.world import build_scenes
 
@@ -183,12 +194,16 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         images, spi = generate(pipe, prompts, seeds, conf, call, batch_size)
         cs = judge.clip_score(images, prompts)
         pres = judge.object_presence(images, test)
+        objective_scores = [float(x) for x in score(images, prompts)]
         rows[name] = images
         results[name] = {"clip_score": float(np.mean(cs)), "clip_score_std": float(np.std(cs)),
                          "presence_acc": float(np.mean(pres)), "sec_per_image": spi,
-                         "objective": float(np.mean(score(images, prompts))),
+                         "objective": float(np.mean(objective_scores)),
                          "config": None if conf is None else conf.to_dict() if hasattr(conf, "to_dict") else repr(conf),
-                         "per_prompt": {"clip_score": cs, "presence": pres}}
+                         "per_prompt": {"clip_score": cs, "presence": pres, "objective": objective_scores}}
+    for name in results:
+        if name != "cfg":
+            results[name]["vs_cfg"] = paired_differences(results[name]["per_prompt"], results["cfg"]["per_prompt"])
     # reference: the judge on the real renders of the test scenes (upper bound of the metrics)
     from ..zoo.world import render
 
@@ -224,12 +239,15 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
 
 def table(report: dict[str, Any]) -> str:
     obj = report["config"].get("objective", "objective")
-    lines = [f"| method | CLIP score | presence acc | {obj} | s/image |", "|---|---|---|---|---|"]
+    lines = [f"| method | CLIP score | presence acc | {obj} | {obj} vs CFG (paired, t) | s/image |",
+             "|---|---|---|---|---|---|"]
     for name, r in report["results"].items():
+        d = r.get("vs_cfg", {}).get("objective")
+        diff = "-" if d is None else f"{d['mean']:+.3f} (t={d['t']:.1f})"
         lines.append(f"| {name} | {r['clip_score']:.2f} | {r['presence_acc']:.3f} | {r.get('objective', float('nan')):.3f} "
-                     f"| {r['sec_per_image']:.4f} |")
+                     f"| {diff} | {r['sec_per_image']:.4f} |")
     ref = report["reference_real_renders"]
-    lines.append(f"| (real renders) | {ref['clip_score']:.2f} | {ref['presence_acc']:.3f} | - | - |")
+    lines.append(f"| (real renders) | {ref['clip_score']:.2f} | {ref['presence_acc']:.3f} | - | - | - |")
     return "\n".join(lines)
 
 

@@ -98,6 +98,11 @@ def test_guidance_eval_writes_json_and_grid(tmp_path):
         assert np.isfinite(r["clip_score"]) and 0.0 <= r["presence_acc"] <= 1.0 and r["sec_per_image"] > 0
         # the combined objective is clip / 100 + presence, per image, so also in the mean
         assert r["objective"] == pytest.approx(r["clip_score"] / 100 + r["presence_acc"], abs=1e-6)
+    for name in ("cfg+pag", "cfg+softpag"):  # paired differences against CFG, per metric
+        vs = data["results"][name]["vs_cfg"]
+        assert set(vs) == {"clip_score", "presence", "objective"}
+        assert vs["clip_score"]["mean"] == pytest.approx(
+            data["results"][name]["clip_score"] - data["results"]["cfg"]["clip_score"], abs=1e-6)
     assert data["search"]["objective"] == "judge.clip+presence" and np.isfinite(data["search"]["baseline_cfg_only"])
     assert data["found_heads"] in ("0.0", "1.1")
     assert {"torch", "diffusers", "transformers"} <= set(data["versions"])
