@@ -33,7 +33,7 @@ steps=${*:-env tests bsa video vlm}
 for s in $steps; do
   case $s in
     env) step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers, diffusers; print(torch.__version__, triton.__version__, transformers.__version__, diffusers.__version__, torch.cuda.get_device_name())'" ;;
-    tests) step tests 180 $PY -m pytest tests/kernels -o addopts="" -q -p no:cacheprovider ;;
+    tests) step tests 240 $PY -m pytest tests/kernels tests/video/test_vmoba_triton.py -o addopts="" -q -p no:cacheprovider ;;
     bsa) step bsa 170 $PY benchmarks/bench_block_sparse_attn.py --out "$OUT/bench_block_sparse_attn.json" ;;
     bsa-tune) step bsa-tune 170 $PY benchmarks/bench_block_sparse_attn.py --tune --out "$OUT/bench_block_sparse_attn_tune.json" ;;
     video) step video 300 $PY benchmarks/bench_video_sparse_attn.py --transformer wan1.3b-480p wan14b-720p \
