@@ -98,7 +98,7 @@ def _vocab_size(tokenizer: Any) -> int:
 
 
 def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = True, dominant: float | None = None,
-                **overrides: int) -> Any:
+                **overrides: float) -> Any:
     """A randomly initialised zoo model ``name`` matching ``processor``'s tokenizer; with
     ``local_init`` its vision tower's heads start as fixed-offset (convolution-like) attention
     (:mod:`mmeff.zoo.local_attention_init`; ``dominant``: position-dominant LayerNorms, CLIP only)."""
@@ -367,7 +367,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "ckpt.pt"
     processor = build_processor(ZOO_MODELS[name])
-    model = build_model(name, processor, seed=args.seed, dominant=args.dominant)
+    overrides = {"rope_theta": args.rope_theta} if args.rope_theta else {}
+    model = build_model(name, processor, seed=args.seed, dominant=args.dominant, **overrides)
     previous = load_weights(model, Path(args.init_from)) if args.init_from else None
     model.train()
     qwen = name == "tiny-qwen2-vl"
@@ -525,7 +526,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()} {platform.processor() or ''} CPU, {args.threads} threads, "
                    f"torch {torch.__version__}".strip(),
         "params": n_params,
-        "config": {**SIZES[name]},
+        "config": {**SIZES[name], **overrides},
         "history": state["history"],
     }
     if previous is not None:
@@ -566,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of a read-out of each image token's grid position from an LM layer "
                         "(mmeff.zoo.lm_position_aux), so the LM computes absolute positions it can compare")
     p.add_argument("--lm-position-layer", type=int, default=1, help="the LM layer that read-out reads")
+    p.add_argument("--rope-theta", type=float, default=None,
+                   help="override the LM's RoPE base (SIZES). Qwen2-VL's M-RoPE gives the column (w) axis the lowest "
+                        "frequencies: with base 1e6 and 32-dim heads they turn by < 0.002 rad across the 12-column "
+                        "grid, so the LM cannot tell columns apart; base 50 turns them by 0.3-1 rad")
     p.add_argument("--dominant", type=float, default=None,
                    help="tiny-llava: start the CLIP tower with position-dominant LayerNorms of this gain (e.g. 20), "
                         "so its fixed-offset attention does not drift as content grows (local_attention_init)")
