@@ -151,13 +151,16 @@ def vmoba_breakdown(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def bench_shape(name: str, grid: tuple[int, int, int], heads: int, text: int, drops: list[float], device: str,
-                dtype: torch.dtype, repeats: int, block: int, head_dim: int, inputs: str = "local") -> list[dict]:
+                dtype: torch.dtype, repeats: int, block: int, head_dim: int, inputs: str = "local",
+                batch: int = 1) -> list[dict]:
     t, h, w = grid
     n_v = t * h * w
     g = torch.Generator(device=device).manual_seed(0)
-    shape = (1, heads, n_v + text, head_dim)
-    if inputs == "local":
-        q_r, k_r, v_r = local_qkv(grid, heads, text, head_dim, device, dtype, g)
+    shape = (batch, heads, n_v + text, head_dim)
+    if inputs == "local":  # every sample draws its own features, so samples route differently
+        samples = [local_qkv(grid, heads, text, head_dim, device, dtype, g) for _ in range(batch)]
+        q_r, k_r, v_r = (torch.cat(parts) for parts in zip(*samples))
+        del samples
     else:
         q_r, k_r, v_r = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
     # Rectified SpaAttn sees the video tokens in gilbert order (text stays last).
@@ -165,8 +168,8 @@ def bench_shape(name: str, grid: tuple[int, int, int], heads: int, text: int, dr
     q, k, v = (x[:, :, gil].contiguous() for x in (q_r, k_r, v_r))
     run = timer(device)
     dense_s = run(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
-    rows = [{"shape": name, "tokens": n_v + text, "heads": heads, "method": "dense_sdpa", "seconds": dense_s,
-             "speedup": 1.0}]
+    rows = [{"shape": name, "batch": batch, "tokens": n_v + text, "heads": heads, "method": "dense_sdpa",
+             "seconds": dense_s, "speedup": 1.0}]
     neigh = block_neighbours(gil[:n_v], t, h, w, block, device=device)
     ref = F.scaled_dot_product_attention(q, k, v).float()
     for drop in drops:
@@ -177,7 +180,7 @@ def bench_shape(name: str, grid: tuple[int, int, int], heads: int, text: int, dr
             out, st = rectified_sparse_attention(q, k, v, n_visual=n_v, text_len=text, block=block, drop=drop,
                                                  tau=0.3, neighbours=neigh, ipar=ipar, gapr=gapr, return_stats=True)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            rows.append({"shape": name, "tokens": n_v + text, "heads": heads, "method": label, "drop": drop,
+            rows.append({"shape": name, "batch": batch, "tokens": n_v + text, "heads": heads, "method": label, "drop": drop,
                          "seconds": s, "speedup": dense_s / s, "rel_error_vs_dense": err,
                          "kept_fraction": float(st.kept_fraction.float().mean())})
             print(f"{name} {label} drop {drop}: {s * 1e3:.1f} ms (x{dense_s / s:.2f} vs dense), rel err {err:.3f}")
@@ -191,7 +194,7 @@ def bench_shape(name: str, grid: tuple[int, int, int], heads: int, text: int, dr
         out, st = vmoba_attention(qp, kp, vp, chunk_ids=ids, mode="topk", topk=min(topk, n_chunks), return_stats=True)
         ref_p = F.scaled_dot_product_attention(qp, kp, vp).float()
         err = ((out.float() - ref_p).norm() / ref_p.norm()).item()
-        rows.append({"shape": name, "tokens": n_v, "heads": heads, "method": "vmoba_topk", "chunk": list(chunk),
+        rows.append({"shape": name, "batch": batch, "tokens": n_v, "heads": heads, "method": "vmoba_topk", "chunk": list(chunk),
                      "topk": topk, "seconds": s, "speedup": dense_s / s, "rel_error_vs_dense": err,
                      "density": float(st["density"])})
         print(f"{name} vmoba topk {topk} of {n_chunks}: {s * 1e3:.1f} ms (x{dense_s / s:.2f}), rel err {err:.3f}, "
@@ -200,14 +203,14 @@ def bench_shape(name: str, grid: tuple[int, int, int], heads: int, text: int, dr
             fn = lambda: vmoba_attention(qp, kp, vp, chunk_ids=ids, mode="topk", topk=min(topk, n_chunks),  # noqa: E731
                                          layout="query_major")
             s = run(fn, repeats)
-            rows.append({"shape": name, "tokens": n_v, "heads": heads, "method": "vmoba_topk_query_major",
+            rows.append({"shape": name, "batch": batch, "tokens": n_v, "heads": heads, "method": "vmoba_topk_query_major",
                          "chunk": list(chunk), "topk": topk, "seconds": s, "speedup": dense_s / s})
             print(f"{name} vmoba topk, query-major kernel: {s * 1e3:.1f} ms (x{dense_s / s:.2f})")
         fn = lambda: vmoba_attention(qp, kp, vp, chunk_ids=ids, mode="threshold", threshold=0.25)  # noqa: E731
         s = run(fn, repeats)
         out, st = vmoba_attention(qp, kp, vp, chunk_ids=ids, mode="threshold", threshold=0.25, return_stats=True)
         err = ((out.float() - ref_p).norm() / ref_p.norm()).item()
-        rows.append({"shape": name, "tokens": n_v, "heads": heads, "method": "vmoba_threshold", "chunk": list(chunk),
+        rows.append({"shape": name, "batch": batch, "tokens": n_v, "heads": heads, "method": "vmoba_threshold", "chunk": list(chunk),
                      "threshold": 0.25, "seconds": s, "speedup": dense_s / s, "rel_error_vs_dense": err,
                      "density": float(st["density"])})
         print(f"{name} vmoba threshold 0.25: {s * 1e3:.1f} ms (x{dense_s / s:.2f}), rel err {err:.3f}, "
@@ -309,6 +312,7 @@ def main() -> None:
     ap.add_argument("--transformer-repeats", type=int, default=None, help="timed forwards per case (default --repeats)")
     ap.add_argument("--inputs", choices=["local", "random"], default="local",
                     help="q/k/v with local attention like a video DiT (default) or i.i.d. random (near-uniform attention)")
+    ap.add_argument("--batch", type=int, default=1, help="samples per attention call (each with its own q/k/v)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (naive kernels): checks the script only")
     args = ap.parse_args()
     drops = [float(x) for x in args.drops.split(",")]
@@ -323,7 +327,8 @@ def main() -> None:
         shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
     rows = []
     for name, (grid, heads, text) in shapes.items():
-        rows += bench_shape(name, grid, heads, text, drops, device, dtype, args.repeats, block, head_dim, args.inputs)
+        rows += bench_shape(name, grid, heads, text, drops, device, dtype, args.repeats, block, head_dim, args.inputs,
+                            args.batch)
     if args.quick:
         rows += bench_transformer(device, dtype, args.repeats, drops, True)
     elif args.transformer is not None:

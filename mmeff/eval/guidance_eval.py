@@ -169,7 +169,8 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
 
         state = out.with_name(out.stem + "_headhunter_state.json")
         t0 = time.time()
-        hh = HeadHunter(pipe, make_objective(judge, objective), sprompts, sseeds, rounds=rounds, top_k=top_k, candidates=candidates,
+        hh = HeadHunter(pipe, make_objective(judge, objective), sprompts, sseeds, rounds=rounds, top_k=top_k,
+                        candidates=candidates,
                         u=search_u, scale=pag_scale, call_kwargs={**call, "output_type": "np"}, state_path=state,
                         batch_size=batch_size, progress=progress, keep=keep)
         res = hh.run()
@@ -218,7 +219,8 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         sd3_info = json.loads(f.read_text()) if f.is_file() else None
     report = {
         "format": "mmeff.guidance_eval/1",
-        "config": {"model": model, "n_test": n_test, "objective": f"judge.{objective}", "test_split": "test", "steps": steps, "cfg": cfg,
+        "config": {"model": model, "n_test": n_test, "objective": f"judge.{objective}", "test_split": "test",
+                   "steps": steps, "cfg": cfg,
                    "pag_scale": pag_scale, "u": u, "mode": "joint_identity", "batch_size": batch_size,
                    "threads": torch.get_num_threads(), "call_kwargs": call,
                    "pag_definition": "SoftPAG(layers=(1,), u=1): all heads of block 1 (diffusers' default 'blocks.1')"},

@@ -8,7 +8,8 @@ The objective without SoftPAG (``baseline``) and the composed selection after ev
 (``selection_score``) are scored too, so the log shows whether the picks beat guidance-free sampling on the
 search set at all. ``keep="best"`` returns the selection after the round that scored best (the released
 script validates after every round; a later round's picks can hurt together what they helped alone), the
-default ``keep="last"`` the selection after round R as in Alg. 1. Later rounds therefore pick candidates that work *together* with earlier picks. Cost: M prompts x N
+default ``keep="last"`` the selection after round R as in Alg. 1. Later rounds therefore pick candidates
+that work *together* with earlier picks. Cost: M prompts x N
 candidates x R rounds generations.
 
 The driver is generic: it calls the stock pipeline with SoftPAG applied through ``mmeff.apply`` and never

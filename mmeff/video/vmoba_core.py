@@ -309,11 +309,13 @@ def vmoba_attention(
             out, _ = chunk_routed_attention_key_major(q, k, v, chunk_start, routes, scale=scale)
             return (out, _stats_from_indices(routes, chunk_start, seq)) if return_stats else out
         if mode == "topk":
-            routes = torch.zeros(*q.shape[:3], n_chunks, dtype=torch.bool, device=q.device).scatter_(-1, routes.long(), True)
+            mask = torch.zeros(*q.shape[:3], n_chunks, dtype=torch.bool, device=q.device)
+            routes = mask.scatter_(-1, routes.long(), True)
         sel = routes
     else:
         gates = chunk_gates(q, k, chunk_start)
-        sel = select_chunks(gates, query_chunk, mode=mode, threshold=threshold, topk=topk, threshold_type=threshold_type)
+        sel = select_chunks(gates, query_chunk, mode=mode, threshold=threshold, topk=topk,
+                            threshold_type=threshold_type)
         del gates
 
     if split_self:

@@ -109,7 +109,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, selected:
     return prob, mask
 
 
-def check_index_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, idx: Tensor, scale: float | None) -> Problem:
+def check_index_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, idx: Tensor,
+                       scale: float | None) -> Problem:
     """Validate a call that takes an index-list selection as is (key-major path): ``idx`` must be an
     integer ``[B, H, Sq, K]`` tensor with entries in ``[-1, n_chunks)`` (one read-back)."""
     prob = _check_layout(q, k, v, chunk_start, scale)

@@ -14,7 +14,6 @@ import math
 import os
 from numbers import Real
 
-import torch
 from torch import Tensor
 
 from .naive import gates_from_means, route_chunks_naive, route_threshold_rows, route_topk_rows
@@ -35,17 +34,20 @@ __all__ = [
 ROUTE_MODES = ("topk", "threshold")
 
 
-def check_route_args(q: Tensor, chunk_means: Tensor, query_chunk: Tensor, mode: str, topk: int, threshold: float) -> None:
+def check_route_args(q: Tensor, chunk_means: Tensor, query_chunk: Tensor, mode: str, topk: int,
+                     threshold: float) -> None:
     """Shapes and settings of a routing call; ``ValueError`` naming the fix."""
     if mode not in ROUTE_MODES:
         raise ValueError(f"mode must be one of {ROUTE_MODES}, got {mode!r}")
     if q.dim() != 4 or chunk_means.dim() != 4:
         raise ValueError(
-            f"q must be [B, H, S, D] and chunk_means [B, H, n_chunks, D], got {tuple(q.shape)} and {tuple(chunk_means.shape)}"
+            f"q must be [B, H, S, D] and chunk_means [B, H, n_chunks, D], "
+            f"got {tuple(q.shape)} and {tuple(chunk_means.shape)}"
         )
     if chunk_means.shape[:2] != q.shape[:2] or chunk_means.shape[3] != q.shape[3] or chunk_means.shape[2] == 0:
         raise ValueError(
-            f"chunk_means must be [B={q.shape[0]}, H={q.shape[1]}, n_chunks >= 1, D={q.shape[3]}], got {tuple(chunk_means.shape)}"
+            f"chunk_means must be [B={q.shape[0]}, H={q.shape[1]}, n_chunks >= 1, D={q.shape[3]}], "
+            f"got {tuple(chunk_means.shape)}"
         )
     if query_chunk.dim() != 1 or query_chunk.numel() != q.shape[2] or query_chunk.is_floating_point():
         raise ValueError(f"query_chunk must be an int tensor [S={q.shape[2]}] (the chunk of every query)")
