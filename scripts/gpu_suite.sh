@@ -4,7 +4,7 @@
 # transformer forward, VLM pruning at LLaVA-1.5-7B size). Every step has its own time limit, so
 # one failure never costs the others. Results land in $OUT (default runs/gpu).
 #
-#   bash scripts/gpu_suite.sh [step ...]    # steps: env tests bsa bsa-tune video video-random vmoba vlm
+#   bash scripts/gpu_suite.sh [step ...]    # steps: env tests bsa bsa-tune video video-random vmoba video-batch vlm
 #                                         (default: env tests bsa video vlm)
 #
 # A GPU image without diffusers (or with another transformers) gets them from wheels in .whl, installed first:
@@ -42,6 +42,8 @@ for s in $steps; do
              --out "$OUT/bench_video_sparse_attn_random.json" ;;
     vmoba) step vmoba 200 $PY benchmarks/bench_video_sparse_attn.py --shapes wan1.3b-480p,wan14b-720p --drops 0.8 \
              --out "$OUT/bench_vmoba_breakdown.json" ;;
+    video-batch) step video-batch 200 $PY benchmarks/bench_video_sparse_attn.py --shapes wan1.3b-480p --drops 0.8 \
+             --batch 2 --out "$OUT/bench_video_batch2.json" ;;
     vlm) step vlm 200 $PY benchmarks/bench_vlm_pruning.py --profile dense fastv:budget=64 entropyprune:budget=64 \
              --out "$OUT/bench_vlm_pruning.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
