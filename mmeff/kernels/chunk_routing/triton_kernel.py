@@ -26,7 +26,6 @@ from .._common import HAS_TRITON, tl, triton
 __all__ = ["MAX_CHUNKS", "route_chunks_triton"]
 
 MAX_CHUNKS = 2048  # the gate tile lives in registers; beyond this use the torch path
-_ONE_PLUS_BITS = 0x3F800001  # int32 bits of 1.0f, plus one: above every normalised gate
 
 
 if HAS_TRITON:
@@ -89,7 +88,9 @@ if HAS_TRITON:
             bits = others.to(tl.int32, bitcast=True)  # negative for the excluded entries
             # Smallest bit threshold t whose strictly-greater mass is still below the target.
             t_lo = tl.full([BLOCK_M], -1, dtype=tl.int32)  # predicate false (by convention)
-            t_hi = tl.full([BLOCK_M], _ONE_PLUS_BITS, dtype=tl.int32)  # predicate true if remain > 0
+            # 0x3F800001 = the int32 bits of 1.0f plus one, above every normalised gate (a literal: compiled
+            # Triton refuses non-constexpr globals); the predicate holds there whenever remain > 0
+            t_hi = tl.full([BLOCK_M], 0x3F800001, dtype=tl.int32)
             for _ in range(BISECT_STEPS):
                 mid = t_lo + (t_hi - t_lo) // 2
                 above = tl.sum(tl.where(bits > mid[:, None], others, 0.0), axis=1)
