@@ -25,7 +25,7 @@ from .._common import HAS_TRITON, default_num_stages, tl, triton
 from ._checks import check_index_inputs
 from .key_major_layout import key_major_layout
 
-__all__ = ["chunk_routed_attention_key_major"]
+__all__ = ["chunk_routed_attention_key_major", "launch_options"]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -153,6 +153,12 @@ if HAS_TRITON:
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
 
 
+def launch_options(block_m: int, block_n: int, head_dim: int, element_size: int) -> dict[str, int]:
+    """Default warps and pipeline stages of the partial kernel (shared-memory fit from ``default_num_stages``)."""
+    return {"num_warps": 8 if block_m * max(block_n, head_dim) >= 128 * 128 else 4,
+            "num_stages": default_num_stages(block_m, block_n, head_dim, element_size)}
+
+
 def _interpreted() -> bool:
     return HAS_TRITON and type(_km_partial_kernel).__name__ == "InterpretedFunction"
 
@@ -216,8 +222,8 @@ def chunk_routed_attention_key_major(
         HEAD_DIM=prob.head_dim,
         DOT_PRECISION="ieee" if (q.dtype == torch.float32 or interpreted) else "tf32",
         DOT_IN_FP32=interpreted and q.dtype != torch.float32,
-        num_warps=num_warps or (8 if block_m * max(block_n, prob.head_dim) >= 128 * 128 else 4),
-        num_stages=num_stages or default_num_stages(block_m, block_n, prob.head_dim, q.element_size()),
+        **{**launch_options(block_m, block_n, prob.head_dim, q.element_size()),
+           **({"num_warps": num_warps} if num_warps else {}), **({"num_stages": num_stages} if num_stages else {})},
     )
     idx32 = idx.to(torch.int32).contiguous()
     slot_pair = lay.pair_of_slot

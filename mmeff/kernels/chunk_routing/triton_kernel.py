@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._common import HAS_TRITON, tl, triton
 
-__all__ = ["MAX_CHUNKS", "route_chunks_triton"]
+__all__ = ["MAX_CHUNKS", "launch_config", "route_chunks_triton"]
 
 MAX_CHUNKS = 2048  # the gate tile lives in registers; beyond this use the torch path
 
@@ -112,6 +112,24 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def launch_config(n_chunks: int, head_dim: int) -> dict[str, int]:
+    """Tile sizes and launch options for ``n_chunks`` chunk means of ``head_dim``.
+
+    The gate tile ``[BLOCK_M, C_PAD]`` stays in registers; each pipeline stage buffers one
+    ``[BLOCK_D, C_PAD]`` float32 slice of the chunk means in shared memory, so the widest
+    tiles get a single stage (2048 chunks at 3 stages would need 263 KB, above an H100's 227 KB;
+    ``tests/kernels/test_sm90_compile.py`` compiles these configurations for sm_90).
+    """
+    c_pad = max(16, _next_pow2(n_chunks))
+    return {
+        "C_PAD": c_pad,
+        "BLOCK_M": 16 if c_pad >= 256 else 32,
+        "BLOCK_D": 16 if c_pad >= 1024 else min(head_dim, 32),
+        "num_warps": 8 if c_pad >= 512 else 4,
+        "num_stages": 3 if c_pad <= 1024 else 1,
+    }
+
+
 def route_chunks_triton(
     q: Tensor,
     chunk_means: Tensor,
@@ -120,7 +138,6 @@ def route_chunks_triton(
     mode: str,
     topk: int = 3,
     threshold: float = 0.25,
-    block_m: int | None = None,
 ) -> Tensor:
     """Triton twin of ``route_chunks_naive`` (same arguments and outputs)."""
     if not HAS_TRITON:
@@ -134,10 +151,7 @@ def route_chunks_triton(
         )
     if dim < 16 or dim & (dim - 1):
         raise ValueError(f"the Triton router needs a power-of-two head dim >= 16, got {dim}; use route_chunks_naive")
-    c_pad = max(16, _next_pow2(n_chunks))
-    if block_m is None:
-        block_m = 16 if c_pad >= 256 else 32
-    block_d = 16 if c_pad >= 1024 else min(dim, 32)
+    cfg = launch_config(n_chunks, dim)
     q = q if q.stride(-1) == 1 else q.contiguous()
     means = chunk_means.float().contiguous()
     qc = query_chunk.to(device=q.device, dtype=torch.int32).contiguous()
@@ -150,7 +164,7 @@ def route_chunks_triton(
     if out.numel() == 0:
         return out
     store = out.view(torch.int8) if out.dtype == torch.bool else out
-    grid = (triton.cdiv(seq, block_m), bsz * heads)
+    grid = (triton.cdiv(seq, cfg["BLOCK_M"]), bsz * heads)
     _route_kernel[grid](
         q, means, qc, store,
         q.stride(0), q.stride(1), q.stride(2),
@@ -158,11 +172,8 @@ def route_chunks_triton(
         store.stride(0), store.stride(1), store.stride(2),
         heads, seq, n_chunks, n_out, float(threshold),
         TOPK_MODE=mode == "topk",
-        BLOCK_M=block_m,
-        C_PAD=c_pad,
         HEAD_DIM=dim,
-        BLOCK_D=block_d,
         BISECT_STEPS=31,
-        num_warps=8 if c_pad >= 512 else 4,
+        **cfg,
     )
     return out
