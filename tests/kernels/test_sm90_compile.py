@@ -50,3 +50,16 @@ def test_key_major_kernels_compile_for_sm90() -> None:
                                         "O": "*bf16", "LSE": "*fp32"}, {"BLOCK_M": 32, "HEAD_DIM": 128}, (),
                      {"num_warps": 4})
     assert "cubin" in partial.asm and "cubin" in merge.asm
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_query_major_kernel_compiles_for_sm90() -> None:
+    from mmeff.kernels._common import default_num_stages
+    from mmeff.kernels.chunk_routed_attn.triton_kernel import _cra_fwd_kernel
+
+    ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "SEL": "*u8", "TIDX": "*i32",
+            "TCNT": "*i32", "CSTART": "*i32"}
+    consts = {"BLOCK_M": 64, "BLOCK_N": 32, "HEAD_DIM": 128, "DOT_PRECISION": "tf32", "DOT_IN_FP32": False}
+    kernel = _compile(_cra_fwd_kernel, ptrs, consts, ("qk_scale",),
+                      {"num_warps": 4, "num_stages": default_num_stages(64, 32, 128, 2)})
+    assert "cubin" in kernel.asm and kernel.metadata.shared <= H100_SHARED_BYTES
