@@ -88,8 +88,10 @@ SIZES: dict[str, dict[str, int]] = {
     # opened the true-vs-shuffled image loss gap at once (tiny-llava 0.13 -> 0.29 in 11 min).
     "tiny-llava": dict(v_hidden=64, v_layers=3, v_heads=4, hidden=64, layers=12, heads=4, kv_heads=2,
                        rope_theta=1_000_000),
+    # tiny-qwen2-vl: base 50 since stage 4. M-RoPE gives the column axis the lowest frequencies; at 1e6 they
+    # turn < 0.002 rad across its 12-column grid and the LM could not tell columns apart (docs/STATUS.md).
     "tiny-qwen2-vl": dict(v_hidden=96, v_layers=3, v_heads=4, hidden=128, layers=8, heads=4, kv_heads=2,
-                          rope_theta=1_000_000),
+                          rope_theta=50),
 }
 
 
@@ -320,6 +322,13 @@ def init_only(name: str, out: Path, seed: int = 0) -> None:
     print(f"saved untrained {name} to {out} ({info['model_size_mb']} MB)")
 
 
+def saved_rope_theta(folder: str | Path) -> float | None:
+    """The LM RoPE base a saved zoo model was trained with (so ``--init-from`` keeps it), or None."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    theta = ((cfg.get("text_config") or cfg).get("rope_parameters") or {}).get("rope_theta")
+    return float(theta) if theta else None
+
+
 def load_weights(model: Any, folder: Path) -> dict[str, Any]:
     """Start from the weights saved in ``folder`` (a zoo model folder of the same size) and
     return its ``training.json`` (empty if absent), e.g. to continue a shipped model with a new
@@ -367,7 +376,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "ckpt.pt"
     processor = build_processor(ZOO_MODELS[name])
-    overrides = {"rope_theta": args.rope_theta} if args.rope_theta else {}
+    theta = args.rope_theta or (saved_rope_theta(Path(args.init_from)) if args.init_from else None)
+    overrides = {"rope_theta": theta} if theta else {}
     model = build_model(name, processor, seed=args.seed, dominant=args.dominant, **overrides)
     previous = load_weights(model, Path(args.init_from)) if args.init_from else None
     model.train()

@@ -64,3 +64,15 @@ def test_targets_follow_the_raster_grid() -> None:
         aux.loss(torch.tensor([[1, 7, 7, 7, 2, 2]]))
     with pytest.raises(ValueError, match="lm position layer"):
         LMPositionAux(fake, 3, image_token_id=7)
+
+
+def test_init_from_keeps_the_saved_rope_base(tmp_path) -> None:
+    """A continuation must not silently swap the RoPE base the saved model was trained with."""
+    from mmeff.zoo.load import ZOO_MODELS, zoo_path
+    from mmeff.zoo.processors import build_processor
+    from mmeff.zoo.train_vlm import build_model, saved_rope_theta
+
+    assert saved_rope_theta(zoo_path("tiny-qwen2-vl")) == 50.0  # the shipped stage-4 model
+    proc = build_processor(ZOO_MODELS["tiny-qwen2-vl"])
+    build_model("tiny-qwen2-vl", proc, layers=1, rope_theta=1234.0).save_pretrained(tmp_path)
+    assert saved_rope_theta(tmp_path) == 1234.0
