@@ -22,15 +22,13 @@ import torch
 from torch import Tensor
 
 from .._common import HAS_TRITON, default_num_stages, tl, triton
-from ._checks import check_index_inputs
+from ._checks import check_index_inputs, check_triton_launch
 from ._online_softmax import attend_key_tile, finish_rows
 from .key_major_layout import key_major_layout
 
 __all__ = ["chunk_routed_attention_key_major", "launch_options"]
 
 _LOG2E = 1.4426950408889634
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-_SUPPORTED_BLOCKS = (16, 32, 64, 128)
 
 
 if HAS_TRITON:
@@ -168,16 +166,7 @@ def chunk_routed_attention_key_major(
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use chunk_routed_attention_naive")
     prob = check_index_inputs(q, k, v, chunk_start, idx, scale)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"the Triton path supports float16, bfloat16 and float32 inputs, got {q.dtype}")
-    if prob.head_dim not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"the Triton path supports head dims {_SUPPORTED_HEAD_DIMS}, got {prob.head_dim}; "
-            "use chunk_routed_attention_naive"
-        )
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        if blk not in _SUPPORTED_BLOCKS:
-            raise ValueError(f"the Triton path supports {name} in {_SUPPORTED_BLOCKS}, got {blk!r}")
+    check_triton_launch(q.dtype, prob.head_dim, block_m, block_n)
     if idx.numel() >= 2**31:
         raise ValueError("the key-major path indexes pairs with int32; split the heads into smaller calls")
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..block_sparse_attn.layout import mask_to_indices
-from ._checks import check_inputs
+from ._checks import TRITON_BLOCKS, TRITON_HEAD_DIMS, check_inputs, check_triton_launch
 from ._online_softmax import attend_key_tile, finish_rows
 
 from .._common import HAS_TRITON, default_num_stages, tl, triton
@@ -40,9 +40,8 @@ __all__ = [
     "tile_union",
 ]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_BLOCKS = (16, 32, 64, 128)
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
+SUPPORTED_BLOCKS = TRITON_BLOCKS
 _LOG2E = 1.4426950408889634
 
 
@@ -162,17 +161,7 @@ def chunk_routed_attention_triton(
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use chunk_routed_attention_naive or install triton")
     prob, sel = check_inputs(q, k, v, chunk_start, selected, scale)
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"the Triton path supports float16, bfloat16 and float32 inputs, got {q.dtype}")
-    if prob.head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"the Triton path supports head dims {SUPPORTED_HEAD_DIMS}, got {prob.head_dim}; "
-            "zero-pad q/k/v along the last dim to the next supported size (and pass the original "
-            "scale explicitly), or use chunk_routed_attention_naive"
-        )
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        if blk not in SUPPORTED_BLOCKS:
-            raise ValueError(f"the Triton path supports {name} in {SUPPORTED_BLOCKS}, got {blk!r}")
+    check_triton_launch(q.dtype, prob.head_dim, block_m, block_n)
 
     q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
     out = torch.empty_like(q)  # keeps q's memory layout, so a transposed view costs no copy
