@@ -1,6 +1,7 @@
 """Pieces every attention kernel shares: the optional Triton import and the q/k/v input checks."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 try:
@@ -47,3 +48,24 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_BLOCKS = (16, 32, 64, 128)
+
+
+def check_triton_launch(dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, naive: str) -> None:
+    """What every attention Triton kernel here takes (dtype, head dim, tiles); ``ValueError`` naming the fix
+    (``naive``: the torch twin to fall back to)."""
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"the Triton path supports float16, bfloat16 and float32 inputs, got {dtype}")
+    if head_dim not in TRITON_HEAD_DIMS:
+        raise ValueError(
+            f"the Triton path supports head dims {TRITON_HEAD_DIMS}, got {head_dim}; "
+            "zero-pad q/k/v along the last dim to the next supported size (and pass the original "
+            f"scale explicitly), or use {naive}"
+        )
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk not in TRITON_BLOCKS:
+            raise ValueError(f"the Triton path supports {name} in {TRITON_BLOCKS}, got {blk!r}")

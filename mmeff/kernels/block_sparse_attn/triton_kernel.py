@@ -16,13 +16,20 @@ from torch import Tensor
 
 from ._checks import check_inputs
 
-from .._common import HAS_TRITON, default_num_stages, tl, triton
+from .._common import (
+    HAS_TRITON,
+    TRITON_BLOCKS,
+    TRITON_HEAD_DIMS,
+    check_triton_launch,
+    default_num_stages,
+    tl,
+    triton,
+)
 
 __all__ = ["HAS_TRITON", "SUPPORTED_BLOCKS", "SUPPORTED_HEAD_DIMS", "block_sparse_attention_triton"]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_BLOCKS = (16, 32, 64, 128)
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
+SUPPORTED_BLOCKS = TRITON_BLOCKS
 _LOG2E = 1.4426950408889634
 
 
@@ -164,17 +171,7 @@ def block_sparse_attention_triton(
         block_m=block_m, block_n=block_n, scale=scale, kv_len=kv_len,
         row_scale=row_scale, row_add=row_add, check_values=False,
     )
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"the Triton path supports float16, bfloat16 and float32 inputs, got {q.dtype}")
-    if prob.head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"the Triton path supports head dims {SUPPORTED_HEAD_DIMS}, got {prob.head_dim}; "
-            "zero-pad q/k/v along the last dim to the next supported size (and pass the original "
-            "scale explicitly), or use block_sparse_attention_naive"
-        )
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        if blk not in SUPPORTED_BLOCKS:
-            raise ValueError(f"the Triton path supports {name} in {SUPPORTED_BLOCKS}, got {blk}")
+    check_triton_launch(q.dtype, prob.head_dim, block_m, block_n, "block_sparse_attention_naive")
 
     q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
     out = torch.empty_like(q)  # keeps q's memory layout, so a transposed view costs no copy

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from .._common import check_qkv
 
-__all__ = ["Problem", "check_index_inputs", "check_inputs", "check_triton_launch", "chunk_mask_from_indices", "normalise_selected"]
+__all__ = ["Problem", "check_index_inputs", "check_inputs", "chunk_mask_from_indices", "normalise_selected"]
 
 
 @dataclass(frozen=True)
@@ -127,22 +127,3 @@ def check_index_inputs(q: Tensor, k: Tensor, v: Tensor, chunk_start: Tensor, idx
         raise ValueError(f"selected chunk indices must lie in [0, n_chunks={prob.n_chunks}) (or -1 for padding)")
     return prob
 
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
-TRITON_BLOCKS = (16, 32, 64, 128)
-
-
-def check_triton_launch(dtype: torch.dtype, head_dim: int, block_m: int, block_n: int) -> None:
-    """What the chunk-routed Triton kernels take (query-major and key-major alike); ``ValueError`` naming the fix."""
-    if dtype not in TRITON_DTYPES:
-        raise ValueError(f"the Triton path supports float16, bfloat16 and float32 inputs, got {dtype}")
-    if head_dim not in TRITON_HEAD_DIMS:
-        raise ValueError(
-            f"the Triton path supports head dims {TRITON_HEAD_DIMS}, got {head_dim}; "
-            "zero-pad q/k/v along the last dim to the next supported size (and pass the original "
-            "scale explicitly), or use chunk_routed_attention_naive"
-        )
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        if blk not in TRITON_BLOCKS:
-            raise ValueError(f"the Triton path supports {name} in {TRITON_BLOCKS}, got {blk!r}")

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import HAS_TRITON, default_num_stages, tl, triton
-from ._checks import check_index_inputs, check_triton_launch
+from .._common import HAS_TRITON, check_triton_launch, default_num_stages, tl, triton
+from ._checks import check_index_inputs
 from ._online_softmax import attend_key_tile, finish_rows
 from .key_major_layout import key_major_layout
 
@@ -166,7 +166,7 @@ def chunk_routed_attention_key_major(
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use chunk_routed_attention_naive")
     prob = check_index_inputs(q, k, v, chunk_start, idx, scale)
-    check_triton_launch(q.dtype, prob.head_dim, block_m, block_n)
+    check_triton_launch(q.dtype, prob.head_dim, block_m, block_n, "chunk_routed_attention_naive")
     if idx.numel() >= 2**31:
         raise ValueError("the key-major path indexes pairs with int32; split the heads into smaller calls")
 

@@ -27,10 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..block_sparse_attn.layout import mask_to_indices
-from ._checks import TRITON_BLOCKS, TRITON_HEAD_DIMS, check_inputs, check_triton_launch
+from ._checks import check_inputs
 from ._online_softmax import attend_key_tile, finish_rows
 
-from .._common import HAS_TRITON, default_num_stages, tl, triton
+from .._common import (
+    HAS_TRITON,
+    TRITON_BLOCKS,
+    TRITON_HEAD_DIMS,
+    check_triton_launch,
+    default_num_stages,
+    tl,
+    triton,
+)
 
 __all__ = [
     "HAS_TRITON",
@@ -161,7 +169,7 @@ def chunk_routed_attention_triton(
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use chunk_routed_attention_naive or install triton")
     prob, sel = check_inputs(q, k, v, chunk_start, selected, scale)
-    check_triton_launch(q.dtype, prob.head_dim, block_m, block_n)
+    check_triton_launch(q.dtype, prob.head_dim, block_m, block_n, "chunk_routed_attention_naive")
 
     q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
     out = torch.empty_like(q)  # keeps q's memory layout, so a transposed view costs no copy
