@@ -67,8 +67,11 @@ from .local_attention_init import (
     qwen_vision_rope_theta,
 )
 from .lm_position_aux import LMPositionAux
+from .lm_transplant import donor_text_config, transplant_lm
 from .vision_aux import FeatureCapture, VisionAuxHead, class_token_ids, image_features_only, stack_labels
+from .referent_position_aux import ReferentPositionAux, referent_token_ends
 from .world import SPLITS, generate_scene, grounding_drill, make_questions, render
+from .world.questions import refer
 from .world.labels import patch_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +103,7 @@ def _vocab_size(tokenizer: Any) -> int:
 
 
 def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = True, dominant: float | None = None,
-                **overrides: float) -> Any:
+                **overrides: Any) -> Any:
     """A randomly initialised zoo model ``name`` matching ``processor``'s tokenizer; with
     ``local_init`` its vision tower's heads start as fixed-offset (convolution-like) attention
     (:mod:`mmeff.zoo.local_attention_init`; ``dominant``: position-dominant LayerNorms, CLIP only)."""
@@ -120,6 +123,9 @@ def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = Tru
         tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": float(s.get("rope_theta", 10_000))},
     )
+    for key in ("attention_bias", "rms_norm_eps"):  # set by an LM transplant (mmeff.zoo.lm_transplant)
+        if key in s:
+            text[key] = s[key]
     torch.manual_seed(seed)
     if name == "tiny-llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -229,6 +235,14 @@ class Batcher:
         then one segment per question (question, EOS, ``<|assistant|>``, answer, EOS). With
         :func:`mmeff.zoo.isolated_turns.isolate_turns` each segment sees only the prefix and
         itself, i.e. exactly the single-question chat used at inference."""
+        return self.sequence_with_referents(seed, rng)[:3]
+
+    def sequence_with_referents(
+        self, seed: int, rng: random.Random
+    ) -> tuple[list[int], list[int], list[int], list[tuple[int, float, float]]]:
+        """:meth:`sequence` plus, for every position question, (token index, x, y) of the last
+        token of each object phrase and that object's centre
+        (:mod:`mmeff.zoo.referent_position_aux`)."""
         scene = generate_scene(seed)
         qas = make_questions(scene, rng, per_family=3)
         if self.drill:  # every shape's existence and count, once each
@@ -239,13 +253,26 @@ class Batcher:
         ids = [self.id[BOS], self.id["<|user|>"]] + self.image_ids
         labels = [-100] * len(ids)
         segments = [0] * len(ids)
+        referents: list[tuple[int, float, float]] = []
         for k, qa in enumerate(qas, start=1):
             question = self._enc(qa.question) + [self.id[EOS], self.id["<|assistant|>"]]
+            if qa.family == "position":
+                referents += self._referents(scene, qa, offset=len(ids))
             ans = self._enc(qa.answer) + [self.id[EOS]]
             ids += question + ans
             labels += [-100] * len(question) + ans
             segments += [k] * (len(question) + len(ans))
-        return ids, labels, segments
+        return ids, labels, segments, referents
+
+    def _referents(self, scene: Any, qa: Any, offset: int) -> list[tuple[int, float, float]]:
+        """(token index, x, y) at the last token of both object phrases of position question ``qa``
+        (word-level tokenizer: a prefix cut at a word end encodes to a prefix of the tokens)."""
+        out = []
+        a, b = scene.objects[qa.meta["a"]], scene.objects[qa.meta["b"]]
+        ends = referent_token_ends(qa.question, refer(scene, qa.meta["a"])[0], refer(scene, qa.meta["b"])[0])
+        for end, obj in zip(ends, (a, b)):
+            out.append((offset + len(self._enc(qa.question[:end])) - 1, obj.x, obj.y))
+        return out
 
     def images(self, seeds: list[int]) -> dict[str, torch.Tensor]:
         """Pixel inputs plus per-token auxiliary targets (``aux_*`` keys) for ``seeds``."""
@@ -262,20 +289,25 @@ class Batcher:
         """Padded token ids, labels, flat attention mask and ``segment_ids`` (-1 on padding)
         plus the image inputs; :func:`isolate_turns` turns the segments into the model's
         4-D mask and position ids."""
-        seqs = [self.sequence(s, rng) for s in seeds]
-        n = max(len(i) for i, _, _ in seqs)
+        seqs = [self.sequence_with_referents(s, rng) for s in seeds]
+        n = max(len(i) for i, _, _, _ in seqs)
         pad = self.tok.pad_token_id
         input_ids = torch.full((len(seqs), n), pad, dtype=torch.long)
         labels = torch.full((len(seqs), n), -100, dtype=torch.long)
         attn = torch.zeros((len(seqs), n), dtype=torch.long)
         segment_ids = torch.full((len(seqs), n), -1, dtype=torch.long)
-        for b, (i, l, g) in enumerate(seqs):
+        ref_index, ref_target = [], []
+        for b, (i, l, g, r) in enumerate(seqs):
             input_ids[b, : len(i)] = torch.tensor(i)
             labels[b, : len(l)] = torch.tensor(l)
             attn[b, : len(i)] = 1
             segment_ids[b, : len(g)] = torch.tensor(g)
+            ref_index += [(b, t) for t, _, _ in r]
+            ref_target += [(x, y) for _, x, y in r]
         out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attn, "labels": labels,
                                         "segment_ids": segment_ids}
+        out["aux_referent_index"] = torch.tensor(ref_index, dtype=torch.long).reshape(-1, 2)
+        out["aux_referent_xy"] = torch.tensor(ref_target, dtype=torch.float32).reshape(-1, 2)
         out.update(self.images(seeds))
         if self.qwen:
             out["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
@@ -344,6 +376,14 @@ def load_weights(model: Any, folder: Path) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
+def _load_donor(folder: str | Path) -> Any:
+    """The saved zoo model in ``folder`` of whichever class its config names."""
+    import transformers
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    return getattr(transformers, cfg["architectures"][0]).from_pretrained(folder)
+
+
 def _split_aux(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     inputs = {k: v for k, v in batch.items() if not k.startswith("aux_")}
     targets = {k[4:]: v for k, v in batch.items() if k.startswith("aux_")}
@@ -377,9 +417,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_path = ckpt_dir / "ckpt.pt"
     processor = build_processor(ZOO_MODELS[name])
     theta = args.rope_theta or (saved_rope_theta(Path(args.init_from)) if args.init_from else None)
-    overrides = {"rope_theta": theta} if theta else {}
+    overrides: dict[str, Any] = {"rope_theta": theta} if theta else {}
+    if args.lm_from:  # the donor's LM width; the depth stays this model's (extra layers start as identities)
+        overrides.update({k: v for k, v in donor_text_config(args.lm_from).items() if k != "layers"})
     model = build_model(name, processor, seed=args.seed, dominant=args.dominant, **overrides)
     previous = load_weights(model, Path(args.init_from)) if args.init_from else None
+    lm_plan = transplant_lm(model, _load_donor(args.lm_from)) if args.lm_from else None
     model.train()
     qwen = name == "tiny-qwen2-vl"
     aux_head = VisionAuxHead(model.config.text_config.hidden_size, class_token_ids(processor.tokenizer))
@@ -387,13 +430,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     batcher = Batcher(name, processor, drill=args.drill, position_drill=args.position_drill)
     pos_aux = (LMPositionAux(model, args.lm_position_layer, batcher.image_token_id)
                if args.lm_position_weight > 0 else None)
+    ref_aux = ReferentPositionAux(model, args.referent_layer) if args.referent_weight > 0 else None
     params = list(model.parameters()) + list(aux_head.parameters())
-    if pos_aux is not None:
-        params += list(pos_aux.head.parameters())
+    for extra in (pos_aux, ref_aux):
+        if extra is not None:
+            params += list(extra.head.parameters())
     # the frozen fixed-offset weights get no gradient, and must not shrink under AdamW's decay either
     frozen = {id(p) for p, _ in position_rows(model).values()} if args.hard_offsets else set()
-    groups = [{"params": [p for p in params if id(p) not in frozen]},
-              {"params": [p for p in params if id(p) in frozen], "weight_decay": 0.0}]
+    lm_ids = {id(p) for p in (*model.model.language_model.parameters(), *model.lm_head.parameters())}
+    scale = lambda p: args.lm_lr_scale if id(p) in lm_ids else 1.0  # noqa: E731
+    groups = [{"params": [p for p in params if id(p) not in frozen and scale(p) == f], "lr_scale": f}
+              for f in sorted({1.0, args.lm_lr_scale})]
+    groups.append({"params": [p for p in params if id(p) in frozen], "weight_decay": 0.0, "lr_scale": 1.0})
+    groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     state = {"step": 0, "vision_steps": 0, "samples": 0, "elapsed": 0.0, "loss_ema": None, "aux_ema": None,
              "history": []}
@@ -404,6 +453,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         aux_head.load_state_dict(ck["aux_head"])
         if pos_aux is not None and "lm_position_head" in ck:
             pos_aux.head.load_state_dict(ck["lm_position_head"])
+        if ref_aux is not None and "referent_head" in ck:
+            ref_aux.head.load_state_dict(ck["referent_head"])
         opt.load_state_dict(ck["opt"])
         state = {**state, **ck["state"]}
         budget = ck.get("budget", budget) if not args.new_budget else budget
@@ -420,6 +471,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
                     **({"lm_position_head": pos_aux.head.state_dict()} if pos_aux is not None else {}),
+                    **({"referent_head": ref_aux.head.state_dict()} if ref_aux is not None else {}),
                     "state": state, "budget": budget, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt_path)
 
@@ -446,7 +498,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         rng = random.Random(f"train-{args.seed}-{state['step']}")
         lr = _lr(elapsed / budget, args.lr)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         if hard is not None and hard.active != vision_phase:
             hard.on() if vision_phase else hard.off()
         if vision_phase:
@@ -467,6 +519,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 pos_loss, pos_r2 = pos_aux.loss(inputs["input_ids"])
                 loss = loss + args.lm_position_weight * pos_loss
                 acc.update(pos_r2)
+            if ref_aux is not None:
+                ref_loss, ref_r2 = ref_aux.loss(targets["referent_index"], targets["referent_xy"])
+                loss = loss + args.referent_weight * ref_loss
+                acc.update(ref_r2)
             ema("loss_ema", float(lm.detach()))
         ema("aux_ema", float(aux.detach()))
         opt.zero_grad(set_to_none=True)
@@ -505,8 +561,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         hard.off()  # the saved model uses the stock attention
     save_ckpt()
     capture.remove()
-    if pos_aux is not None:
-        pos_aux.remove()
+    for extra in (pos_aux, ref_aux):
+        if extra is not None:
+            extra.remove()
     wall = state["elapsed"]
     info = {
         "trained": True,
@@ -528,7 +585,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "aux_weight": args.aux_weight,
         "lm_position_aux": ({"weight": args.lm_position_weight, "layer": args.lm_position_layer}
                             if args.lm_position_weight > 0 else None),
+        "referent_position_aux": ({"weight": args.referent_weight, "layer": args.referent_layer}
+                                  if args.referent_weight > 0 else None),
         "lr": args.lr,
+        "lm_lr_scale": args.lm_lr_scale,
+        "lm_transplanted_from": ({"path": str(args.lm_from), "layer_plan": lm_plan} if lm_plan is not None else None),
         "wall_minutes": round(wall / 60, 2),
         "samples_per_s": round(state["samples"] / max(wall, 1e-9), 3),
         "final_loss_ema": round(state["loss_ema"], 4) if state["loss_ema"] is not None else None,
@@ -577,6 +638,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of a read-out of each image token's grid position from an LM layer "
                         "(mmeff.zoo.lm_position_aux), so the LM computes absolute positions it can compare")
     p.add_argument("--lm-position-layer", type=int, default=1, help="the LM layer that read-out reads")
+    p.add_argument("--referent-weight", type=float, default=0.0,
+                   help="weight of a read-out of each position question's objects' centres at their phrase's "
+                        "last token (mmeff.zoo.referent_position_aux): supervises the look-up the comparison needs")
+    p.add_argument("--referent-layer", type=int, default=4, help="the LM layer the referent read-out reads")
     p.add_argument("--rope-theta", type=float, default=None,
                    help="override the LM's RoPE base (SIZES). Qwen2-VL's M-RoPE gives the column (w) axis the lowest "
                         "frequencies: with base 1e6 and 32-dim heads they turn by < 0.002 rad across the 12-column "
@@ -587,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from", default=None,
                    help="start from the weights of a saved zoo model folder (e.g. the shipped one) instead of "
                         "a random init; ignored when a checkpoint is resumed")
+    p.add_argument("--lm-from", default=None,
+                   help="start the language model from this saved zoo model's LM (e.g. tiny-qwen2-vl for "
+                        "tiny-llava: same tokenizer, same decoder block; mmeff.zoo.lm_transplant), with its width "
+                        "and extra layers as identities; the vision tower and projector start fresh")
+    p.add_argument("--lm-lr-scale", type=float, default=1.0,
+                   help="learning-rate factor for the LM's parameters (e.g. 0.3 for a transplanted LM)")
     p.add_argument("--init-only", action="store_true", help="save an untrained model + processor and exit")
     args = p.parse_args(argv)
     if args.init_only:
