@@ -69,7 +69,7 @@ from .local_attention_init import (
 from .lm_position_aux import LMPositionAux
 from .lm_transplant import donor_text_config, transplant_lm
 from .vision_aux import FeatureCapture, VisionAuxHead, class_token_ids, image_features_only, stack_labels
-from .referent_position_aux import ReferentPositionAux, referent_token_ends
+from .referent_position_aux import ReferentAttentionAux, ReferentPositionAux, referent_token_ends
 from .world import SPLITS, generate_scene, grounding_drill, make_questions, render
 from .world.questions import refer
 from .world.labels import patch_labels
@@ -239,9 +239,9 @@ class Batcher:
 
     def sequence_with_referents(
         self, seed: int, rng: random.Random
-    ) -> tuple[list[int], list[int], list[int], list[tuple[int, float, float]]]:
-        """:meth:`sequence` plus, for every position question, (token index, x, y) of the last
-        token of each object phrase and that object's centre
+    ) -> tuple[list[int], list[int], list[int], list[tuple[int, float, float, float]]]:
+        """:meth:`sequence` plus, for every position question, (token index, x, y, radius) of the
+        last token of each object phrase and that object's centre and half-extent
         (:mod:`mmeff.zoo.referent_position_aux`)."""
         scene = generate_scene(seed)
         qas = make_questions(scene, rng, per_family=3)
@@ -253,25 +253,27 @@ class Batcher:
         ids = [self.id[BOS], self.id["<|user|>"]] + self.image_ids
         labels = [-100] * len(ids)
         segments = [0] * len(ids)
-        referents: list[tuple[int, float, float]] = []
+        referents: list[tuple[int, float, float, float]] = []
         for k, qa in enumerate(qas, start=1):
             question = self._enc(qa.question) + [self.id[EOS], self.id["<|assistant|>"]]
             if qa.family == "position":
-                referents += self._referents(scene, qa, offset=len(ids))
+                referents += self._referents(scene, qa, offset=len(ids), final=len(ids) + len(question) - 1)
             ans = self._enc(qa.answer) + [self.id[EOS]]
             ids += question + ans
             labels += [-100] * len(question) + ans
             segments += [k] * (len(question) + len(ans))
         return ids, labels, segments, referents
 
-    def _referents(self, scene: Any, qa: Any, offset: int) -> list[tuple[int, float, float]]:
-        """(token index, x, y) at the last token of both object phrases of position question ``qa``
-        (word-level tokenizer: a prefix cut at a word end encodes to a prefix of the tokens)."""
+    def _referents(self, scene: Any, qa: Any, offset: int, final: int) -> list[tuple[int, float, float, float]]:
+        """(token index, x, y, radius) at the last token of both object phrases of position question ``qa``
+        (word-level tokenizer: a prefix cut at a word end encodes to a prefix of the tokens), then
+        (index of the final ``<|assistant|>`` token, x_A - x_B, y_A - y_B, 0) for the comparison."""
         out = []
         a, b = scene.objects[qa.meta["a"]], scene.objects[qa.meta["b"]]
         ends = referent_token_ends(qa.question, refer(scene, qa.meta["a"])[0], refer(scene, qa.meta["b"])[0])
         for end, obj in zip(ends, (a, b)):
-            out.append((offset + len(self._enc(qa.question[:end])) - 1, obj.x, obj.y))
+            out.append((offset + len(self._enc(qa.question[:end])) - 1, obj.x, obj.y, obj.radius))
+        out.append((final, a.x - b.x, a.y - b.y, 0.0))
         return out
 
     def images(self, seeds: list[int]) -> dict[str, torch.Tensor]:
@@ -296,18 +298,25 @@ class Batcher:
         labels = torch.full((len(seqs), n), -100, dtype=torch.long)
         attn = torch.zeros((len(seqs), n), dtype=torch.long)
         segment_ids = torch.full((len(seqs), n), -1, dtype=torch.long)
-        ref_index, ref_target = [], []
+        ref_index, ref_target, ref_radius, cmp_index, cmp_target = [], [], [], [], []
         for b, (i, l, g, r) in enumerate(seqs):
             input_ids[b, : len(i)] = torch.tensor(i)
             labels[b, : len(l)] = torch.tensor(l)
             attn[b, : len(i)] = 1
             segment_ids[b, : len(g)] = torch.tensor(g)
-            ref_index += [(b, t) for t, _, _ in r]
-            ref_target += [(x, y) for _, x, y in r]
+            objects, finals = [x for k, x in enumerate(r) if k % 3 < 2], r[2::3]
+            ref_index += [(b, t) for t, _, _, _ in objects]
+            ref_target += [(x, y) for _, x, y, _ in objects]
+            ref_radius += [radius for _, _, _, radius in objects]
+            cmp_index += [(b, t) for t, _, _, _ in finals]
+            cmp_target += [(dx, dy) for _, dx, dy, _ in finals]
         out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attn, "labels": labels,
                                         "segment_ids": segment_ids}
         out["aux_referent_index"] = torch.tensor(ref_index, dtype=torch.long).reshape(-1, 2)
         out["aux_referent_xy"] = torch.tensor(ref_target, dtype=torch.float32).reshape(-1, 2)
+        out["aux_referent_radius"] = torch.tensor(ref_radius, dtype=torch.float32)
+        out["aux_compare_index"] = torch.tensor(cmp_index, dtype=torch.long).reshape(-1, 2)
+        out["aux_compare_dxy"] = torch.tensor(cmp_target, dtype=torch.float32).reshape(-1, 2)
         out.update(self.images(seeds))
         if self.qwen:
             out["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
@@ -431,8 +440,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     pos_aux = (LMPositionAux(model, args.lm_position_layer, batcher.image_token_id)
                if args.lm_position_weight > 0 else None)
     ref_aux = ReferentPositionAux(model, args.referent_layer) if args.referent_weight > 0 else None
+    compare = ReferentPositionAux(model, args.compare_layer) if args.compare_weight > 0 else None
+    pointer = (ReferentAttentionAux(model, args.pointer_layer, args.pointer_head, batcher.image_token_id)
+               if args.pointer_weight > 0 else None)
     params = list(model.parameters()) + list(aux_head.parameters())
-    for extra in (pos_aux, ref_aux):
+    for extra in (pos_aux, ref_aux, compare):
         if extra is not None:
             params += list(extra.head.parameters())
     # the frozen fixed-offset weights get no gradient, and must not shrink under AdamW's decay either
@@ -455,6 +467,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             pos_aux.head.load_state_dict(ck["lm_position_head"])
         if ref_aux is not None and "referent_head" in ck:
             ref_aux.head.load_state_dict(ck["referent_head"])
+        if compare is not None and "compare_head" in ck:
+            compare.head.load_state_dict(ck["compare_head"])
         opt.load_state_dict(ck["opt"])
         state = {**state, **ck["state"]}
         budget = ck.get("budget", budget) if not args.new_budget else budget
@@ -472,6 +486,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
                     **({"lm_position_head": pos_aux.head.state_dict()} if pos_aux is not None else {}),
                     **({"referent_head": ref_aux.head.state_dict()} if ref_aux is not None else {}),
+                    **({"compare_head": compare.head.state_dict()} if compare is not None else {}),
                     "state": state, "budget": budget, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt_path)
 
@@ -523,6 +538,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 ref_loss, ref_r2 = ref_aux.loss(targets["referent_index"], targets["referent_xy"])
                 loss = loss + args.referent_weight * ref_loss
                 acc.update(ref_r2)
+            if compare is not None:
+                cmp_loss, cmp_r2 = compare.loss(targets["compare_index"], targets["compare_dxy"])
+                loss = loss + args.compare_weight * cmp_loss
+                acc.update({f"cmp_{k[4:]}": v for k, v in cmp_r2.items()})
+            if pointer is not None:
+                ptr_loss, ptr_log = pointer.loss(inputs["input_ids"], targets["referent_index"],
+                                                 targets["referent_xy"], targets["referent_radius"])
+                loss = loss + args.pointer_weight * ptr_loss
+                acc.update(ptr_log)
             ema("loss_ema", float(lm.detach()))
         ema("aux_ema", float(aux.detach()))
         opt.zero_grad(set_to_none=True)
@@ -561,7 +585,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         hard.off()  # the saved model uses the stock attention
     save_ckpt()
     capture.remove()
-    for extra in (pos_aux, ref_aux):
+    for extra in (pos_aux, ref_aux, compare, pointer):
         if extra is not None:
             extra.remove()
     wall = state["elapsed"]
@@ -587,6 +611,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                             if args.lm_position_weight > 0 else None),
         "referent_position_aux": ({"weight": args.referent_weight, "layer": args.referent_layer}
                                   if args.referent_weight > 0 else None),
+        "compare_aux": ({"weight": args.compare_weight, "layer": args.compare_layer}
+                        if args.compare_weight > 0 else None),
+        "referent_attention_aux": ({"weight": args.pointer_weight, "layer": args.pointer_layer,
+                                    "head": args.pointer_head} if args.pointer_weight > 0 else None),
         "lr": args.lr,
         "lm_lr_scale": args.lm_lr_scale,
         "lm_transplanted_from": ({"path": str(args.lm_from), "layer_plan": lm_plan} if lm_plan is not None else None),
@@ -642,6 +670,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of a read-out of each position question's objects' centres at their phrase's "
                         "last token (mmeff.zoo.referent_position_aux): supervises the look-up the comparison needs")
     p.add_argument("--referent-layer", type=int, default=4, help="the LM layer the referent read-out reads")
+    p.add_argument("--compare-weight", type=float, default=0.0,
+                   help="weight of a read-out of (x_A - x_B, y_A - y_B) at each position question's final token: "
+                        "the comparison's input, gathered from the two looked-up objects")
+    p.add_argument("--compare-layer", type=int, default=5, help="the LM layer the comparison read-out reads")
+    p.add_argument("--pointer-weight", type=float, default=0.0,
+                   help="weight of a loss that makes one attention head point at the object each position "
+                        "question's phrase names (mmeff.zoo.referent_position_aux.ReferentAttentionAux)")
+    p.add_argument("--pointer-layer", type=int, default=2, help="the LM layer of the pointing head")
+    p.add_argument("--pointer-head", type=int, default=0, help="the pointing head")
     p.add_argument("--rope-theta", type=float, default=None,
                    help="override the LM's RoPE base (SIZES). Qwen2-VL's M-RoPE gives the column (w) axis the lowest "
                         "frequencies: with base 1e6 and 32-dim heads they turn by < 0.002 rad across the 12-column "
