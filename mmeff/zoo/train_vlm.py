@@ -79,7 +79,7 @@ CKPT_ROOT = REPO_ROOT / ".zoo_ckpt"
 
 # --------------------------------------------------------------------------- models
 
-SIZES: dict[str, dict[str, int]] = {
+SIZES: dict[str, dict[str, Any]] = {
     # Vision tower / LM sizes, kept small enough for CPU training. The LMs are deep enough
     # that in-LLM pruners can meet the papers' average budgets 192/128/64: with 576 visual
     # tokens and L layers, pruning after layer K needs L * budget >= K * 576, so tiny-llava
@@ -89,8 +89,10 @@ SIZES: dict[str, dict[str, int]] = {
     # frequency pairs rotate slowly enough for a question token to find an image token by
     # content hundreds of positions back. Switching both runs from 1e4 to 1e6 mid-training
     # opened the true-vs-shuffled image loss gap at once (tiny-llava 0.13 -> 0.29 in 11 min).
-    "tiny-llava": dict(v_hidden=64, v_layers=3, v_heads=4, hidden=64, layers=12, heads=4, kv_heads=2,
-                       rope_theta=1_000_000),
+    # tiny-llava: 128-wide LM since 2026-11-23, started from tiny-qwen2-vl's LM (mmeff.zoo.lm_transplant, hence
+    # the q/k/v(/o) biases and RMSNorm eps of Qwen2); every 64-wide LM trained from scratch stayed near chance.
+    "tiny-llava": dict(v_hidden=64, v_layers=3, v_heads=4, hidden=128, layers=12, heads=4, kv_heads=2,
+                       rope_theta=1_000_000, attention_bias=True, rms_norm_eps=1e-5),
     # tiny-qwen2-vl: base 50 since stage 4. M-RoPE gives the column axis the lowest frequencies; at 1e6 they
     # turn < 0.002 rad across its 12-column grid and the LM could not tell columns apart (docs/STATUS.md).
     "tiny-qwen2-vl": dict(v_hidden=96, v_layers=3, v_heads=4, hidden=128, layers=8, heads=4, kv_heads=2,

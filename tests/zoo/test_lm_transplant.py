@@ -53,6 +53,6 @@ def test_transplant_refuses_a_mismatched_width(one_thread) -> None:
     from mmeff.zoo.train_vlm import build_model
 
     qwen = build_model("tiny-qwen2-vl", build_processor(ZOO_MODELS["tiny-qwen2-vl"]), layers=1)
-    llava = build_model("tiny-llava", build_processor(ZOO_MODELS["tiny-llava"]), layers=1, attention_bias=True)
+    llava = build_model("tiny-llava", build_processor(ZOO_MODELS["tiny-llava"]), layers=1, hidden=64)
     with pytest.raises(ValueError, match="embedding shapes differ"):
         transplant_lm(llava, qwen)
