@@ -16,7 +16,16 @@ the single-question chat used at inference, so no answer can be copied from anot
 (an ordinary multi-turn chat taught the models to answer existence from earlier mentions).
 ``--drill`` adds every shape's existence and count question to each scene (and
 ``--position-drill N`` up to N position questions): the shipped tiny-qwen2-vl went from chance
-to 0.99 on existence with it. ``--init-from`` continues a saved model (e.g. the shipped one).
+to 0.99 on existence with it. ``--init-from`` continues a saved model (e.g. the shipped one);
+``--lm-from`` starts only the language model from another zoo model's (:mod:`mmeff.zoo.lm_transplant`;
+tiny-llava's LM comes from tiny-qwen2-vl's).
+
+Relative position (training-only heads, never saved): ``--lm-position-weight`` reads every image
+token's grid position from one LM layer (:mod:`mmeff.zoo.lm_position_aux`); ``--pointer-weight``
+makes one head attend to the object each position question names, ``--referent-weight`` reads
+that object's centre at the phrase's last token, and ``--compare-weight`` reads x_A - x_B,
+y_A - y_B at the final token (:mod:`mmeff.zoo.referent_position_aux`). Together they took
+tiny-qwen2-vl's position answers from 0.52 to 0.97.
 
 Vision supervision (:mod:`mmeff.zoo.vision_aux`): the answer loss alone is too weak a
 signal to teach a from-scratch ViT the world through a 576-token image in CPU-minutes (the
