@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,16 +30,22 @@ def held_out_r2(x: torch.Tensor, y: torch.Tensor) -> list[float]:
     return (1 - ((pred - t) ** 2).sum(0) / ((t - t.mean(0)) ** 2).sum(0)).tolist()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_setup(doc: str, scenes: int) -> tuple[argparse.Namespace, Any, Any, str]:
+    """Parse ``--model/--scenes/--out`` and load the model in eval mode on one thread; also
+    returns the zoo family name the training batcher expects."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default="tiny-qwen2-vl")
-    ap.add_argument("--scenes", type=int, default=240)
+    ap.add_argument("--scenes", type=int, default=scenes)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     model, proc = load(a.model)
     model.eval()
-    name = "tiny-qwen2-vl" if "qwen" in type(model).__name__.lower() else "tiny-llava"
+    return a, model, proc, "tiny-qwen2-vl" if "qwen" in type(model).__name__.lower() else "tiny-llava"
+
+
+def main() -> None:
+    a, model, proc, name = probe_setup(__doc__, 240)
     batcher = Batcher(name, proc)
     cap = FeatureCapture(model, name == "tiny-qwen2-vl")
     lo = SPLITS["val"][0]

@@ -11,30 +11,18 @@ means the model never gathers the two positions it must compare.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
-from pathlib import Path
 
 import torch
+from feature_position_probe import held_out_r2, probe_setup  # noqa: E402  (same folder)
 
 from mmeff.zoo.isolated_turns import isolate_turns
-from mmeff.zoo.load import load
 from mmeff.zoo.train_vlm import SPLITS, Batcher, _split_aux
-
-from feature_position_probe import held_out_r2  # noqa: E402  (same folder)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-qwen2-vl")
-    ap.add_argument("--scenes", type=int, default=192)
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    model, proc = load(a.model)
-    model.eval()
-    name = "tiny-qwen2-vl" if "qwen" in type(model).__name__.lower() else "tiny-llava"
+    a, model, proc, name = probe_setup(__doc__, 192)
     batcher = Batcher(name, proc, drill=True, position_drill=6)
     assistant = proc.tokenizer.convert_tokens_to_ids("<|assistant|>")
     lo = SPLITS["val"][0]

@@ -57,7 +57,17 @@ from typing import Any
 
 import torch
 
+from .fixed_offset_attention import FixedOffsetMode
+from .isolated_turns import isolate_turns
+from .lm_position_aux import LMPositionAux
+from .lm_transplant import donor_text_config, transplant_lm
 from .load import MODELS_DIR, ZOO_MODELS
+from .local_attention_init import (
+    freeze_local_attention,
+    init_local_attention,
+    position_rows,
+    qwen_vision_rope_theta,
+)
 from .processors import (
     BOS,
     EOS,
@@ -67,21 +77,21 @@ from .processors import (
     QWEN_MERGE,
     build_processor,
 )
-from .fixed_offset_attention import FixedOffsetMode
-from .isolated_turns import isolate_turns
-from .local_attention_init import (
-    freeze_local_attention,
-    init_local_attention,
-    position_rows,
-    qwen_vision_rope_theta,
+from .referent_position_aux import (
+    ReferentAttentionAux,
+    ReferentPositionAux,
+    referent_token_ends,
 )
-from .lm_position_aux import LMPositionAux
-from .lm_transplant import donor_text_config, transplant_lm
-from .vision_aux import FeatureCapture, VisionAuxHead, class_token_ids, image_features_only, stack_labels
-from .referent_position_aux import ReferentAttentionAux, ReferentPositionAux, referent_token_ends
+from .vision_aux import (
+    FeatureCapture,
+    VisionAuxHead,
+    class_token_ids,
+    image_features_only,
+    stack_labels,
+)
 from .world import SPLITS, generate_scene, grounding_drill, make_questions, render
-from .world.questions import refer
 from .world.labels import patch_labels
+from .world.questions import refer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CKPT_ROOT = REPO_ROOT / ".zoo_ckpt"
@@ -139,7 +149,12 @@ def build_model(name: str, processor: Any, seed: int = 0, local_init: bool = Tru
             text[key] = s[key]
     torch.manual_seed(seed)
     if name == "tiny-llava":
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+        )
 
         vision = CLIPVisionConfig(
             hidden_size=s["v_hidden"],
