@@ -266,8 +266,9 @@ class Batcher:
     def sequence_with_referents(
         self, seed: int, rng: random.Random
     ) -> tuple[list[int], list[int], list[int], list[tuple[int, float, float, float]]]:
-        """:meth:`sequence` plus, for every position question, (token index, x, y, radius) of the
-        last token of each object phrase and that object's centre and half-extent
+        """:meth:`sequence` plus three tuples per position question: (token index, x, y, radius) at
+        the last token of object A's and of object B's phrase (the object's centre and half-extent),
+        then (final ``<|assistant|>`` token, x_A - x_B, y_A - y_B, 0)
         (:mod:`mmeff.zoo.referent_position_aux`)."""
         scene = generate_scene(seed)
         qas = make_questions(scene, rng, per_family=3)
