@@ -63,3 +63,19 @@ def test_query_major_kernel_compiles_for_sm90() -> None:
     kernel = _compile(_cra_fwd_kernel, ptrs, consts, ("qk_scale",),
                       {"num_warps": 4, "num_stages": default_num_stages(64, 32, 128, 2)})
     assert "cubin" in kernel.asm and kernel.metadata.shared <= H100_SHARED_BYTES
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("row_terms", [False, True])
+def test_block_sparse_kernel_compiles_for_sm90(row_terms: bool) -> None:
+    """The kernel measured on the H100 (2026-11-22), now built on the shared online-softmax step."""
+    from mmeff.kernels._common import default_num_stages
+    from mmeff.kernels.block_sparse_attn.triton_kernel import _bsa_fwd_kernel, _default_num_warps
+
+    ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "IDX": "*i32", "CNT": "*i32",
+            "KVLEN": "*i32", "RS": "*fp32", "RA": "*bf16"}
+    consts = {"HAS_KVLEN": row_terms, "HAS_ROW_SCALE": row_terms, "HAS_ROW_ADD": row_terms, "BLOCK_M": 64,
+              "BLOCK_N": 64, "HEAD_DIM": 128, "DOT_PRECISION": "tf32", "DOT_IN_FP32": False}
+    kernel = _compile(_bsa_fwd_kernel, ptrs, consts, ("qk_scale",),
+                      {"num_warps": _default_num_warps(64, 64, 128), "num_stages": default_num_stages(64, 64, 128, 2)})
+    assert "cubin" in kernel.asm and kernel.metadata.shared <= H100_SHARED_BYTES

@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_inputs
-
 from .._common import (
     HAS_TRITON,
     TRITON_BLOCKS,
@@ -25,6 +23,8 @@ from .._common import (
     tl,
     triton,
 )
+from .._online_softmax import attend_key_tile, finish_rows
+from ._checks import check_inputs
 
 __all__ = ["HAS_TRITON", "SUPPORTED_BLOCKS", "SUPPORTED_HEAD_DIMS", "block_sparse_attention_triton"]
 
@@ -91,29 +91,11 @@ if HAS_TRITON:
             # kb < 0 (padding) or keys past kv_end / SEQ_KV contribute nothing.
             col_ok = (offs_k < kv_end) & (kb >= 0)
             k = tl.load(k_base + offs_k[None, :] * stride_ks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision=DOT_PRECISION) * qk_scale
-            else:
-                s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows that have seen no key yet keep m = -inf; subtract 0 instead to avoid nan.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_k[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            p_lo = p.to(v.dtype)  # round p like the GPU path does before the PV product
-            if DOT_IN_FP32:
-                pv = tl.dot(p_lo.to(tl.float32), v.to(tl.float32), input_precision=DOT_PRECISION)
-            else:
-                pv = tl.dot(p_lo, v, input_precision=DOT_PRECISION)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = attend_key_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, qk_scale,
+                                            DOT_PRECISION, DOT_IN_FP32)
 
-        has_key = l_i > 0.0
-        l_safe = tl.where(has_key, l_i, 1.0)
-        out = acc / l_safe[:, None]
+        out, lse = finish_rows(m_i, l_i, acc)
         if HAS_ROW_SCALE:
             r = tl.load(RS + b * stride_rsb + h * stride_rsh + pid_m * stride_rsm).to(tl.float32)
             out = out * r
@@ -123,8 +105,6 @@ if HAS_TRITON:
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
-        # Natural-log LSE: ln(sum e^(scale*qk)) = ln2 * (m + log2(l)), with m in log2 units.
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
 from .._common import check_qkv
 
 __all__ = ["Problem", "check_index_inputs", "check_inputs", "chunk_mask_from_indices", "normalise_selected"]

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from .._common import HAS_TRITON, check_triton_launch, default_num_stages, tl, triton
+from .._online_softmax import attend_key_tile, finish_rows
 from ._checks import check_index_inputs
-from ._online_softmax import attend_key_tile, finish_rows
 from .key_major_layout import key_major_layout
 
 __all__ = ["chunk_routed_attention_key_major", "launch_options"]

@@ -26,10 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..block_sparse_attn.layout import mask_to_indices
-from ._checks import check_inputs
-from ._online_softmax import attend_key_tile, finish_rows
-
 from .._common import (
     HAS_TRITON,
     TRITON_BLOCKS,
@@ -39,6 +35,9 @@ from .._common import (
     tl,
     triton,
 )
+from .._online_softmax import attend_key_tile, finish_rows
+from ..block_sparse_attn.layout import mask_to_indices
+from ._checks import check_inputs
 
 __all__ = [
     "HAS_TRITON",

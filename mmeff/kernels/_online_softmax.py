@@ -1,4 +1,5 @@
-"""The online-softmax steps shared by the query-major and key-major chunk-routed kernels (Triton, inlined).
+"""The online-softmax steps shared by the block-sparse and the chunk-routed (query- and key-major) kernels
+(Triton, inlined).
 
 Scores are kept in log2 units (``qk_scale`` already holds ``scale * log2(e)``), the running max and sum
 in float32; ``finish_rows`` turns the state into the normalised output and the natural-log LSE
@@ -6,7 +7,7 @@ in float32; ``finish_rows`` turns the state into the normalised output and the n
 """
 from __future__ import annotations
 
-from .._common import HAS_TRITON, tl, triton
+from ._common import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
 
