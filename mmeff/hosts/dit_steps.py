@@ -9,8 +9,9 @@ one is known (``pipe._num_timesteps``, set by every stock pipeline before its lo
 
 Stock pipelines with sequential CFG (FLUX, Wan, HunyuanVideo) call the transformer twice per step on the
 *same* latent tensor (cond, then uncond). A call is a *partner* of the previous one when it has the same
-timestep and the very same ``hidden_states`` tensor object; guidance folds the step's correction into
-partner outputs instead of running another perturbed branch.
+timestep and the very same ``hidden_states`` tensor object (unmodified since: same autograd version counter); guidance folds the
+step's correction into partner outputs instead of running another perturbed branch. Under
+``torch.inference_mode()`` tensors have no version counter, so there the object identity alone decides.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ class CallInfo:
     partner: bool
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The in-place version counter of ``t``; None for inference-mode tensors, which have none."""
+    return None if t.is_inference() else t._version
+
+
 def timestep_value(t: Any) -> float | None:
     if isinstance(t, torch.Tensor):
         return float(t.detach().float().max()) if t.numel() else None
@@ -44,7 +50,7 @@ class StepTracker:
         self.call_in_step = 0
         self.last_t: float | None = None
         self._last_hidden: weakref.ref[torch.Tensor] | None = None
-        self._last_version = -1
+        self._last_version: int | None = -1
         self.calls = 0
         self.generations = 0
 
@@ -68,10 +74,11 @@ class StepTracker:
         else:
             self.call_in_step += 1
         prev = self._last_hidden() if self._last_hidden is not None else None
-        partner = same_t and prev is hidden and hidden._version == self._last_version
+        version = tensor_version(hidden)
+        partner = same_t and prev is hidden and version == self._last_version
         self.last_t = t
         self._last_hidden = weakref.ref(hidden)
-        self._last_version = hidden._version
+        self._last_version = version
         self.calls += 1
         return CallInfo(self.step, self.num_steps(), self.call_in_step, partner)
 

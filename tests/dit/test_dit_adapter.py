@@ -227,6 +227,29 @@ def test_step_tracker_counts_and_partners():
     assert not tr.on_call(torch.tensor([999.0]), y).partner
 
 
+def test_step_tracker_under_inference_mode():
+    """Inference tensors have no version counter: steps and partners still work (identity decides)."""
+    tr = StepTracker(None)
+    with torch.inference_mode():
+        x, y = torch.zeros(1), torch.zeros(1)
+        calls = [tr.on_call(torch.tensor([t]), h) for t, h in ((999.0, x), (999.0, x), (500.0, y))]
+    assert [c.step for c in calls] == [0, 0, 1]
+    assert [c.partner for c in calls] == [False, True, False]
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_guidance_runs_the_same_under_inference_mode(pipes, family):
+    """Users often wrap pipelines in ``torch.inference_mode()``; the hooks must not depend on autograd state."""
+    from mmeff.guidance import SoftPAG
+
+    pipe = pipes(family)
+    with mmeff.apply(pipe, SoftPAG(heads="0.0;1.1", u=1.0, scale=3.0)):
+        ref = generate(pipe, family)
+        with torch.inference_mode():
+            got = tp.image_of(pipe(**tp.call_kwargs(family)))
+    assert torch.equal(got, ref)
+
+
 # ---------------------------------------------------------------------------------------------- backends
 def test_dispatcher_model_on_another_backend(pipes):
     pipe = pipes("flux")
