@@ -15,6 +15,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("eval", "mmeff.eval.cli_eval"),
     ("info", "mmeff.cli_info"),
     ("calibrate", "mmeff.calibrate.cli_calibrate"),
+    ("demo", "mmeff.demo.cli_demo"),
 ]
 """(subcommand, module with ``add_parser``), in help order."""
 

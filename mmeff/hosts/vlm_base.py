@@ -43,6 +43,7 @@ class StepState:
     captured: dict[str, Any] = dataclasses.field(default_factory=dict)
     per_forward: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     kept_per_sample: list[int] = dataclasses.field(default_factory=list)
+    kept_visual_index: list[list[int]] = dataclasses.field(default_factory=list)  # per sample, into its visual tokens
     rope_delta_shift: int = 0
 
 
@@ -84,7 +85,8 @@ class VLMAdapter:
         self.state = StepState()
         self.pruner: PrunerConfig | None = None
         self.layer = 0
-        self.history: list[dict[str, Any]] = []
+        self.prompts = 0                              # prefills pruned since apply
+        self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
@@ -181,7 +183,7 @@ class VLMAdapter:
     def _decide(self, view_factory: Callable[[int], "SampleView"], length: int, device: torch.device) -> tp.KeepPlan:
         """Ask the pruner for each sample's kept visual tokens; return the batch plan."""
         st, pruner = self.state, self.pruner
-        keep_positions, dropped, kept_counts = [], [], []
+        keep_positions, dropped, kept_counts, kept_local = [], [], [], []
         with self.timer.section("select", device):
             for b, vis in enumerate(st.visual_positions):
                 all_pos = torch.arange(length, device=device)
@@ -189,6 +191,7 @@ class VLMAdapter:
                     keep_positions.append(all_pos)
                     dropped.append(0)
                     kept_counts.append(0)
+                    kept_local.append([])
                     continue
                 spans = st.spans[b]
                 keep = [pruner.keep_count(e - s, self.n_layers, self.layer) for s, e in spans]
@@ -201,7 +204,9 @@ class VLMAdapter:
                 keep_positions.append(all_pos[keep_mask])
                 dropped.append(int(vis.numel() - kept_vis.numel()))
                 kept_counts.append(int(kept_vis.numel()))
+                kept_local.append(sorted(int(i) for i in local.tolist()))
         st.kept_per_sample = kept_counts
+        st.kept_visual_index = kept_local
         plan = tp.build_plan(keep_positions, length, dropped)
         self._record(plan)
         return plan
@@ -209,10 +214,12 @@ class VLMAdapter:
     def _record(self, plan: tp.KeepPlan) -> None:
         st = self.state
         n_vis = [int(v.numel()) for v in st.visual_positions]
-        self.history.append({
+        self.prompts += 1
+        self.last = {
             "visual": n_vis, "kept": list(st.kept_per_sample), "length": plan.length,
             "new_length": plan.new_length, "layer": self.layer if self.pruner.stage == "llm" else 0,
-        })
+            "kept_visual_index": list(st.kept_visual_index),
+        }
 
     # ------------------------------------------------------------------ pre-LLM path
     def _pre_llm_prefill_inputs(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> dict[str, Any]:
@@ -491,11 +498,11 @@ class VLMAdapter:
         pruner = self.pruner
         rep: dict[str, Any] = {"host": self.family, "method": pruner.name if pruner else None,
                                "stage": pruner.stage if pruner else None, "layer": self.layer,
-                               "n_layers": self.n_layers, "prompts": len(self.history),
+                               "n_layers": self.n_layers, "prompts": self.prompts,
                                "method_seconds": self.timer.total, "method_seconds_by_section": dict(self.timer.seconds)}
-        if not self.history:
+        last = self.last
+        if last is None:
             return rep
-        last = self.history[-1]
         n_vis = sum(last["visual"]) / max(1, len(last["visual"]))
         kept = sum(last["kept"]) / max(1, len(last["kept"]))
         k = last["layer"]
@@ -509,6 +516,7 @@ class VLMAdapter:
             "equivalent_budget": sum(per_layer) / self.n_layers,
             "visual_tokens_per_sample": last["visual"],
             "kept_after_layer_per_sample": last["kept"],
+            "kept_visual_index": last["kept_visual_index"],
             "prefill_tflops": {"dense": dense / 1e12, "pruned": pruned / 1e12, "ratio": pruned / dense},
         })
         return rep

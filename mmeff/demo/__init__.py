@@ -1,0 +1,1 @@
+"""The gradio demo (``mmeff demo``) and the plain comparison functions behind it."""

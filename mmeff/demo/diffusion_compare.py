@@ -1,0 +1,104 @@
+"""Baseline vs method on the shipped diffusion pipelines, for the demo's guidance and video tabs.
+
+- :func:`guidance_pair`: tiny-sd3 with CFG alone and with a guidance method added (SoftPAG by default,
+  on the heads HeadHunter found for tiny-sd3, see ``docs/results/guidance-tiny-sd3.json``);
+- :func:`video_pair`: tiny-wan dense and with a sparse attention method, the same prompt, seed and steps,
+  scored with PSNR / SSIM against the dense video (:mod:`mmeff.eval.video_fidelity`).
+
+Both remove the method before returning, so the cached pipeline stays as it was loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+DEFAULT_GUIDANCE = "softpag:heads=1.0;2.2;0.0;1.2,u=1,scale=3"
+DEFAULT_VIDEO = "rectified_spaattn:drop=0.75,tau=0.2,block=16,preset=none,warmup_steps=2,dense_layers=0"
+
+
+@functools.lru_cache(maxsize=2)
+def load_diffusion(name: str) -> Any:
+    """A shipped pipeline (``tiny-sd3`` or ``tiny-wan``) or a local folder, loaded once."""
+    if name == "tiny-wan":
+        from ..zoo.load_video import load_video_pipeline
+
+        return load_video_pipeline(name)
+    from ..zoo.load_pipeline import load_pipeline
+
+    return load_pipeline(name)
+
+
+def _to_image(array: np.ndarray, size: int) -> Image.Image:
+    img = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype("uint8"))
+    return img.resize((size, size), Image.NEAREST)
+
+
+@dataclasses.dataclass
+class GuidancePair:
+    baseline: Image.Image
+    guided: Image.Image
+    baseline_seconds: float
+    guided_seconds: float
+    method: str
+
+
+def guidance_pair(pipe: Any, prompt: str, seed: int, method: str = DEFAULT_GUIDANCE, *, steps: int = 10,
+                  cfg: float = 4.0, call: dict[str, Any] | None = None, display: int = 256) -> GuidancePair:
+    """Two images of ``prompt`` from one seed: CFG only, then CFG plus ``method`` (a guidance spec)."""
+    import mmeff
+
+    from ..zoo.load_pipeline import TINY_SD3_CALL
+
+    kwargs = {**(TINY_SD3_CALL if call is None else call), "num_inference_steps": steps, "guidance_scale": cfg,
+              "output_type": "np"}
+
+    def run() -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = pipe(prompt=prompt, generator=torch.Generator().manual_seed(int(seed)), **kwargs)
+        return out.images[0], time.perf_counter() - t0
+
+    base, t_base = run()
+    with mmeff.apply(pipe, method):
+        guided, t_guided = run()
+    return GuidancePair(_to_image(base, display), _to_image(guided, display), t_base, t_guided, method)
+
+
+@dataclasses.dataclass
+class VideoPair:
+    dense_frames: list[Image.Image]
+    sparse_frames: list[Image.Image]
+    psnr_db: float
+    ssim: float
+    dense_seconds: float
+    sparse_seconds: float
+    report: dict[str, Any]
+    method: str
+
+
+def video_pair(pipe: Any, prompt: str, seed: int, method: str = DEFAULT_VIDEO, *, steps: int = 10, cfg: float = 5.0,
+               call: dict[str, Any] | None = None, frames: int = 4, display: int = 128) -> VideoPair:
+    """Dense and sparse videos of ``prompt`` from one seed, ``frames`` evenly spaced frames of each, and fidelity."""
+    import mmeff
+
+    from ..eval.video_fidelity import generate, psnr, ssim
+    from ..zoo.load_video import TINY_WAN_CALL
+
+    call = dict(TINY_WAN_CALL if call is None else call)
+    dense, t_dense = generate(pipe, prompt, int(seed), steps=steps, cfg=cfg, call=call)
+    with mmeff.apply(pipe, method) as handle:
+        sparse, t_sparse = generate(pipe, prompt, int(seed), steps=steps, cfg=cfg, call=call)
+        report = handle.report()
+    picks = np.linspace(0, dense.shape[0] - 1, num=min(frames, dense.shape[0])).round().astype(int)
+
+    def strip(video: torch.Tensor) -> list[Image.Image]:
+        return [_to_image(video[i].permute(1, 2, 0).numpy(), display) for i in picks]
+
+    return VideoPair(strip(dense), strip(sparse), float(psnr(sparse, dense)), float(ssim(sparse, dense)),
+                     t_dense, t_sparse, report, method)
