@@ -22,6 +22,7 @@ from .layout import block_neighbours, gilbert_order, raster_order
 from .rectified_core import rectified_sparse_attention
 from .rectified_presets import get_preset
 from .site_tokens import reorder, text_valid_lengths, video_grid_ok
+from .sparsity_log import SparsityLog
 
 # Which family preset a model gets when ``preset="auto"``.
 _FAMILY_PRESET = {"wan": "wan2.1-t2v", "hunyuan_video": "hunyuanvideo", "cogvideox": "cogvideox", "flux": "flux"}
@@ -39,6 +40,9 @@ class RectifiedSpaAttn(MethodConfig):
     first_frame_dense: Wan's rule that the first frame's blocks attend densely among themselves.
     ipar / gapr: the two rectification terms (both off = plain block-sparse attention, the ablation).
     order: "gilbert" (3-D Hilbert) or "raster" token order.
+    record_masks: keep the latest selected block mask of every layer (sample 0, ``[heads, n_blocks, n_blocks]``
+        bools, in block order) for ``report()["block_masks"]``: for sparsity maps of small models; it costs
+        heads x n_blocks^2 bytes per layer, so layers with more than ``MAX_RECORDED_BLOCKS`` blocks are skipped.
     """
 
     name: ClassVar[str] = "rectified_spaattn"
@@ -54,6 +58,9 @@ class RectifiedSpaAttn(MethodConfig):
     gapr: bool = True
     order: str = "gilbert"
     preset: str = "auto"
+    record_masks: bool = False
+
+    MAX_RECORDED_BLOCKS: ClassVar[int] = 2048
 
     def validate(self) -> None:
         require(self.drop is None or 0.0 <= self.drop < 1.0, f"rectified_spaattn: drop must be in [0, 1), got {self.drop}")
@@ -95,6 +102,9 @@ class RectifiedRuntime(AttentionRuntime):
         self.stats: dict[int, dict[str, float]] = {}
         self.calls = {"sparse": 0, "dense": 0}
         self.seconds = 0.0
+        self.log = SparsityLog()
+        self.head_kept: dict[int, torch.Tensor] = {}      # layer -> summed per-head kept fraction
+        self.block_masks: dict[int, torch.Tensor] = {}    # layer -> latest [H, n_v, n_v] (record_masks only)
 
     def wants(self, site: AttnSite) -> bool:
         return not site.is_cross
@@ -126,6 +136,11 @@ class RectifiedRuntime(AttentionRuntime):
         layer["calls"] += 1
         layer["kept_fraction"] += float(st.kept_fraction.float().mean())
         layer["rectified_fraction"] += float(st.rectified_fraction.float().mean())
+        kept_heads = st.kept_fraction.detach().float().cpu()
+        self.head_kept[ctx.layer] = self.head_kept.get(ctx.layer, torch.zeros_like(kept_heads)) + kept_heads
+        self.log.add(ctx.step, ctx.layer, 1.0 - float(kept_heads.mean()))
+        if self.cfg.record_masks and st.block_mask.shape[-1] <= self.cfg.MAX_RECORDED_BLOCKS:
+            self.block_masks[ctx.layer] = st.block_mask[0].detach().cpu().clone()
         self.calls["sparse"] += 1
         self.seconds += time.perf_counter() - t0
         return result
@@ -136,4 +151,8 @@ class RectifiedRuntime(AttentionRuntime):
                      for layer, s in sorted(self.stats.items())}
         return {"settings": self.settings, "calls": dict(self.calls), "sparsity_per_layer":
                 {k: 1.0 - v["kept_fraction"] for k, v in per_layer.items()}, "per_layer": per_layer,
+                "sparsity_per_step_layer": self.log.per_step_layer(),
+                "sparsity_per_layer_head": {k: (1.0 - v / self.stats[k]["calls"]).tolist()
+                                            for k, v in sorted(self.head_kept.items())},
+                "block_masks": dict(sorted(self.block_masks.items())),
                 "method_seconds": self.seconds}

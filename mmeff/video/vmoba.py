@@ -19,6 +19,7 @@ from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..hosts.dit_context import AttentionRuntime, AttnContext, AttnSite, DiTInfo
 from .site_tokens import reorder, text_valid_lengths, video_grid_ok
+from .sparsity_log import SparsityLog
 from .vmoba_core import vmoba_attention
 from .vmoba_partition import layer_chunk, partition_order
 from .vmoba_presets import get_preset
@@ -90,6 +91,7 @@ class VMoBARuntime(AttentionRuntime):
         self.stats: dict[int, dict[str, float]] = {}
         self.calls = {"sparse": 0, "dense": 0}
         self.seconds = 0.0
+        self.log = SparsityLog()
 
     def wants(self, site: AttnSite) -> bool:
         return not site.is_cross
@@ -125,6 +127,7 @@ class VMoBARuntime(AttentionRuntime):
         rec = self.stats.setdefault(ctx.layer, {"calls": 0, "sparsity": 0.0, "chunks": float(n_chunks)})
         rec["calls"] += 1
         rec["sparsity"] += sparsity
+        self.log.add(ctx.step, ctx.layer, sparsity)
         self.calls["sparse"] += 1
         self.seconds += time.perf_counter() - t0
         return result
@@ -149,4 +152,5 @@ class VMoBARuntime(AttentionRuntime):
     def report(self) -> dict[str, Any]:
         return {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.settings.items()},
                 "calls": dict(self.calls), "method_seconds": self.seconds,
-                "sparsity_per_layer": {k: v["sparsity"] / v["calls"] for k, v in sorted(self.stats.items())}}
+                "sparsity_per_layer": {k: v["sparsity"] / v["calls"] for k, v in sorted(self.stats.items())},
+                "sparsity_per_step_layer": self.log.per_step_layer()}
