@@ -43,7 +43,7 @@ class StepState:
     captured: dict[str, Any] = dataclasses.field(default_factory=dict)
     per_forward: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     kept_per_sample: list[int] = dataclasses.field(default_factory=list)
-    kept_visual_index: list[list[int]] = dataclasses.field(default_factory=list)  # per sample, into its visual tokens
+    kept_visual_index: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample, into its visual tokens
     rope_delta_shift: int = 0
 
 
@@ -191,7 +191,7 @@ class VLMAdapter:
                     keep_positions.append(all_pos)
                     dropped.append(0)
                     kept_counts.append(0)
-                    kept_local.append([])
+                    kept_local.append(torch.zeros(0, dtype=torch.long))
                     continue
                 spans = st.spans[b]
                 keep = [pruner.keep_count(e - s, self.n_layers, self.layer) for s, e in spans]
@@ -204,7 +204,7 @@ class VLMAdapter:
                 keep_positions.append(all_pos[keep_mask])
                 dropped.append(int(vis.numel() - kept_vis.numel()))
                 kept_counts.append(int(kept_vis.numel()))
-                kept_local.append(sorted(int(i) for i in local.tolist()))
+                kept_local.append(local)  # read on the host only when report() asks (no GPU sync here)
         st.kept_per_sample = kept_counts
         st.kept_visual_index = kept_local
         plan = tp.build_plan(keep_positions, length, dropped)
@@ -516,7 +516,7 @@ class VLMAdapter:
             "equivalent_budget": sum(per_layer) / self.n_layers,
             "visual_tokens_per_sample": last["visual"],
             "kept_after_layer_per_sample": last["kept"],
-            "kept_visual_index": last["kept_visual_index"],
+            "kept_visual_index": [sorted(int(i) for i in t.tolist()) for t in last["kept_visual_index"]],
             "prefill_tflops": {"dense": dense / 1e12, "pruned": pruned / 1e12, "ratio": pruned / dense},
         })
         return rep
