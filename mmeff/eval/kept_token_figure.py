@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,8 @@ def draw(result: dict[str, Any], methods: list[str], budgets: list[int], path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_figure
+
     rows, cols = len(methods), len(budgets) + 1
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows + 0.6), squeeze=False)
     by_key = {(c["method"], c["budget"]): c for c in result["cells"]}
@@ -71,10 +72,7 @@ def draw(result: dict[str, Any], methods: list[str], budgets: list[int], path: P
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{title}\nQ: {result['question']}  (true: {result['answer']})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/kept-tokens.png")
     args = p.parse_args(argv)
-    import transformers
-
     from ..demo.vlm_compare import load_model
+    from .report import versions
 
     torch.set_num_threads(args.threads)
     methods = args.method or ["random", "fastv", "entropyprune"]
@@ -101,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"format": "mmeff.kept_tokens/1",
            "config": {"model": args.model, "seed": args.seed, "family": args.family, "methods": methods,
                       "budgets": budgets},
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version()},
+           "versions": versions(),
            "question": result["question"], "answer": result["answer"], "dense_answer": result["dense_answer"],
            "cells": [{k: v for k, v in c.items() if k != "map"} for c in result["cells"]], "png": str(out)}
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")

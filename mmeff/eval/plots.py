@@ -1,4 +1,4 @@
-"""Retention-vs-budget plot of an ``mmeff eval --sweep`` run (matplotlib, Agg backend)."""
+"""Evaluation figures (matplotlib, Agg backend): the retention-vs-budget plot and the shared save step."""
 from __future__ import annotations
 
 import math
@@ -50,9 +50,16 @@ def plot_retention(sweep: dict[str, dict[str, Any]], path: str | os.PathLike[str
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+    fig.savefig(out, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +72,8 @@ def draw(data: dict[str, Any], path: Path, mask_layers: int = 4, mask_heads: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_figure
+
     methods = data["methods"]
     rect = next((m for m in methods.values() if m["block_masks_last_step"]), None)
     n_rows = 1 + (1 if rect else 0)
@@ -112,10 +113,7 @@ def draw(data: dict[str, Any], path: Path, mask_layers: int = 4, mask_heads: int
                 ax.set_yticks([])
                 c += 1
     fig.suptitle(f"tiny-wan sparsity maps, {data['steps']} steps, prompt: {data['prompt'][:70]}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..zoo.load_video import load_video_pipeline
     from ..zoo.world import generate_scene, make_prompt
+    from .report import versions
 
     torch.set_num_threads(args.threads)
     methods = {m: m for m in args.method} if args.method else dict(DEFAULT_METHODS)
@@ -141,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     draw(data, out)
     doc = {"format": "mmeff.sparsity_maps/1", "config": {"model": args.model, "seed": args.seed, "steps": args.steps,
                                                          "methods": methods},
-           "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                        "python": platform.python_version()}, "png": str(out), **data}
+           "versions": {**versions(), "diffusers": diffusers.__version__}, "png": str(out), **data}
     out.with_suffix(".json").write_text(json.dumps(doc) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
