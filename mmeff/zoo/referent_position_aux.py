@@ -72,28 +72,23 @@ def referent_token_ends(question: str, phrase_a: str, phrase_b: str) -> tuple[in
     return start_a + 4 + len(phrase_a), start_b + 4 + len(phrase_b)
 
 
-class ReferentAttentionAux(nn.Module):
-    """Teaches one attention head to *point* at the object a position question's phrase names.
+class _EagerHeadCapture(nn.Module):
+    """One decoder layer's attention weights, for losses on where a head looks.
 
-    Measured on the stage-4 tiny-qwen2-vl (``scripts/referent_probe.py``): no decoder layer holds
-    either named object's position, neither at the phrase ends nor at the final token (held-out
-    R^2 < 0 everywhere), and the position read-out above stayed at R^2 ~0 for 270 steps: the
-    look-up itself is missing, and a read-out's gradient through diffuse attention barely moves it.
-    This loss supervises the look-up directly: at each phrase's last token, head ``head`` of
-    decoder layer ``layer`` must put its attention mass on that object's image tokens
-    (-log of the mass). Only that layer runs eager attention (a per-instance copy of its config,
-    restored by :meth:`remove`), so its weights exist; the rest keep their implementation.
+    Only that layer runs eager attention (a per-instance copy of its config, restored by
+    :meth:`remove`), so its weights exist; the other layers keep their implementation.
     """
 
-    def __init__(self, model: Any, layer: int, head: int, image_token_id: int):
+    def __init__(self, model: Any, layer: int, heads: tuple[int, ...], what: str):
         super().__init__()
         layers = decoder_layers(model)
         if not 0 <= layer < len(layers):
-            raise ValueError(f"referent attention layer must be in [0, {len(layers)}), got {layer}")
+            raise ValueError(f"{what} layer must be in [0, {len(layers)}), got {layer}")
         n_heads = model.config.text_config.num_attention_heads
-        if not 0 <= head < n_heads:
-            raise ValueError(f"referent attention head must be in [0, {n_heads}), got {head}")
-        self.layer, self.head, self.image_token_id = layer, head, image_token_id
+        for head in heads:
+            if not 0 <= head < n_heads:
+                raise ValueError(f"{what} head must be in [0, {n_heads}), got {head}")
+        self.layer = layer
         self._attn = layers[layer].self_attn
         self._config = self._attn.config
         eager = copy.copy(self._config)
@@ -117,14 +112,40 @@ class ReferentAttentionAux(nn.Module):
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self.weights = output[1]
 
+    def take(self) -> torch.Tensor:
+        weights, self.weights = self.weights, None
+        if weights is None:
+            raise RuntimeError("no attention weights were captured; did the forward run?")
+        return weights
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._attn.config = self._config
+
+
+class ReferentAttentionAux(_EagerHeadCapture):
+    """Teaches one attention head to *point* at the object a position question's phrase names.
+
+    Measured on the stage-4 tiny-qwen2-vl (``scripts/referent_probe.py``): no decoder layer holds
+    either named object's position, neither at the phrase ends nor at the final token (held-out
+    R^2 < 0 everywhere), and the position read-out above stayed at R^2 ~0 for 270 steps: the
+    look-up itself is missing, and a read-out's gradient through diffuse attention barely moves it.
+    This loss supervises the look-up directly: at each phrase's last token, head ``head`` of
+    decoder layer ``layer`` must put its attention mass on that object's image tokens
+    (-log of the mass).
+    """
+
+    def __init__(self, model: Any, layer: int, head: int, image_token_id: int):
+        super().__init__(model, layer, (head,), "referent attention")
+        self.head, self.image_token_id = head, image_token_id
+
     def loss(self, input_ids: torch.Tensor, index: torch.Tensor, xy: torch.Tensor,
              radius: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean -log(attention mass on the object's image tokens) over the referents ``index``
         ``[N, 2]`` = (sample, token) with object centres ``xy`` ``[N, 2]`` and half-extents
         ``radius`` ``[N]``; logs the mean mass."""
-        weights, self.weights = self.weights, None
-        if weights is None:
-            raise RuntimeError("no attention weights were captured; did the forward run?")
+        weights = self.take()
         if index.numel() == 0:
             return weights.sum() * 0.0, {}
         rows = weights[index[:, 0], self.head, index[:, 1]]  # [N, T]
@@ -133,10 +154,38 @@ class ReferentAttentionAux(nn.Module):
         loss = -torch.log(mass.clamp_min(1e-6)).mean()
         return loss, {"ref_attn_mass": float(mass.detach().mean())}
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._attn.config = self._config
+
+class PhraseGatherAux(_EagerHeadCapture):
+    """Teaches two heads of one layer to *gather* both named objects at the question's final token.
+
+    Measured on tiny-llava after 29 min of pointer + centre + comparison losses
+    (``scripts/referent_probe.py``, 288 val scenes): both centres are at their phrase ends from
+    layer 3 (held-out R^2 0.5-0.6), yet nothing of A, B or A - B reaches the final
+    ``<|assistant|>`` token at any layer (R^2 < 0), and the comparison read-out stayed at R^2 0.
+    The gather is missing. This loss supervises it: at the final token, head ``heads[0]`` must
+    attend to A's phrase end and ``heads[1]`` to B's (-log of the weight on that token).
+    """
+
+    def __init__(self, model: Any, layer: int, heads: tuple[int, int]):
+        if len(heads) != 2 or heads[0] == heads[1]:
+            raise ValueError(f"phrase gather needs two different heads (one per object), got {heads}")
+        super().__init__(model, layer, tuple(heads), "phrase gather")
+        self.heads = tuple(heads)
+
+    def loss(self, referent_index: torch.Tensor, final_index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``referent_index`` ``[2N, 2]`` = (sample, token) of A's then B's phrase end per question,
+        ``final_index`` ``[N, 2]`` the questions' final tokens; mean -log weight, logs the mean weight."""
+        if referent_index.shape[0] != 2 * final_index.shape[0]:
+            raise ValueError(f"need two referents per final token, got {referent_index.shape[0]} and {final_index.shape[0]}")
+        weights = self.take()
+        if final_index.numel() == 0:
+            return weights.sum() * 0.0, {}
+        b, q = final_index[:, 0], final_index[:, 1]
+        w_a = weights[b, self.heads[0], q, referent_index[0::2, 1]]
+        w_b = weights[b, self.heads[1], q, referent_index[1::2, 1]]
+        w = torch.cat([w_a, w_b])
+        loss = -torch.log(w.clamp_min(1e-6)).mean()
+        return loss, {"gather_w": float(w.detach().mean())}
 
 
 def object_token_mask(input_ids: torch.Tensor, image_token_id: int, sample: torch.Tensor, xy: torch.Tensor,

@@ -78,6 +78,7 @@ from .processors import (
     build_processor,
 )
 from .referent_position_aux import (
+    PhraseGatherAux,
     ReferentAttentionAux,
     ReferentPositionAux,
     referent_token_ends,
@@ -470,6 +471,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     compare = ReferentPositionAux(model, args.compare_layer) if args.compare_weight > 0 else None
     pointer = (ReferentAttentionAux(model, args.pointer_layer, args.pointer_head, batcher.image_token_id)
                if args.pointer_weight > 0 else None)
+    gather = (PhraseGatherAux(model, args.gather_layer, tuple(args.gather_heads))
+              if args.gather_weight > 0 else None)
     params = list(model.parameters()) + list(aux_head.parameters())
     for extra in (pos_aux, ref_aux, compare):
         if extra is not None:
@@ -574,6 +577,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                                  targets["referent_xy"], targets["referent_radius"])
                 loss = loss + args.pointer_weight * ptr_loss
                 acc.update(ptr_log)
+            if gather is not None:
+                g_loss, g_log = gather.loss(targets["referent_index"], targets["compare_index"])
+                loss = loss + args.gather_weight * g_loss
+                acc.update(g_log)
             ema("loss_ema", float(lm.detach()))
         ema("aux_ema", float(aux.detach()))
         opt.zero_grad(set_to_none=True)
@@ -612,7 +619,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         hard.off()  # the saved model uses the stock attention
     save_ckpt()
     capture.remove()
-    for extra in (pos_aux, ref_aux, compare, pointer):
+    for extra in (pos_aux, ref_aux, compare, pointer, gather):
         if extra is not None:
             extra.remove()
     wall = state["elapsed"]
@@ -642,6 +649,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         if args.compare_weight > 0 else None),
         "referent_attention_aux": ({"weight": args.pointer_weight, "layer": args.pointer_layer,
                                     "head": args.pointer_head} if args.pointer_weight > 0 else None),
+        "phrase_gather_aux": ({"weight": args.gather_weight, "layer": args.gather_layer,
+                               "heads": list(args.gather_heads)} if args.gather_weight > 0 else None),
         "lr": args.lr,
         "lm_lr_scale": args.lm_lr_scale,
         "lm_transplanted_from": ({"path": str(args.lm_from), "layer_plan": lm_plan} if lm_plan is not None else None),
@@ -706,6 +715,12 @@ def main(argv: list[str] | None = None) -> int:
                         "question's phrase names (mmeff.zoo.referent_position_aux.ReferentAttentionAux)")
     p.add_argument("--pointer-layer", type=int, default=2, help="the LM layer of the pointing head")
     p.add_argument("--pointer-head", type=int, default=0, help="the pointing head")
+    p.add_argument("--gather-weight", type=float, default=0.0,
+                   help="weight of the phrase-gather loss: at a position question's final token two heads attend "
+                        "to the two object phrases' last tokens (mmeff.zoo.referent_position_aux.PhraseGatherAux)")
+    p.add_argument("--gather-layer", type=int, default=5, help="the LM layer of the gathering heads")
+    p.add_argument("--gather-heads", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1],
+                   help="two heads: the first gathers object A, the second object B (default 0,1)")
     p.add_argument("--rope-theta", type=float, default=None,
                    help="override the LM's RoPE base (SIZES). Qwen2-VL's M-RoPE gives the column (w) axis the lowest "
                         "frequencies: with base 1e6 and 32-dim heads they turn by < 0.002 rad across the 12-column "

@@ -123,3 +123,37 @@ def test_pointer_loss_trains_the_head_and_remove_restores_the_layer(one_thread) 
     assert decoder_layers(model)[1].self_attn.config is config
     with pytest.raises(ValueError, match="referent attention head"):
         ReferentAttentionAux(model, 1, 9, batcher.image_token_id)
+
+
+def test_gather_loss_reads_the_final_rows_at_both_phrase_ends(one_thread) -> None:
+    """PhraseGatherAux: head 0 at the final token on A's phrase end, head 1 on B's; gradients stop at its layer."""
+    from mmeff.zoo.isolated_turns import isolate_turns
+    from mmeff.zoo.lm_position_aux import decoder_layers
+    from mmeff.zoo.load import ZOO_MODELS
+    from mmeff.zoo.processors import build_processor
+    from mmeff.zoo.referent_position_aux import PhraseGatherAux
+    from mmeff.zoo.train_vlm import Batcher, _split_aux, build_model
+
+    proc = build_processor(ZOO_MODELS["tiny-llava"])
+    model = build_model("tiny-llava", proc, layers=3)
+    batcher = Batcher("tiny-llava", proc, drill=True, position_drill=2)
+    inputs, t = _split_aux(batcher.batch([5, 6], random.Random(1)))
+    inputs = isolate_turns(model, inputs)
+    gather = PhraseGatherAux(model, 1, (0, 1))
+    model(**inputs, use_cache=False)
+    weights = gather.weights.detach()
+    loss, log = gather.loss(t["referent_index"], t["compare_index"])
+    ref, fin = t["referent_index"], t["compare_index"]
+    expected = torch.cat([weights[fin[:, 0], 0, fin[:, 1], ref[0::2, 1]], weights[fin[:, 0], 1, fin[:, 1], ref[1::2, 1]]])
+    assert log["gather_w"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(-expected.log().mean()), rel=1e-5)
+    loss.backward()
+    layers = decoder_layers(model)
+    grad = lambda layer: sum(float(p.grad.abs().sum()) for p in layer.parameters() if p.grad is not None)  # noqa: E731
+    assert grad(layers[1]) > 0 and grad(layers[2]) == 0
+    gather.remove()
+    assert decoder_layers(model)[1].self_attn.config._attn_implementation != "eager"
+    with pytest.raises(ValueError, match="two different heads"):
+        PhraseGatherAux(model, 1, (0, 0))
+    with pytest.raises(ValueError, match="need two referents"):
+        PhraseGatherAux(model, 1, (0, 1)).loss(ref[:3], fin)
