@@ -65,14 +65,24 @@ def test_guidance_and_video_pairs():
     assert v.report["per_method"]["rectified_spaattn"]["calls"]["sparse"] > 0
 
 
-def test_app_serves_locally():
-    from mmeff.demo.app import build_app
+def test_app_serves_locally_and_answers_through_its_api(tmp_path):
+    """The page is served on localhost, and the VLM tab's button is wired to the comparison (HTTP API round trip)."""
+    from gradio_client import Client, handle_file
+
+    from mmeff.demo.app import build_app, question_choices
 
     app = build_app()
     try:
         app.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
         html = urllib.request.urlopen(app.local_url, timeout=30).read().decode()
         assert "mmeff" in html
+        image, labels = question_choices(7)
+        image.save(tmp_path / "scene.png")
+        client = Client(app.local_url, verbose=False)
+        summary, table, kept, error = client.predict("tiny-qwen2-vl", "random:budget=36", handle_file(str(tmp_path / "scene.png")),
+                                                     labels[0], "", api_name="/on_vlm_run")
+        assert error == "" and "true answer" in summary and kept
+        assert [row[0] for row in table["data"]] == ["dense", "random:budget=36"] and table["data"][1][3] == 36
     finally:
         app.close()
 
