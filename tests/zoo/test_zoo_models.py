@@ -128,10 +128,12 @@ def test_trained_models_answer_existence(name, request):
     assert correct / n >= 0.75, f"{name}: {correct}/{n} existence answers correct"
 
 
-def test_tiny_qwen_compares_positions(request):
-    """Relative position, the family that stayed at chance until stage 5 (0.97 on 500 held-out scenes)."""
-    correct, n = _accuracy(*_model("tiny-qwen2-vl", request), "position")
-    assert correct / n >= 0.75, f"tiny-qwen2-vl: {correct}/{n} position answers correct"
+@pytest.mark.parametrize("name,floor", [("tiny-llava", 0.65), ("tiny-qwen2-vl", 0.75)])
+def test_trained_models_compare_positions(name, floor, request):
+    """Relative position, the family that stayed at chance longest (500 held-out scenes: tiny-qwen2-vl 0.97 after
+    its stage 5, tiny-llava 0.80 after the phrase-gather stage; chance is 0.5)."""
+    correct, n = _accuracy(*_model(name, request), "position")
+    assert correct / n >= floor, f"{name}: {correct}/{n} position answers correct"
 
 
 def test_shared_image_prefix_decoding_matches_generate(llava):
