@@ -619,7 +619,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         hard.off()  # the saved model uses the stock attention
     save_ckpt()
     capture.remove()
-    for extra in (pos_aux, ref_aux, compare, pointer, gather):
+    for extra in (gather, pointer, compare, ref_aux, pos_aux):  # reverse order: two eager captures may share a layer
         if extra is not None:
             extra.remove()
     wall = state["elapsed"]

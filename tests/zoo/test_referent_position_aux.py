@@ -157,3 +157,20 @@ def test_gather_loss_reads_the_final_rows_at_both_phrase_ends(one_thread) -> Non
         PhraseGatherAux(model, 1, (0, 0))
     with pytest.raises(ValueError, match="need two referents"):
         PhraseGatherAux(model, 1, (0, 1)).loss(ref[:3], fin)
+
+
+def test_pointer_and_gather_on_one_layer_restore_it_when_removed_in_reverse() -> None:
+    from mmeff.zoo.lm_position_aux import decoder_layers
+    from mmeff.zoo.load import ZOO_MODELS
+    from mmeff.zoo.processors import build_processor
+    from mmeff.zoo.referent_position_aux import PhraseGatherAux, ReferentAttentionAux
+    from mmeff.zoo.train_vlm import build_model
+
+    proc = build_processor(ZOO_MODELS["tiny-llava"])
+    model = build_model("tiny-llava", proc, layers=3)
+    config = decoder_layers(model)[1].self_attn.config
+    pointer = ReferentAttentionAux(model, 1, 0, model.config.image_token_id)
+    gather = PhraseGatherAux(model, 1, (1, 2))
+    gather.remove()
+    pointer.remove()
+    assert decoder_layers(model)[1].self_attn.config is config
