@@ -34,9 +34,12 @@ def test_rectified_records_match_its_block_masks(family):
         # one call per layer here, so the per-head numbers are exactly the masks' skipped fractions
         assert rep["sparsity_per_layer_head"][layer] == pytest.approx((1 - m.float().mean(dim=(1, 2))).tolist())
         assert rep["sparsity_per_step_layer"][0][layer] == pytest.approx(rep["sparsity_per_layer"][layer])
-    with mmeff.apply(model, RectifiedSpaAttn(drop=0.75, tau=0.2, block=16, preset="none")) as h:
-        run(model, family)
+    with mmeff.apply(model, RectifiedSpaAttn(drop=0.75, tau=0.2, block=16, preset="none", dense_layers=(0,))) as h:
+        plain = run(model, family)
     assert h.report()["per_method"]["rectified_spaattn"]["block_masks"] == {}  # off by default
+    with mmeff.apply(model, cfg):
+        recorded = run(model, family)
+    assert torch.equal(recorded, plain)  # recording never changes the output
 
 
 def test_vmoba_records_per_step_layer():
