@@ -76,9 +76,13 @@ def scene_questions(seed: int, families: tuple[str, ...] | None = None) -> tuple
     return render(scene), make_questions(scene, int(seed), families=wanted)
 
 
-def _generate(model: Any, processor: Any, image: Image.Image, question: str, max_new_tokens: int) -> tuple[str, float]:
+def _encode(model: Any, processor: Any, image: Image.Image, question: str) -> Any:
+    """The chat prompt for one image and question, on the model's device."""
     text = processor.apply_chat_template(chat(question), add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
+    return processor(images=[image], text=[text], return_tensors="pt").to(model.device)
+
+
+def _generate(model: Any, processor: Any, inputs: Any, max_new_tokens: int) -> tuple[str, float]:
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -102,12 +106,11 @@ def compare(model: Any, processor: Any, image: Image.Image, question: str, metho
     if not question or not question.strip():
         raise ValueError("give a question about the image")
     image = image.convert("RGB")
-    dense, t_dense = _generate(model, processor, image, question, max_new_tokens)
+    inputs = _encode(model, processor, image, question)
+    dense, t_dense = _generate(model, processor, inputs, max_new_tokens)
     with mmeff.apply(model, method) as handle:
-        pruned, t_pruned = _generate(model, processor, image, question, max_new_tokens)
+        pruned, t_pruned = _generate(model, processor, inputs, max_new_tokens)
         report = handle.report()
-    text = processor.apply_chat_template(chat(question), add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt")
     try:
         maps = kept_token_maps(model, inputs, report, [image])
     except ValueError:
