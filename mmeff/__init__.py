@@ -5,12 +5,13 @@
 """
 from .api import apply
 from .core import (AlreadyAppliedError, BudgetError, ConfigError, Handle, MissingImageError, MmeffError,
-                   UnknownMethodError, UnsupportedModelError, get_method, method_names, parse_method)
+                   UnknownMethodError, UnsupportedGenerationError, UnsupportedModelError, get_method,
+                   method_names, parse_method)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apply", "Handle", "MmeffError", "ConfigError", "UnsupportedModelError", "BudgetError",
-    "MissingImageError", "AlreadyAppliedError", "UnknownMethodError", "get_method", "method_names",
-    "parse_method", "__version__",
+    "MissingImageError", "UnsupportedGenerationError", "AlreadyAppliedError", "UnknownMethodError",
+    "get_method", "method_names", "parse_method", "__version__",
 ]

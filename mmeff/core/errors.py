@@ -22,6 +22,10 @@ class MissingImageError(MmeffError, ValueError):
     """A method that needs visual tokens ran on a batch without an image."""
 
 
+class UnsupportedGenerationError(MmeffError, NotImplementedError):
+    """A generation path (e.g. chunked prefill, a static cache) cannot yet run exactly under this method."""
+
+
 class AlreadyAppliedError(MmeffError, RuntimeError):
     """mmeff methods are already applied to this object."""
 

@@ -5,7 +5,6 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ConfigError
 from ..core.registry import register_host
 from . import token_plan as tp
 from .vlm_base import VLMAdapter
@@ -24,37 +23,45 @@ class QwenVLAdapter(VLMAdapter):
         return list(out.pooler_output)
 
     def full_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
-        """3-D M-RoPE positions of the *unpruned* sequence (they need the full grid)."""
+        """3-D M-RoPE positions of the *unpruned* sequence (they need the full grid); also sets ``rope_deltas``.
+
+        ``rope_deltas`` stay those of the unpruned sequence: generate() adds them to positions counted on the
+        full (logical) sequence when it continues from ``past_key_values``.
+        """
         given = kwargs.get("position_ids")
-        if given is not None and kwargs.get("image_grid_thw") is None:
+        if given is not None and kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None:
             # generate() passes precomputed M-RoPE positions (and has just set rope_deltas itself)
             return given
-        tt = kwargs.get("mm_token_type_ids")
-        if tt is None:
-            raise ConfigError(
-                "Qwen-VL needs mm_token_type_ids (returned by the processor) to compute M-RoPE positions; "
-                "pass all processor outputs to the model"
-            )
         extra = {}
         if kwargs.get("second_per_grid_ts") is not None:
             extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
         pos, deltas = self.inner.get_rope_index(
-            input_ids, mm_token_type_ids=tt, image_grid_thw=kwargs.get("image_grid_thw"),
-            video_grid_thw=kwargs.get("video_grid_thw"), attention_mask=kwargs.get("attention_mask"), **extra)
+            input_ids, mm_token_type_ids=self.token_types(kwargs, input_ids),
+            image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
+            attention_mask=kwargs.get("attention_mask"), **extra)
         self.inner.rope_deltas = deltas
         return pos
 
-    def _after_pre_llm_prefill(self, plan: tp.KeepPlan) -> None:
-        # The cache is shorter by (L - L'); positions of later tokens come from the cache length plus
-        # rope_deltas, so the deltas grow by the number of removed slots.
-        deltas = getattr(self.inner, "rope_deltas", None)
-        if deltas is not None:
-            self.inner.rope_deltas = deltas + (plan.length - plan.new_length)
+    def token_types(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
+        """``mm_token_type_ids``; derived from the prompt's placeholders when the caller passed none.
 
-    def _decode_positions(self, past_len: int, q: int, plan: tp.KeepPlan) -> torch.Tensor:
+        transformers does not demand them for packed input with explicit positions, so neither do we.
+        """
+        if kwargs.get("mm_token_type_ids") is not None:
+            return super().token_types(kwargs, input_ids)
+        n = self.state.prompt_len
+        prompt = input_ids[:, :n]
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        types[:, :n] = (prompt == self.image_token_id).to(torch.int)
+        video = getattr(self.model.config, "video_token_id", None)
+        if video is not None:
+            types[:, :n] = types[:, :n].masked_fill(prompt == int(video), 2)
+        return types
+
+    def _decode_positions(self, logical_past: int, q: int, plan: tp.KeepPlan) -> torch.Tensor:
         deltas = self.inner.rope_deltas
         bsz = plan.index.shape[0]
-        base = (torch.arange(q, device=plan.index.device) + past_len).expand(bsz, -1)
+        base = (torch.arange(q, device=plan.index.device) + logical_past).expand(bsz, -1)
         pos = base + deltas.view(-1, 1).to(base.device)
         return pos.unsqueeze(0).expand(3, -1, -1)
 

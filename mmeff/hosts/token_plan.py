@@ -10,6 +10,8 @@ import dataclasses
 
 import torch
 
+from ..core.errors import UnsupportedGenerationError
+
 
 @dataclasses.dataclass
 class KeepPlan:
@@ -57,6 +59,25 @@ def build_plan(keep_positions: list[torch.Tensor], length: int, dropped: list[in
         filler[b, new_len - n:] = False
     any_filler = any(int(k.numel()) < new_len for k in keep_positions)
     return KeepPlan(index, filler, length, torch.tensor(dropped, dtype=torch.long, device=device), any_filler)
+
+
+def extend_plan(plan: KeepPlan, length: int) -> KeepPlan:
+    """The prompt's plan over a forward of ``length >= plan.length`` tokens: every token after the prompt is kept.
+
+    This is how a forward that continues a pruned prompt (``use_cache=False`` steps, assisted-decoding drafts)
+    reuses the prompt's decision instead of making a new one.
+    """
+    if length == plan.length:
+        return plan
+    if length < plan.length:
+        raise UnsupportedGenerationError(
+            f"mmeff: a forward of {length} tokens cannot continue a pruned prompt of {plan.length} tokens; "
+            "start again from the full prompt"
+        )
+    bsz = plan.index.shape[0]
+    tail = torch.arange(plan.length, length, device=plan.index.device).expand(bsz, -1)
+    return KeepPlan(torch.cat([plan.index, tail], 1), torch.cat([plan.filler, plan.filler.new_zeros(bsz, tail.shape[1])], 1),
+                    length, plan.dropped, plan.fillers_present)
 
 
 def gather_seq(x: torch.Tensor, plan: KeepPlan, dim: int = 1) -> torch.Tensor:
@@ -154,7 +175,7 @@ def decode_mask(mask: torch.Tensor | None, plan: KeepPlan, *, q_len: int, kv_pru
     else:
         kv_full = plan.length + n_tail
         if mask.shape[-1] != kv_full:
-            raise RuntimeError(
+            raise UnsupportedGenerationError(
                 f"mmeff: decode mask has {mask.shape[-1]} columns, expected {kv_full}; "
                 "the cache was not produced under this pruning handle (call generate() again from the prompt)"
             )

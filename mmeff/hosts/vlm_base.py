@@ -6,7 +6,9 @@ Everything is done with per-instance forward hooks on the model's own modules:
 - in-LLM pruning captures the q/k projections of layer K-1 (only during prefill), decides at the
   pre-hook of layer K, and every layer >= K gathers hidden states, RoPE tables and the mask;
   decode steps remap each pruned layer's mask columns onto its shorter cache.
-Family subclasses (llava.py, qwen_vl.py) only say where things are.
+The decision belongs to the prompt (docs/generation-contract.md): a forward that continues the last pruned
+prompt (a reused cache, ``use_cache=False`` steps, assisted-decoding drafts) reuses its decision, which is made
+on the prompt tokens alone. Family subclasses (llava.py, qwen_vl.py) only say where things are.
 """
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..core.config import MethodConfig
-from ..core.errors import ConfigError, MissingImageError, UnsupportedModelError
+from ..core.errors import ConfigError, MissingImageError, UnsupportedGenerationError, UnsupportedModelError
 from ..core.handle import Handle
 from ..core.hooks import HookSet
 from ..core.timing import MethodTimer
 from ..pruners.base import PrunerConfig
 from . import token_plan as tp
 from .flops import prefill_flops
+from .generate_guard import install_generate_guard
 
 PREFILL, DECODE, OFF = "prefill", "decode", "off"
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
 
 
 @dataclasses.dataclass
@@ -35,16 +39,22 @@ class StepState:
     """What one prompt (prefill + its decode steps) needs to remember."""
 
     phase: str = OFF
-    input_ids: torch.Tensor | None = None
-    attn2d: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None          # the prompt [B, L] (no draft or generated tokens)
+    attn2d: torch.Tensor | None = None             # the prompt's 2-D padding mask [B, L]
+    images: list[tuple[str, Any]] = dataclasses.field(default_factory=list)  # the prompt's image inputs
     visual_positions: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample, global
     spans: list[list[tuple[int, int]]] = dataclasses.field(default_factory=list)     # per sample, local
-    plan: tp.KeepPlan | None = None
+    plan: tp.KeepPlan | None = None                # the prompt's decision (length L)
+    forward_plan: tp.KeepPlan | None = None        # that decision over this prefill forward (L + later tokens)
+    forward_attn2d: torch.Tensor | None = None     # this prefill forward's 2-D padding mask
     captured: dict[str, Any] = dataclasses.field(default_factory=dict)
     per_forward: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     kept_per_sample: list[int] = dataclasses.field(default_factory=list)
     kept_visual_index: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample, into its visual tokens
-    rope_delta_shift: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.input_ids.shape[1])
 
 
 class VLMAdapter:
@@ -87,6 +97,7 @@ class VLMAdapter:
         self.layer = 0
         self.prompts = 0                              # prefills pruned since apply
         self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
+        self._pending_drafts = 0                      # draft tokens announced by the outer forward (assisted decoding)
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
@@ -105,7 +116,9 @@ class VLMAdapter:
         self.pruner, self.layer = pruner, layer
         hooks = HookSet()
         try:
+            hooks.pre_hook(self.model, self._on_outer_forward)
             hooks.pre_hook(self.inner, self._on_inner_forward)
+            install_generate_guard(hooks, self.model, pruner)
             if pruner.stage == "llm":
                 self._install_llm_hooks(hooks, layer)
             hooks.on_remove(self._reset)
@@ -138,46 +151,134 @@ class VLMAdapter:
     def _reset(self) -> None:
         self.state = StepState()
 
-    # ------------------------------------------------------------------ multimodal-model pre-hook
+    # ------------------------------------------------------------------ forward pre-hooks
+    def _on_outer_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        """Read ``logits_to_keep``: transformers' assisted decoding scores a prompt plus n - 1 drafts with n."""
+        keep = kwargs.get("logits_to_keep", 0)
+        self._pending_drafts = keep - 1 if isinstance(keep, int) and keep > 1 else 0
+        return None
+
     def _on_inner_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
         if args:  # normalise a positional input_ids
             kwargs = {"input_ids": args[0], **kwargs}
             args = ()
+        drafts, self._pending_drafts = self._pending_drafts, 0
+        self._refuse_unsupported(kwargs)
         past = kwargs.get("past_key_values")
         past_len = past.get_seq_length() if past is not None else 0
         if past_len == 0:
-            return self._start_prompt(kwargs)
+            return self._start_forward(kwargs, drafts if past is not None else 0)
         st = self.state
         if st.plan is None:
             st.phase = OFF
             return None
+        ids = kwargs.get("input_ids")
+        rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
+        if rows != st.plan.index.shape[0]:
+            raise UnsupportedGenerationError(
+                f"{self.pruner.name}: this cache holds {st.plan.index.shape[0]} pruned rows but the forward has {rows}; "
+                "a cache can only be continued by the batch whose prompt filled it (run the prompt again without "
+                "past_key_values)"
+            )
         st.phase = DECODE
         st.per_forward.clear()
         if self.pruner.stage == "pre_llm":
             return (), self._pre_llm_decode_inputs(kwargs, past_len)
+        self._refuse_new_images(kwargs, ids)
         return None
 
-    def _start_prompt(self, kwargs: dict[str, Any]):
+    def _refuse_unsupported(self, kwargs: dict[str, Any]) -> None:
+        """Generation paths that cannot run exactly yet: one clear error before anything changes."""
+        name = self.pruner.name
+        if torch.compiler.is_compiling():
+            raise UnsupportedGenerationError(
+                f"{name}: torch.compile is not supported under pruning yet; run the model uncompiled "
+                "(or call handle.remove() before compiling)"
+            )
+        past = kwargs.get("past_key_values")
+        if past is not None and getattr(past, "is_compileable", False):
+            raise UnsupportedGenerationError(
+                f"{name}: a static (fixed-size) cache is not supported under pruning yet; use the default dynamic "
+                "cache (drop cache_implementation='static' / the StaticCache argument)"
+            )
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict) or (self.pruner.stage == "pre_llm" and mask is not None and mask.dim() != 2):
+            raise UnsupportedGenerationError(
+                f"{name}: precomputed {'per-layer' if isinstance(mask, dict) else '4-D'} attention masks are not "
+                "supported under pruning; pass the 2-D padding mask (attention_mask of shape [batch, length])"
+            )
+
+    def _refuse_new_images(self, kwargs: dict[str, Any], ids: torch.Tensor | None) -> None:
+        """An image arriving after the pruned prompt would escape the prompt's decision."""
+        has_images = kwargs.get("pixel_values") is not None or bool(kwargs.get("mm_encoder_outputs"))
+        if has_images and ids is not None and bool((ids == self.image_token_id).any()):
+            raise UnsupportedGenerationError(
+                f"{self.pruner.name}: new image tokens after a pruned prompt (a continued conversation that adds an "
+                "image) are not supported; run the whole conversation as one prompt, without past_key_values"
+            )
+
+    def _start_forward(self, kwargs: dict[str, Any], drafts: int):
+        """A forward on an empty cache: either a new prompt, or one that continues the last pruned prompt."""
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ConfigError(
-                f"{self.pruner.name} needs input_ids to locate the image placeholders; pass input_ids, not inputs_embeds"
+                f"{self.pruner.name} needs input_ids to locate the image placeholders; pass input_ids (with "
+                "pixel_values), not inputs_embeds alone"
             )
-        visual = input_ids == self.image_token_id
+        mask = kwargs.get("attention_mask")
+        mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        images = _image_inputs(kwargs)
+        st = self.state
+        if self._continues_prompt(input_ids, mask2d, images):
+            st.phase = PREFILL
+            st.per_forward.clear()
+            st.captured.clear()
+            st.forward_plan = tp.extend_plan(st.plan, input_ids.shape[1])
+            st.forward_attn2d = mask2d
+        else:
+            self.state = st = self._new_prompt(input_ids, mask2d, images, drafts)
+        if self.pruner.stage == "pre_llm":
+            return (), self._pre_llm_prefill_inputs(kwargs, input_ids)
+        return (), kwargs
+
+    def _new_prompt(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None, images: list[tuple[str, Any]],
+                    drafts: int) -> StepState:
+        """State of a new prompt: the forward's tokens minus the trailing drafts (the decision never sees them)."""
+        length = input_ids.shape[1] - drafts
+        prompt = input_ids[:, :length]
+        visual = prompt == self.image_token_id
         if not bool(visual.any()):
             raise MissingImageError(
                 f"{self.pruner.name}: this batch has no image tokens; pass pixel_values with an image placeholder in "
                 "the prompt, or call handle.remove() before running text-only prompts"
             )
-        st = StepState(phase=PREFILL, input_ids=input_ids, attn2d=kwargs.get("attention_mask"))
-        for b in range(input_ids.shape[0]):
+        st = StepState(phase=PREFILL, input_ids=prompt, attn2d=mask2d[:, :length] if mask2d is not None else None,
+                       images=images, forward_attn2d=mask2d)
+        for b in range(prompt.shape[0]):
             pos = torch.nonzero(visual[b]).flatten()
             st.visual_positions.append(pos)
             st.spans.append(_runs(pos))
-        self.state = st
-        if self.pruner.stage == "pre_llm":
-            return (), self._pre_llm_prefill_inputs(kwargs, input_ids)
-        return (), kwargs
+        return st
+
+    def _continues_prompt(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None,
+                          images: list[tuple[str, Any]]) -> bool:
+        """Whether a fresh forward extends the last pruned prompt row by row (same tokens, padding and images)."""
+        st = self.state
+        prompt = st.input_ids
+        if st.plan is None or prompt is None or prompt.device != input_ids.device:
+            return False
+        length = prompt.shape[1]
+        if input_ids.shape[0] != prompt.shape[0] or input_ids.shape[1] <= length:
+            return False
+        if not torch.equal(input_ids[:, :length], prompt):
+            return False
+        if (mask2d is None) != (st.attn2d is None):
+            given = mask2d[:, :length] if mask2d is not None else st.attn2d
+            if not bool(given.bool().all()):
+                return False
+        elif mask2d is not None and not torch.equal(mask2d[:, :length].bool(), st.attn2d.bool()):
+            return False
+        return _same_images(images, st.images)
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, view_factory: Callable[[int], "SampleView"], length: int, device: torch.device) -> tp.KeepPlan:
@@ -225,34 +326,23 @@ class VLMAdapter:
     def _pre_llm_prefill_inputs(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> dict[str, Any]:
         st = self.state
         enc = kwargs.get("mm_encoder_outputs") or {}
-        if enc.get("image") is not None:
-            feats = list(enc["image"].pooler_output)
-        else:
-            if kwargs.get("pixel_values") is None:
-                raise MissingImageError(f"{self.pruner.name}: image placeholders found but no pixel_values were passed")
-            with self.timer.section("features", input_ids.device):
-                feats = self.image_features(kwargs)
-        per_sample: list[list[torch.Tensor]] = []
-        i = 0
-        for b, spans in enumerate(st.spans):
-            mine = feats[i:i + len(spans)]
-            i += len(spans)
-            for (s, e), f in zip(spans, mine):
-                if f.shape[0] != e - s:
-                    raise ConfigError(f"image features ({f.shape[0]}) do not match the {e - s} placeholders of sample {b}")
-            per_sample.append(mine)
-        length = input_ids.shape[1]
-        plan = self._decide(lambda b: SampleView(self, b, feats=per_sample[b]), length, input_ids.device)
-        st.plan = plan
-        kept_feats = []
-        for b, spans in enumerate(st.spans):
-            kept_global = plan.index[b][~plan.filler[b]]
-            for (s, e), f in zip(spans, per_sample[b]):
-                sel = torch.isin(st.visual_positions[b][s:e], kept_global)
-                kept_feats.append(f[sel.to(f.device)])
+        per_sample = self._prompt_features(kwargs, enc, input_ids.device)
+        if st.plan is None:
+            views = (lambda b: SampleView(self, b, feats=per_sample[b])) if per_sample is not None else \
+                (lambda b: SampleView(self, b))
+            st.plan = self._decide(views, st.prompt_len, input_ids.device)
+            st.forward_plan = tp.extend_plan(st.plan, input_ids.shape[1])
+        plan = st.forward_plan
         out = dict(kwargs)
-        out.pop("pixel_values", None)
-        out["mm_encoder_outputs"] = {**enc, "image": BaseModelOutputWithPooling(pooler_output=tuple(kept_feats))}
+        if per_sample is not None:
+            kept_feats = []
+            for b, spans in enumerate(st.spans):
+                kept_global = plan.index[b][~plan.filler[b]]
+                for (s, e), f in zip(spans, per_sample[b]):
+                    sel = torch.isin(st.visual_positions[b][s:e], kept_global)
+                    kept_feats.append(f[sel.to(f.device)])
+            out.pop("pixel_values", None)
+            out["mm_encoder_outputs"] = {**enc, "image": BaseModelOutputWithPooling(pooler_output=tuple(kept_feats))}
         pad_id = self._filler_token_id()
         new_ids = tp.gather_seq(input_ids, plan).masked_fill(plan.filler, pad_id)
         out["input_ids"] = new_ids
@@ -261,8 +351,9 @@ class VLMAdapter:
             out["attention_mask"] = tp.gather_seq(am, plan).masked_fill(plan.filler, 0)
         elif plan.has_fillers:
             out["attention_mask"] = (~plan.filler).to(torch.long)
-        if kwargs.get("mm_token_type_ids") is not None:
-            out["mm_token_type_ids"] = tp.gather_seq(kwargs["mm_token_type_ids"], plan).masked_fill(plan.filler, 0)
+        types = self.token_types(kwargs, input_ids)
+        if types is not None:
+            out["mm_token_type_ids"] = tp.gather_seq(types, plan).masked_fill(plan.filler, 0)
         pos = kwargs.get("position_ids")
         if pos is None or self.uses_mrope:  # M-RoPE models also refresh rope_deltas here
             full = self.full_positions(kwargs, input_ids)
@@ -274,12 +365,49 @@ class VLMAdapter:
         else:
             new_pos = tp.gather_positions(pos, plan)
         out["position_ids"] = new_pos
-        st.rope_delta_shift = plan.length - plan.new_length
-        self._after_pre_llm_prefill(plan)
         return out
 
-    def _after_pre_llm_prefill(self, plan: tp.KeepPlan) -> None:
-        """Family hook (Qwen corrects ``rope_deltas`` here)."""
+    def _prompt_features(self, kwargs: dict[str, Any], enc: dict[str, Any],
+                         device: torch.device) -> list[list[torch.Tensor]] | None:
+        """Per sample, per image projected features; None when the forward carries no image inputs.
+
+        Without images the placeholders are embedded as ordinary tokens (as the unpruned model does); only
+        pruners that score features need them.
+        """
+        st = self.state
+        if enc.get("image") is not None:
+            feats = list(enc["image"].pooler_output)
+        elif kwargs.get("pixel_values") is not None:
+            with self.timer.section("features", device):
+                feats = self.image_features(kwargs)
+        elif st.plan is None and "features" in self.pruner.needs:
+            raise MissingImageError(
+                f"{self.pruner.name} scores image features, but this forward has image placeholders and no "
+                "pixel_values (transformers calls an assistant model without them); pass pixel_values, or apply "
+                "the pruner to the main model only"
+            )
+        else:
+            return None
+        per_sample: list[list[torch.Tensor]] = []
+        i = 0
+        for b, spans in enumerate(st.spans):
+            mine = feats[i:i + len(spans)]
+            i += len(spans)
+            for (s, e), f in zip(spans, mine):
+                if f.shape[0] != e - s:
+                    raise ConfigError(f"image features ({f.shape[0]}) do not match the {e - s} placeholders of sample {b}")
+            per_sample.append(mine)
+        return per_sample
+
+    def token_types(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``mm_token_type_ids`` over this forward's tokens, when the family uses them (Qwen derives them)."""
+        types = kwargs.get("mm_token_type_ids")
+        if types is None or types.shape[-1] == input_ids.shape[-1]:
+            return types
+        if types.shape[-1] > input_ids.shape[-1]:
+            return types[..., -input_ids.shape[-1]:]
+        # transformers' assisted decoding does not extend them over the drafts: drafts are text (type 0)
+        return torch.cat([types, types.new_zeros(types.shape[0], input_ids.shape[-1] - types.shape[-1])], -1)
 
     def _filler_token_id(self) -> int:
         pad = getattr(self.text_config, "pad_token_id", None)
@@ -288,34 +416,49 @@ class VLMAdapter:
         return int(pad)
 
     def _pre_llm_decode_inputs(self, kwargs: dict[str, Any], past_len: int) -> dict[str, Any]:
+        """A forward on a cache that pre-LLM pruning shortened by ``L - L'`` slots in every layer.
+
+        With a 2-D padding mask the mask's width tells the logical position of the new tokens. transformers
+        compares the (shorter) cache with the full ids and so re-feeds the last ``L - L'`` cached tokens when a
+        generation continues from ``past_key_values``: those are dropped here, so they are not cached twice.
+        """
         plan = self.state.plan
+        logical_past = past_len + plan.length - plan.new_length
         out = dict(kwargs)
         ids = kwargs.get("input_ids")
         q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         am = kwargs.get("attention_mask")
-        if am is not None and am.dim() == 2:
+        if am is not None:
+            overlap = logical_past - (am.shape[1] - q)
+            if overlap < 0 or overlap >= q:
+                raise UnsupportedGenerationError(
+                    f"{self.pruner.name}: the attention mask covers {am.shape[1]} tokens, but the pruned cache holds "
+                    f"{logical_past} tokens of this sequence and {q} new ones arrive; continue a cache only with "
+                    "the full sequence (or only the new tokens) and its full attention mask"
+                )
+            if overlap:
+                out = _drop_leading(out, overlap)
+                q -= overlap
             out["attention_mask"] = tp.remap_2d_mask(am, plan)
-        elif am is None and plan.has_fillers:
-            full = torch.ones(plan.index.shape[0], plan.length + past_len - plan.new_length + q,
-                              dtype=torch.long, device=plan.index.device)
+        elif plan.has_fillers:
+            full = torch.ones(plan.index.shape[0], logical_past + q, dtype=torch.long, device=plan.index.device)
             out["attention_mask"] = tp.remap_2d_mask(full, plan)
-        pos = kwargs.get("position_ids")
+        self._refuse_new_images(out, out.get("input_ids"))
+        pos = out.get("position_ids")
         if pos is None:
-            pos = self._decode_positions(past_len, q, plan)
+            pos = self._decode_positions(logical_past, q, plan)
         elif self.pruner.positions == "reindex":
             pos = pos - plan.dropped.view(*([1] * (pos.dim() - 2)), -1, 1)
         out["position_ids"] = pos
         return out
 
-    def _decode_positions(self, past_len: int, q: int, plan: tp.KeepPlan) -> torch.Tensor:
-        """Positions of new tokens on a pruned cache when the caller passed none (plain forward)."""
+    def _decode_positions(self, logical_past: int, q: int, plan: tp.KeepPlan) -> torch.Tensor:
+        """Positions of new tokens after ``logical_past`` tokens when the caller passed none (plain forward)."""
         bsz = plan.index.shape[0]
-        base = torch.arange(q, device=plan.index.device) + past_len
+        base = (torch.arange(q, device=plan.index.device) + logical_past).expand(bsz, -1)
         if self.pruner.positions == "original":
-            base = base + (plan.length - plan.new_length)
-            return base.expand(bsz, -1)
-        fillers = plan.filler.sum(1, keepdim=True)
-        return base.expand(bsz, -1) - fillers
+            return base
+        return base - plan.dropped.view(-1, 1)
 
     # ------------------------------------------------------------------ in-LLM path
     def _install_llm_hooks(self, hooks: HookSet, layer: int) -> None:
@@ -344,9 +487,10 @@ class VLMAdapter:
             if st.phase == PREFILL:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if index == self.layer and st.plan is None:
-                    st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), hidden.shape[1], hidden.device)
+                    st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), st.prompt_len, hidden.device)
+                    st.forward_plan = tp.extend_plan(st.plan, hidden.shape[1])
                     st.captured.clear()
-                plan = st.plan
+                plan = st.forward_plan
                 if plan is None or plan.is_identity:
                     return None
                 return self._prefill_layer_inputs(args, kwargs, plan)
@@ -393,8 +537,8 @@ class VLMAdapter:
     def _prefill_rope(self, pe: tuple[torch.Tensor, torch.Tensor], plan: tp.KeepPlan, hidden: torch.Tensor):
         if self.pruner.positions == "reindex":
             keep_real = (~plan.filler).long()
-            if self.state.attn2d is not None:
-                keep_real = keep_real * tp.gather_seq(self.state.attn2d.long(), plan)
+            if self.state.forward_attn2d is not None:
+                keep_real = keep_real * tp.gather_seq(self.state.forward_attn2d.long(), plan)
             new_pos = (keep_real.cumsum(-1) - 1).clamp_min(0)
             return self.lm.rotary_emb(hidden, position_ids=new_pos)
         return tuple(tp.gather_seq(t, plan) for t in pe)
@@ -426,8 +570,9 @@ class VLMAdapter:
             return cap["qk"]
         attn = cap["attn"]
         head_dim = attn.head_dim
-        q = cap["q"]
-        k = cap["k"]
+        n = self.state.prompt_len  # the decision reads the prompt only (assisted decoding appends drafts)
+        q = cap["q"][:, :n]
+        k = cap["k"][:, :n]
         bsz, length = q.shape[:2]
         q = q.view(bsz, length, -1, head_dim).transpose(1, 2)
         k = k.view(bsz, length, -1, head_dim).transpose(1, 2)
@@ -436,7 +581,7 @@ class VLMAdapter:
         rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
         if rope is None:
             raise UnsupportedModelError(f"cannot find apply_rotary_pos_emb next to {type(attn).__name__}")
-        cos, sin = cap["position_embeddings"]
+        cos, sin = (t[..., :n, :] for t in cap["position_embeddings"])
         q, k = rope(q, k, cos, sin)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cap["qk"] = (q, k)
@@ -587,3 +732,39 @@ def _runs(pos: torch.Tensor) -> list[tuple[int, int]]:
     starts = [0] + breaks.tolist()
     ends = breaks.tolist() + [int(pos.numel())]
     return list(zip(starts, ends))
+
+
+def _drop_leading(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+    """Drop the first ``n`` tokens of every per-token input (the mask keeps its full width)."""
+    out = dict(kwargs)
+    for key in ("input_ids", "position_ids", "mm_token_type_ids"):
+        if isinstance(out.get(key), torch.Tensor):
+            out[key] = out[key][..., n:]
+    if isinstance(out.get("inputs_embeds"), torch.Tensor):
+        out["inputs_embeds"] = out["inputs_embeds"][:, n:]
+    return out
+
+
+def _image_inputs(kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The image inputs of a forward, to tell a continuation of the same prompt from a new image."""
+    found: list[tuple[str, Any]] = [(k, kwargs[k]) for k in IMAGE_INPUTS if kwargs.get(k) is not None]
+    enc = kwargs.get("mm_encoder_outputs") or {}
+    for modality in sorted(enc):
+        if enc[modality] is not None:
+            found.append((f"mm_encoder_outputs.{modality}", tuple(enc[modality].pooler_output)))
+    return found
+
+
+def _same_images(a: list[tuple[str, Any]], b: list[tuple[str, Any]]) -> bool:
+    if [k for k, _ in a] != [k for k, _ in b]:
+        return False
+    return all(_same_tensors(x, y) for (_, x), (_, y) in zip(a, b))
+
+
+def _same_tensors(x: Any, y: Any) -> bool:
+    if isinstance(x, tuple):
+        return isinstance(y, tuple) and len(x) == len(y) and all(_same_tensors(i, j) for i, j in zip(x, y))
+    if x is y:
+        return True
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape \
+        and x.device == y.device and torch.equal(x, y)

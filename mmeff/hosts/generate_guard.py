@@ -1,0 +1,54 @@
+"""Refuse, before anything runs, the generate() options that pruning cannot serve exactly yet.
+
+The guard is an instance attribute wrapping the model's own ``generate`` (undone by ``handle.remove()``);
+it reads the options only and changes nothing else.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..core.errors import UnsupportedGenerationError
+from ..core.hooks import HookSet
+from ..pruners.base import PrunerConfig
+
+DYNAMIC_CACHES = (None, "dynamic")
+
+
+def check_generate_options(model: torch.nn.Module, pruner: PrunerConfig, kwargs: dict[str, Any]) -> None:
+    """Raise one clear error for an option that would run under pruning but not exactly."""
+    config = kwargs.get("generation_config") or model.generation_config
+
+    def option(name: str) -> Any:
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    if option("prefill_chunk_size") is not None:
+        raise UnsupportedGenerationError(
+            f"{pruner.name}: generate(prefill_chunk_size=...) splits the prompt, but the pruning decision needs the "
+            "whole prompt; pass prefill_chunk_size=None while pruning is applied"
+        )
+    cache = option("cache_implementation")
+    if cache not in DYNAMIC_CACHES:
+        raise UnsupportedGenerationError(
+            f"{pruner.name}: cache_implementation={cache!r} is not supported under pruning yet (static caches and "
+            "the torch.compile path need fixed-size caches); use the default dynamic cache"
+        )
+    if option("is_assistant") and pruner.stage == "pre_llm":
+        raise UnsupportedGenerationError(
+            f"{pruner.name}: pre-LLM pruning cannot run inside an assistant model (transformers re-syncs the "
+            "assistant's cache by its full length, which a pruned cache does not have); apply the pruner to the "
+            "main model only"
+        )
+
+
+def install_generate_guard(hooks: HookSet, model: torch.nn.Module, pruner: PrunerConfig) -> None:
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        check_generate_options(model, pruner, kwargs)
+        return original(*args, **kwargs)
+
+    hooks.set_attr(model, "generate", generate)
