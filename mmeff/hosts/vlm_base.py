@@ -349,7 +349,10 @@ class VLMAdapter:
         am = kwargs.get("attention_mask")
         if am is not None:
             out["attention_mask"] = tp.gather_seq(am, plan).masked_fill(plan.filler, 0)
-        elif plan.has_fillers:
+        else:
+            # Always explicit: without a mask and a cache, transformers reads the gaps that pruning leaves in
+            # position_ids as boundaries of packed sequences and would block attention across them.
+            self._refuse_packed(kwargs)
             out["attention_mask"] = (~plan.filler).to(torch.long)
         types = self.token_types(kwargs, input_ids)
         if types is not None:
@@ -366,6 +369,19 @@ class VLMAdapter:
             new_pos = tp.gather_positions(pos, plan)
         out["position_ids"] = new_pos
         return out
+
+    def _refuse_packed(self, kwargs: dict[str, Any]) -> None:
+        """Several sequences packed in one row (restarting text positions, no mask) cannot be cut before the LLM."""
+        pos = kwargs.get("position_ids")
+        if pos is None or kwargs.get("past_key_values") is not None:
+            return
+        text = pos[0] if pos.dim() == 3 and pos.shape[0] == 4 else pos if pos.dim() == 2 else None
+        if text is not None and bool((text.diff(dim=-1) != 1).any()):
+            raise UnsupportedGenerationError(
+                f"{self.pruner.name}: packed sequences (several prompts in one row, told apart by restarting "
+                "position_ids and no attention_mask) cannot be pruned before the LLM; pass one prompt per row "
+                "with an attention_mask"
+            )
 
     def _prompt_features(self, kwargs: dict[str, Any], enc: dict[str, Any],
                          device: torch.device) -> list[list[torch.Tensor]] | None:
