@@ -8,6 +8,8 @@ Run on LLaVA and Qwen2-VL (tiny random models) with a pre-LLM pruner (random) an
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -80,8 +82,12 @@ def test_next_turn_from_cache_equals_whole_conversation_uncached(vlm, family, sp
                                return_dict_in_generate=True)
         seq = torch.cat([first.sequences, turn], 1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(seq[:, inputs["input_ids"].shape[1]:])], 1)
+        cache = copy.deepcopy(first.past_key_values)
         continued = generate(model, {"input_ids": seq, "attention_mask": mask}, n=4,
                              past_key_values=first.past_key_values)
+        # only the tokens the cache lacks (the last generated one and the new turn), with the full mask
+        only_new = generate(model, {"input_ids": seq[:, -(turn.shape[1] + 1):], "attention_mask": mask}, n=4,
+                            past_key_values=cache)
         whole = {**inputs, "input_ids": seq, "attention_mask": mask}
         if "mm_token_type_ids" in inputs:
             tt = inputs["mm_token_type_ids"]
@@ -89,6 +95,8 @@ def test_next_turn_from_cache_equals_whole_conversation_uncached(vlm, family, sp
         again = generate(model, whole, n=4, use_cache=False)
         assert h.report()["prompts"] == 1
     _same(continued, again)
+    assert torch.equal(only_new[0][:, -4:], continued[0][:, -4:])
+    torch.testing.assert_close(only_new[1], continued[1], atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -226,3 +234,20 @@ def test_random_pre_llm_needs_no_pixel_values(vlm):
                              return_dict_in_generate=True, output_logits=True)
         assert torch.equal(out.sequences[0, -3:], tokens[b, -3:])
         torch.testing.assert_close(torch.stack(out.logits, 1)[0], logits[b], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["random:ratio=0.5", "fastv:ratio=0.5,layer=1"])
+def test_torch_compile_runs_the_hooks_eagerly_or_says_why_not(vlm, spec):
+    """torch.compile(model): mmeff's hooks stay out of the graph (exact); fullgraph=True carries our one line."""
+    model = vlm("llava")
+    inputs = inputs_for(model, n=2)
+    with mmeff.apply(model, spec):
+        eager = model(**inputs).logits
+        try:
+            with pytest.raises(Exception, match="torch.compile is not supported under pruning yet"):
+                torch.compile(model, backend="eager", fullgraph=True)(**inputs)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="eager")(**inputs).logits
+        finally:
+            torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
