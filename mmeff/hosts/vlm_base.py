@@ -26,12 +26,12 @@ from ..core.handle import Handle
 from ..core.hooks import HookSet
 from ..core.timing import MethodTimer
 from ..pruners.base import PrunerConfig
+from . import prompt_match as pm
 from . import token_plan as tp
 from .flops import prefill_flops
 from .generate_guard import install_generate_guard
 
 PREFILL, DECODE, OFF = "prefill", "decode", "off"
-IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
 
 
 @dataclasses.dataclass
@@ -227,9 +227,9 @@ class VLMAdapter:
             )
         mask = kwargs.get("attention_mask")
         mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        images = _image_inputs(kwargs)
+        images = pm.image_inputs(kwargs)
         st = self.state
-        if self._continues_prompt(input_ids, mask2d, images):
+        if st.plan is not None and pm.continues_prompt(st.input_ids, st.attn2d, st.images, input_ids, mask2d, images):
             st.phase = PREFILL
             st.per_forward.clear()
             st.captured.clear()
@@ -259,26 +259,6 @@ class VLMAdapter:
             st.visual_positions.append(pos)
             st.spans.append(_runs(pos))
         return st
-
-    def _continues_prompt(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None,
-                          images: list[tuple[str, Any]]) -> bool:
-        """Whether a fresh forward extends the last pruned prompt row by row (same tokens, padding and images)."""
-        st = self.state
-        prompt = st.input_ids
-        if st.plan is None or prompt is None or prompt.device != input_ids.device:
-            return False
-        length = prompt.shape[1]
-        if input_ids.shape[0] != prompt.shape[0] or input_ids.shape[1] <= length:
-            return False
-        if not torch.equal(input_ids[:, :length], prompt):
-            return False
-        if (mask2d is None) != (st.attn2d is None):
-            given = mask2d[:, :length] if mask2d is not None else st.attn2d
-            if not bool(given.bool().all()):
-                return False
-        elif mask2d is not None and not torch.equal(mask2d[:, :length].bool(), st.attn2d.bool()):
-            return False
-        return _same_images(images, st.images)
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, view_factory: Callable[[int], "SampleView"], length: int, device: torch.device) -> tp.KeepPlan:
@@ -453,7 +433,7 @@ class VLMAdapter:
                     "the full sequence (or only the new tokens) and its full attention mask"
                 )
             if overlap:
-                out = _drop_leading(out, overlap)
+                out = pm.drop_leading(out, overlap)
                 q -= overlap
             out["attention_mask"] = tp.remap_2d_mask(am, plan)
         elif plan.has_fillers:
@@ -749,38 +729,3 @@ def _runs(pos: torch.Tensor) -> list[tuple[int, int]]:
     ends = breaks.tolist() + [int(pos.numel())]
     return list(zip(starts, ends))
 
-
-def _drop_leading(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
-    """Drop the first ``n`` tokens of every per-token input (the mask keeps its full width)."""
-    out = dict(kwargs)
-    for key in ("input_ids", "position_ids", "mm_token_type_ids"):
-        if isinstance(out.get(key), torch.Tensor):
-            out[key] = out[key][..., n:]
-    if isinstance(out.get("inputs_embeds"), torch.Tensor):
-        out["inputs_embeds"] = out["inputs_embeds"][:, n:]
-    return out
-
-
-def _image_inputs(kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The image inputs of a forward, to tell a continuation of the same prompt from a new image."""
-    found: list[tuple[str, Any]] = [(k, kwargs[k]) for k in IMAGE_INPUTS if kwargs.get(k) is not None]
-    enc = kwargs.get("mm_encoder_outputs") or {}
-    for modality in sorted(enc):
-        if enc[modality] is not None:
-            found.append((f"mm_encoder_outputs.{modality}", tuple(enc[modality].pooler_output)))
-    return found
-
-
-def _same_images(a: list[tuple[str, Any]], b: list[tuple[str, Any]]) -> bool:
-    if [k for k, _ in a] != [k for k, _ in b]:
-        return False
-    return all(_same_tensors(x, y) for (_, x), (_, y) in zip(a, b))
-
-
-def _same_tensors(x: Any, y: Any) -> bool:
-    if isinstance(x, tuple):
-        return isinstance(y, tuple) and len(x) == len(y) and all(_same_tensors(i, j) for i, j in zip(x, y))
-    if x is y:
-        return True
-    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape \
-        and x.device == y.device and torch.equal(x, y)
