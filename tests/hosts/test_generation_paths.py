@@ -20,6 +20,7 @@ from mmeff.zoo import tiny_models as tm
 from .conftest import generate, inputs_for, n_hooks
 
 FAMILIES = ["llava", "qwen2_vl"]
+ALL_FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]  # the core equalities, on every family
 SPECS = ["random:ratio=0.5", "fastv:ratio=0.5,layer=1", "entropyprune:ratio=0.5,layer=1"]
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
@@ -35,7 +36,7 @@ def _text_only(inputs):
     return {k: v for k, v in inputs.items() if k not in IMAGE_KEYS + ("mm_token_type_ids",)}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("spec", SPECS)
 def test_use_cache_false_equals_cached(vlm, family, spec):
     """Every uncached step is a fresh forward of prompt + generated tokens: it must reuse the prompt's decision."""
@@ -66,7 +67,7 @@ def test_continued_from_cache_equals_one_call(vlm, family, spec):
     torch.testing.assert_close(torch.cat([torch.stack(first.logits, 1), logits], 1), one_logits, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("spec", SPECS)
 def test_next_turn_from_cache_equals_whole_conversation_uncached(vlm, family, spec):
     """A second chat turn on the reused cache == the whole conversation run again without a cache.
