@@ -315,28 +315,13 @@ def test_reset_attention_backend_after_apply_is_followed(restore_backend):
 
 
 # ---------------------------------------------------------------------------------------------- diffusers caches
-def _cache_config(name: str, pipe: Any) -> Any:
-    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
-
-    if name == "pab":
-        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
-                                               spatial_attention_timestep_skip_range=(-1, 1001),
-                                               current_timestep_callback=lambda: pipe.current_timestep)
-    if name == "faster":
-        return FasterCacheConfig(spatial_attention_block_skip_range=2,
-                                 spatial_attention_timestep_skip_range=(-1, 1001),
-                                 current_timestep_callback=lambda: pipe.current_timestep,
-                                 attention_weight_callback=lambda _: 0.5, is_guidance_distilled=False)
-    return FirstBlockCacheConfig(threshold=0.5)
-
-
 CACHES = [("wan", "pab"), ("cogvideox", "faster"), ("wan", "first_block"), ("cogvideox", "first_block")]
 
 
 @pytest.mark.parametrize("family,cache", CACHES)
 def test_softpag_with_a_cache_enabled_first_is_refused_at_apply(family, cache):
     pipe = tp.tiny_pipeline(family)
-    pipe.transformer.enable_cache(_cache_config(cache, pipe))
+    pipe.transformer.enable_cache(tp.diffusers_cache(cache, pipe))
     before = procs(pipe.transformer)
     with pytest.raises(IncompatibleFeatureError, match="appends perturbed batch rows.*cache.*found at apply.*"
                                                        "disable_cache"):
@@ -353,7 +338,7 @@ def test_a_cache_enabled_after_softpag_is_refused_at_the_next_call(family, cache
     with mmeff.apply(pipe, ACTIVE) as h:
         generate(pipe, family)
         calls = h.report()["branch_calls"]
-        pipe.transformer.enable_cache(_cache_config(cache, pipe))
+        pipe.transformer.enable_cache(tp.diffusers_cache(cache, pipe))
         with pytest.raises(IncompatibleFeatureError, match="appends perturbed batch rows.*found at this call"):
             generate(pipe, family, steps=3)
         assert h.report()["branch_calls"] == calls
