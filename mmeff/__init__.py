@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "apply", "Handle", "MmeffError", "ConfigError", "UnsupportedModelError", "BudgetError",
-    "MissingImageError", "AlreadyAppliedError", "UnknownMethodError", "IncompatibleFeatureError", "get_method", "method_names",
-    "parse_method", "__version__",
+    "MissingImageError", "AlreadyAppliedError", "UnknownMethodError", "IncompatibleFeatureError", "get_method",
+    "method_names", "parse_method", "__version__",
 ]

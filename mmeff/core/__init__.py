@@ -9,6 +9,7 @@ from .timing import MethodTimer
 
 __all__ = [
     "MethodConfig", "require", "MmeffError", "ConfigError", "UnsupportedModelError", "BudgetError",
-    "MissingImageError", "AlreadyAppliedError", "UnknownMethodError", "IncompatibleFeatureError", "Handle", "active_handle", "HookSet",
+    "MissingImageError", "AlreadyAppliedError", "UnknownMethodError", "IncompatibleFeatureError", "Handle",
+    "active_handle", "HookSet",
     "find_host", "get_method", "method_names", "parse_method", "register_host", "register_method", "MethodTimer",
 ]

@@ -90,7 +90,7 @@ def active_caches(model: torch.nn.Module, modules: Iterable[torch.nn.Module]) ->
     if config is not None:
         found.append(type(config).__name__)
     for module in (model, *modules):
-        registry = getattr(module, "_diffusers_hook", None)
+        registry = module.__dict__.get("_diffusers_hook")  # a plain attribute; nn.Module getattr misses are slow
         for name in getattr(registry, "hooks", {}) or {}:
             if any(w in name for w in _CACHE_HOOK_WORDS) and name not in found:
                 found.append(name)

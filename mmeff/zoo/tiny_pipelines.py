@@ -279,7 +279,11 @@ def diffusers_cache(name: str, pipe: Any) -> Any:
     ``"pab"``: Pyramid Attention Broadcast, ``"faster"``: FasterCache (batched-CFG pipelines), ``"first_block"``:
     First Block Cache. Timestep ranges cover the whole schedule so the caches really skip work in 2-3 steps.
     """
-    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+    from diffusers import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        PyramidAttentionBroadcastConfig,
+    )
 
     if name == "pab":
         return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,

@@ -101,10 +101,9 @@ def test_set_default_attn_processor_after_apply_is_refused_and_not_mixed_on_remo
 def test_set_default_attn_processor_before_apply_names_the_cause():
     pipe = tp.tiny_pipeline("pixart")
     pipe.transformer.set_default_attn_processor()  # AttnProcessor: bmm + softmax, no SDPA to route
-    with mmeff.apply(pipe, ACTIVE):
-        with pytest.raises(UnsupportedModelError, match="did not call scaled_dot_product_attention.*"
-                                                        "AttnProcessor2_0"):
-            generate(pipe, "pixart")
+    cause = "did not call scaled_dot_product_attention.*AttnProcessor2_0"
+    with mmeff.apply(pipe, ACTIVE), pytest.raises(UnsupportedModelError, match=cause):
+        generate(pipe, "pixart")
 
 
 def test_a_retired_wrapper_reinstalled_from_a_saved_dict_is_its_processor():
@@ -195,7 +194,9 @@ def _ip_generate(pipe: Any) -> torch.Tensor:
 
 
 def test_flux_ip_adapter_loaded_before_apply_works():
-    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+    from diffusers.models.transformers.transformer_flux import (
+        FluxIPAdapterAttnProcessor,
+    )
 
     pipe = tp.tiny_pipeline("flux")
     _load_ip(pipe)
@@ -214,7 +215,10 @@ def test_flux_ip_adapter_loaded_before_apply_works():
 
 
 def test_flux_ip_adapter_loaded_after_apply_is_refused_cleanly():
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
+    from diffusers.models.transformers.transformer_flux import (
+        FluxAttnProcessor,
+        FluxIPAdapterAttnProcessor,
+    )
 
     pipe = tp.tiny_pipeline("flux")
     h = mmeff.apply(pipe, ACTIVE)
@@ -290,7 +294,7 @@ def test_set_attention_backend_either_order_is_followed(restore_backend, order):
     else:
         h = mmeff.apply(model, Dense())
         model.set_attention_backend("flex")
-    for name, proc in procs(model).items():  # the wrapper keeps its pin; the user's backend is the inner's
+    for proc in procs(model).values():  # the wrapper keeps its pin; the user's backend is the inner's
         assert proc._attention_backend.value == "native" and proc._mmeff_inner._attention_backend.value == "flex"
     torch.testing.assert_close(forward(model, inputs), ref, rtol=0, atol=1e-6)
     h.remove()
