@@ -39,6 +39,10 @@ def likely_call(new: Any, original: Any) -> str:
         return "load_ip_adapter()"
     if "IPAdapter" in before:
         return "unload_ip_adapter()"
+    if name.startswith("PAG"):
+        return "the pipeline's own perturbed-attention guidance (PAG pipelines swap processors on every call)"
+    if name.startswith("XFormers"):
+        return "enable_xformers_memory_efficient_attention()"
     if name.startswith("Fused"):
         return "fuse_qkv_projections()"
     if before.startswith("Fused"):

@@ -212,6 +212,13 @@ def test_flux_ip_adapter_loaded_before_apply_works():
     assert isinstance(pipe.transformer.transformer_blocks[0].attn.processor, FluxIPAdapterAttnProcessor)
     assert no_mmeff_anywhere(pipe.transformer)
     assert torch.equal(_ip_generate(pipe), ref)
+    h = mmeff.apply(pipe, Dense())
+    pipe.unload_ip_adapter()  # while applied: diffusers re-creates every processor
+    with pytest.raises(IncompatibleFeatureError, match=f"by unload_ip_adapter\\(\\).*{WAY_OUT}"):
+        generate(pipe, "flux")
+    h.remove()
+    assert {type(p).__name__ for p in procs(pipe.transformer).values()} == {"FluxAttnProcessor"}
+    assert torch.equal(generate(pipe, "flux"), plain("flux"))
 
 
 def test_flux_ip_adapter_loaded_after_apply_is_refused_cleanly():
@@ -303,16 +310,21 @@ def test_set_attention_backend_either_order_is_followed(restore_backend, order):
 
 
 def test_reset_attention_backend_after_apply_is_followed(restore_backend):
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _AttentionBackendRegistry,
+    )
+
     model = tp.tiny_transformer("wan")
     inputs = transformer_inputs("wan")
     ref = forward(model, inputs)
     model.set_attention_backend("flex")
     with mmeff.apply(model, ACTIVE):
-        model.reset_attention_backend()
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-        _AttentionBackendRegistry.set_active_backend(_AttentionBackendRegistry._active_backend.NATIVE)
-        assert all(p._mmeff_inner._attention_backend is None for p in procs(model).values() if is_wrapper(p))
+        model.reset_attention_backend()  # processors back to "whatever is active"; make that native again
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+        wrapped = [p for p in procs(model).values() if is_wrapper(p)]
+        assert wrapped and all(p._mmeff_inner._attention_backend is None for p in wrapped)
+        assert all(p._attention_backend == AttentionBackendName.NATIVE for p in wrapped)  # the pin holds
         forward(model, inputs)
     assert all(getattr(p, "_attention_backend", None) is None for p in procs(model).values())
     assert torch.equal(forward(model, inputs), ref)
