@@ -162,6 +162,28 @@ def test_fuse_before_apply_works_and_unfuse_while_applied_is_refused(family):
     assert no_mmeff_anywhere(pipe.transformer)
 
 
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("order", ["fuse_then_apply", "apply_then_fuse"])
+def test_fuse_on_dispatcher_models_keeps_mmeff_on_in_both_orders(family, order):
+    """FLUX / Wan fuse the projection weights in place and keep their processors, so mmeff stays on."""
+    pipe = tp.tiny_pipeline(family)
+    pipe.transformer.fuse_qkv_projections()
+    ref = generate(pipe, family)
+    pipe.transformer.unfuse_qkv_projections()
+    if order == "fuse_then_apply":
+        pipe.transformer.fuse_qkv_projections()
+    h = mmeff.apply(pipe, Dense())
+    if order == "apply_then_fuse":
+        pipe.transformer.fuse_qkv_projections()
+    assert all(m.fused_projections for m in pipe.transformer.modules() if hasattr(m, "fused_projections"))
+    assert torch.equal(generate(pipe, family), ref)
+    assert h.report()["attention_calls"] > 0  # the attention ops still reach mmeff
+    h.remove()
+    with mmeff.apply(pipe, ACTIVE) as h:
+        assert not torch.equal(generate(pipe, family), ref) and h.report()["branch_calls"] == 2
+    assert no_mmeff_anywhere(pipe.transformer)
+
+
 # ---------------------------------------------------------------------------------------------- FLUX IP-Adapter
 def _ip_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """Random IP-Adapter weights in the layout diffusers' FLUX loader reads (no download)."""
