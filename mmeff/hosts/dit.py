@@ -46,6 +46,7 @@ from .dit_context import (
 from .dit_guard import (
     active_caches,
     calling_pipeline,
+    pag_sites,
     replaced_sites,
     replacement_error_message,
     scrub_saved_processors,
@@ -158,6 +159,7 @@ class DiTAdapter:
         for m in methods:
             _HANDLERS[m.kind](self, m)
         self._check_caches(when="at apply")
+        self._check_pag()
         hooks = HookSet()
         try:
             hooks.set_attr(self.model, _MARK, True)
@@ -204,6 +206,17 @@ class DiTAdapter:
                 f"the {type(self.pipe).__name__} at {id(self.pipe):#x} and follows that pipeline's CFG and step "
                 f"state, but the {type(caller).__name__} at {id(caller):#x} is calling it. remove() the handle and "
                 "apply mmeff to the pipeline you call, or give each pipeline its own transformer"
+            )
+
+    def _check_pag(self) -> None:
+        swapped = {id(m) for m in pag_sites(self.pipe, self.model)} if self.pipe is not None else set()
+        shared = [s.name for s in self.sites if self._site_wanted(s) and id(self.modules[s.name]) in swapped]
+        if shared:
+            raise IncompatibleFeatureError(
+                f"mmeff: this {type(self.pipe).__name__} swaps the attention processors of its pag_applied_layers "
+                f"on every call, and mmeff's methods need {len(shared)} of them ({', '.join(shared[:3])}"
+                f"{', ...' if len(shared) > 3 else ''}); use the non-PAG pipeline, or pipe.set_pag_applied_layers("
+                "...) to layers mmeff does not use"
             )
 
     def _check_caches(self, when: str) -> None:

@@ -10,6 +10,9 @@
   there is swapped for its inner processor, so nothing of mmeff comes back.
 - :func:`calling_pipeline`: the pipeline whose ``__call__`` is calling the transformer right now, so a
   transformer shared by two pipelines is never driven by the other pipeline's CFG flag and step count.
+- :func:`pag_sites`: the attention modules a diffusers PAG pipeline swaps on every call (``pag_applied_layers``);
+  mmeff cannot share those, so the adapter refuses them at apply (an error raised mid-call would leave the
+  PAG processors installed, since the pipeline restores its processors only when the call completes).
 - :func:`active_caches`: diffusers' attention/block caches (PAB, FasterCache, FirstBlockCache, ...) keep one
   batch layout per call; guidance that appends batch rows is refused next to them.
 """
@@ -99,3 +102,26 @@ def active_caches(model: torch.nn.Module, modules: Iterable[torch.nn.Module]) ->
             if any(w in name for w in _CACHE_HOOK_WORDS) and name not in found:
                 found.append(name)
     return found
+
+
+def pag_sites(pipe: Any, model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of ``model`` that the PAG pipeline ``pipe`` replaces processors of on each call.
+
+    Asked of diffusers itself: its own layer matcher runs once on the live model and every processor is put back
+    right away, so the answer follows whatever rule the installed diffusers uses.
+    """
+    setter = getattr(pipe, "_set_pag_attn_processor", None)
+    layers = getattr(pipe, "pag_applied_layers", None)
+    if setter is None or not layers:
+        return []
+    before = [(m, m.processor) for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    try:
+        setter(layers, do_classifier_free_guidance=True)
+    except ValueError:  # no PAG processors configured, or a layer id that matches nothing
+        return []
+    finally:
+        changed = [m for m, proc in before if m.processor is not proc]
+        for m, proc in before:
+            if m.processor is not proc:
+                m.processor = proc
+    return changed

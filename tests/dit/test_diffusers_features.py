@@ -380,3 +380,36 @@ def test_a_cache_enabled_after_softpag_is_refused_at_the_next_call(family, cache
         with pytest.raises(IncompatibleFeatureError, match="appends perturbed batch rows.*found at this call"):
             generate(pipe, family, steps=3)
         assert h.report()["branch_calls"] == calls
+
+
+# ---------------------------------------------------------------------------------------------- PAG pipelines
+def _sd3_pag(layers: list[str]) -> Any:
+    from diffusers import StableDiffusion3PAGPipeline
+
+    parts = {k: v for k, v in tp.tiny_pipeline("sd3").components.items()
+             if k not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusion3PAGPipeline(**parts, pag_applied_layers=layers)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_pag_pipeline_swapping_mmeff_sites_is_refused_at_apply():
+    pipe = _sd3_pag(["blocks.1"])
+    before = procs(pipe.transformer)
+    with pytest.raises(IncompatibleFeatureError, match="pag_applied_layers.*transformer_blocks.1.attn.*"
+                                                       "set_pag_applied_layers"):
+        mmeff.apply(pipe, ACTIVE)
+    assert all(procs(pipe.transformer)[n] is p for n, p in before.items())  # the dry run put everything back
+    assert mmeff.core.active_handle(pipe) is None
+
+
+def test_a_pag_pipeline_on_other_layers_composes_with_softpag():
+    pipe = _sd3_pag(["blocks.1"])
+    ref = generate(pipe, "sd3", pag_scale=2.0)
+    with mmeff.apply(pipe, SoftPAG(layers=(0,))) as h:
+        out = generate(pipe, "sd3", pag_scale=2.0)
+        assert h.report()["branch_calls"] == 2
+        pipe.set_pag_applied_layers(["blocks.0"])  # now PAG would swap mmeff's site: refused at the call
+        with pytest.raises(IncompatibleFeatureError, match="perturbed-attention guidance \\(PAG pipelines"):
+            generate(pipe, "sd3", pag_scale=2.0)
+    assert not torch.equal(out, ref)
