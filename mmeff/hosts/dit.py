@@ -170,7 +170,7 @@ class DiTAdapter:
                 if self._site_wanted(site):
                     module = self.modules[site.name]
                     wrapper = wrap_processor(module.processor, site.name, self._sdpa_callback(site))
-                    self.originals[site.name] = module.processor
+                    self.originals[site.name] = wrapper._mmeff_inner
                     hooks.on_remove(swap(module, wrapper))
                     self.installed[site.name] = (module, wrapper)
             hooks.on_remove(self._reset)

@@ -202,7 +202,7 @@ def swap(module: torch.nn.Module, wrapper: Any) -> Callable[[], None]:
 
     A processor the user installed after apply stays. The wrapper is retired either way (see the module doc).
     """
-    original = module.processor
+    original = unwrap(module.processor)  # a retired wrapper the user reinstalled goes back as what it stands for
     module.set_processor(wrapper)
 
     def undo() -> None:

@@ -116,6 +116,7 @@ def test_a_retired_wrapper_reinstalled_from_a_saved_dict_is_its_processor():
     assert torch.equal(generate(pipe, "sd3"), ref)
     with mmeff.apply(pipe, ACTIVE):  # wrapping a retired wrapper wraps what it stands for
         assert not torch.equal(generate(pipe, "sd3"), ref)
+    assert no_mmeff_anywhere(pipe.transformer)  # and remove() puts back the plain processors
     assert torch.equal(generate(pipe, "sd3"), ref)
 
 
