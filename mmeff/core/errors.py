@@ -31,3 +31,7 @@ class UnknownMethodError(MmeffError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class IncompatibleFeatureError(MmeffError, RuntimeError):
+    """A library feature in use conflicts with an applied method (the message names both and the way out)."""
