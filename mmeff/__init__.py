@@ -4,14 +4,13 @@
 ``transformers`` VLMs and ``diffusers`` pipelines and returns a handle that undoes them.
 """
 from .api import apply
-from .core import (AlreadyAppliedError, BudgetError, ConfigError, Handle, MissingImageError, MmeffError,
-                   UnknownMethodError, UnsupportedGenerationError, UnsupportedModelError, get_method,
-                   method_names, parse_method)
+from .core import (AlreadyAppliedError, BudgetError, ConfigError, Handle, IncompatibleFeatureError, MissingImageError,
+                   MmeffError, UnknownMethodError, UnsupportedModelError, get_method, method_names, parse_method)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apply", "Handle", "MmeffError", "ConfigError", "UnsupportedModelError", "BudgetError",
-    "MissingImageError", "UnsupportedGenerationError", "AlreadyAppliedError", "UnknownMethodError",
-    "get_method", "method_names", "parse_method", "__version__",
+    "MissingImageError", "AlreadyAppliedError", "UnknownMethodError", "IncompatibleFeatureError", "get_method",
+    "method_names", "parse_method", "__version__",
 ]

@@ -13,6 +13,29 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def zoo_models() -> dict[str, dict[str, Any]]:
+    """Every shipped zoo model: its kind, folder, whether it is built and trained, and how to load it."""
+    from mmeff.zoo.load import MODELS_DIR, ZOO_MODELS, training_info
+    from mmeff.zoo.load_pipeline import PIPELINES
+    from mmeff.zoo.load_video import VIDEO_PIPELINES
+
+    entries = {name: ("vlm", "config.json", "mmeff.zoo.load") for name in ZOO_MODELS}
+    entries.update({name: ("image pipeline", "model_index.json", "mmeff.zoo.load_pipeline.load_pipeline")
+                    for name in PIPELINES if name != "tiny-clip-judge"})
+    entries.update({name: ("video pipeline", "model_index.json", "mmeff.zoo.load_video.load_video_pipeline")
+                    for name in VIDEO_PIPELINES})
+    if "tiny-clip-judge" in PIPELINES:
+        entries["tiny-clip-judge"] = ("judge", None, "mmeff.zoo.load_pipeline.load_pipeline")
+    zoo: dict[str, Any] = {}
+    for name, (kind, marker, loader) in entries.items():
+        path = MODELS_DIR / name
+        built = (path / marker).is_file() if marker else path.is_dir() and any(path.iterdir())
+        info = training_info(str(path)) if built else None
+        zoo[name] = {"kind": kind, "path": str(path), "built": built, "loader": loader,
+                     "trained": bool(info and info.get("trained")) if built else False}
+    return zoo
+
+
 def collect() -> dict[str, Any]:
     from importlib.metadata import entry_points
 
@@ -28,18 +51,7 @@ def collect() -> dict[str, Any]:
     registry._ensure_builtin()
     hosts = {h.family: list(getattr(h, "model_classes", ()) or ()) for h in registry._HOSTS}
 
-    zoo: dict[str, Any] = {}
-    try:
-        from mmeff.zoo.load import ZOO_MODELS, training_info, zoo_path
-
-        for name in ZOO_MODELS:
-            path = zoo_path(name)
-            built = (path / "config.json").is_file()
-            info = training_info(name) if built else None
-            zoo[name] = {"path": str(path), "built": built,
-                         "trained": bool(info and info.get("trained")) if built else False}
-    except ImportError:
-        pass
+    zoo = zoo_models()
 
     plugin = [e.value for e in entry_points(group="lmms_eval.models") if e.name == "mmeff"]
     return {
@@ -71,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     print("zoo models:")
     for name, z in info["zoo_models"].items():
         state = "trained" if z["trained"] else ("untrained placeholder" if z["built"] else "not built")
-        print(f"  {name:<16} {state}  ({z['path']})")
+        print(f"  {name:<16} {z['kind']:<15} {state}  ({z['path']})")
     print("eval tasks: " + ", ".join(info["eval_tasks"]))
     print("eval groups: " + ", ".join(info["eval_groups"]))
     plugin = info["lmms_eval_plugin"]

@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned stack and mmeff installed in editable mode (idempotent, offline-safe
-# once the wheels are cached). Usage: bash scripts/setup.sh
+# Create (or bring up to date) .venv with exactly the locked stack, and mmeff installed in editable mode.
+#   bash scripts/setup.sh            # install what requirements.lock pins (fast when nothing changed)
+#   bash scripts/setup.sh --fresh    # delete .venv first and build it from nothing (what CI does)
+# The lock pins every package, transitive ones included; `bash scripts/lock.sh` refreshes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+fresh=0
+for arg in "$@"; do
+  case $arg in
+    --fresh) fresh=1 ;;
+    *) echo "setup.sh: unknown option '$arg' (the only option is --fresh)" >&2; exit 2 ;;
+  esac
+done
+if [[ $fresh == 1 ]]; then
+  rm -rf .venv
+fi
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import transformers, diffusers, lmms_eval, open_clip, triton, gradio" 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-fi
-# (re)install mmeff itself so the `mmeff` command and the lmms-eval entry point are registered
-if ! (cd /tmp && "$OLDPWD/.venv/bin/python" -c "import importlib.metadata as m; m.version('mmeff')") 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-fi
-.venv/bin/python -c "import mmeff; print('mmeff', mmeff.__version__, 'ready in .venv')"
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q -r requirements.lock
+# mmeff itself, so the `mmeff` command and the lmms-eval entry point are registered
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+"${PIP[@]}" check
+(cd /tmp && "$OLDPWD/.venv/bin/python" -c "
+import transformers, diffusers, lmms_eval, open_clip, triton, gradio, filelock, mmeff
+from lmms_eval.evaluator import simple_evaluate  # imports filelock._api: fails on an unlocked filelock
+print('mmeff', mmeff.__version__, 'ready in .venv')")

@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from ..cli_args import positive_int
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("calibrate", help="offline calibration writing a per-model JSON (EntropyPrune ECL)")
     p.add_argument("method", choices=["entropyprune"], help="what to calibrate")
     p.add_argument("--model", default="tiny-llava", help="zoo name (tiny-llava, tiny-qwen2-vl) or a local/hub path")
-    p.add_argument("--samples", type=int, default=100, help="number of calibration images (calib split seeds)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--samples", type=positive_int, default=100, help="number of calibration images (calib split seeds)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--out", required=True, help="JSON file to write; load it with entropyprune:calibration=FILE")
     p.set_defaults(func=run)
 
@@ -32,11 +36,18 @@ def world_batches(processor: Any, n: int, batch_size: int) -> Iterator[dict[str,
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.errors import MmeffError
+    from ..eval.preflight import check_writable
     from ..zoo.load import load
     from .ecl import calibrate_entropyprune
 
-    model, processor = load(args.model)
-    result = calibrate_entropyprune(model, world_batches(processor, args.samples, args.batch_size), args.out,
-                                    model_name=args.model)
+    try:
+        check_writable(Path(args.out), "--out")
+        model, processor = load(args.model)
+        result = calibrate_entropyprune(model, world_batches(processor, args.samples, args.batch_size), args.out,
+                                        model_name=args.model)
+    except MmeffError as e:
+        print(f"mmeff calibrate: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: result[k] for k in ("model", "ecl", "samples")}), "->", args.out)
     return 0

@@ -22,10 +22,6 @@ class MissingImageError(MmeffError, ValueError):
     """A method that needs visual tokens ran on a batch without an image."""
 
 
-class UnsupportedGenerationError(MmeffError, NotImplementedError):
-    """A generation path (e.g. chunked prefill, a static cache) cannot yet run exactly under this method."""
-
-
 class AlreadyAppliedError(MmeffError, RuntimeError):
     """mmeff methods are already applied to this object."""
 
@@ -35,3 +31,7 @@ class UnknownMethodError(MmeffError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class IncompatibleFeatureError(MmeffError, RuntimeError):
+    """A library feature in use conflicts with an applied method (the message names both and the way out)."""

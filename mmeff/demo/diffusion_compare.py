@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .timing import TIMING_REPEATS, warm_median
 
 DEFAULT_GUIDANCE = "softpag:heads=1.0;2.2;0.0;1.2,u=1,scale=3"
 DEFAULT_VIDEO = "rectified_spaattn:drop=0.75,tau=0.2,block=16,preset=none,warmup_steps=2,dense_layers=0"
@@ -49,8 +50,10 @@ class GuidancePair:
 
 
 def guidance_pair(pipe: Any, prompt: str, seed: int, method: str = DEFAULT_GUIDANCE, *, steps: int = 10,
-                  cfg: float = 4.0, call: dict[str, Any] | None = None, display: int = 256) -> GuidancePair:
-    """Two images of ``prompt`` from one seed: CFG only, then CFG plus ``method`` (a guidance spec)."""
+                  cfg: float = 4.0, call: dict[str, Any] | None = None, display: int = 256,
+                  repeats: int = TIMING_REPEATS) -> GuidancePair:
+    """Two images of ``prompt`` from one seed: CFG only, then CFG plus ``method`` (a guidance spec).
+    Seconds are warm: one warm-up run, then the median of ``repeats``."""
     import mmeff
 
     from ..zoo.load_pipeline import TINY_SD3_CALL
@@ -58,15 +61,13 @@ def guidance_pair(pipe: Any, prompt: str, seed: int, method: str = DEFAULT_GUIDA
     kwargs = {**(TINY_SD3_CALL if call is None else call), "num_inference_steps": steps, "guidance_scale": cfg,
               "output_type": "np"}
 
-    def run() -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
+    def once() -> np.ndarray:
         with torch.inference_mode():
-            out = pipe(prompt=prompt, generator=torch.Generator().manual_seed(int(seed)), **kwargs)
-        return out.images[0], time.perf_counter() - t0
+            return pipe(prompt=prompt, generator=torch.Generator().manual_seed(int(seed)), **kwargs).images[0]
 
-    base, t_base = run()
+    base, t_base = warm_median(once, repeats)
     with mmeff.apply(pipe, method):
-        guided, t_guided = run()
+        guided, t_guided = warm_median(once, repeats)
     return GuidancePair(_to_image(base, display), _to_image(guided, display), t_base, t_guided, method)
 
 
@@ -83,17 +84,22 @@ class VideoPair:
 
 
 def video_pair(pipe: Any, prompt: str, seed: int, method: str = DEFAULT_VIDEO, *, steps: int = 10, cfg: float = 5.0,
-               call: dict[str, Any] | None = None, frames: int = 4, display: int = 128) -> VideoPair:
-    """Dense and sparse videos of ``prompt`` from one seed, ``frames`` evenly spaced frames of each, and fidelity."""
+               call: dict[str, Any] | None = None, frames: int = 4, display: int = 128,
+               repeats: int = TIMING_REPEATS) -> VideoPair:
+    """Dense and sparse videos of ``prompt`` from one seed, ``frames`` evenly spaced frames of each, and fidelity.
+    Seconds are warm: one warm-up run, then the median of ``repeats``."""
     import mmeff
 
     from ..eval.video_fidelity import generate, psnr, ssim
     from ..zoo.load_video import TINY_WAN_CALL
 
     call = dict(TINY_WAN_CALL if call is None else call)
-    dense, t_dense = generate(pipe, prompt, int(seed), steps=steps, cfg=cfg, call=call)
+    def once() -> torch.Tensor:
+        return generate(pipe, prompt, int(seed), steps=steps, cfg=cfg, call=call)[0]
+
+    dense, t_dense = warm_median(once, repeats)
     with mmeff.apply(pipe, method) as handle:
-        sparse, t_sparse = generate(pipe, prompt, int(seed), steps=steps, cfg=cfg, call=call)
+        sparse, t_sparse = warm_median(once, repeats)
         report = handle.report()
     picks = np.linspace(0, dense.shape[0] - 1, num=min(frames, dense.shape[0])).round().astype(int)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from PIL import Image
 
 from ..zoo.eval_dense import normalise
 from ..zoo.processors import chat
+from .timing import TIMING_REPEATS, warm_median
 
 
 @dataclasses.dataclass
@@ -82,20 +82,23 @@ def _encode(model: Any, processor: Any, image: Image.Image, question: str) -> An
     return processor(images=[image], text=[text], return_tensors="pt").to(model.device)
 
 
-def _generate(model: Any, processor: Any, inputs: Any, max_new_tokens: int) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    seconds = time.perf_counter() - t0
+def _generate(model: Any, processor: Any, inputs: Any, max_new_tokens: int, repeats: int) -> tuple[str, float]:
+    """The greedy answer and its warm median generation time (one warm-up, then ``repeats`` timed runs)."""
+    def once() -> Any:
+        with torch.inference_mode():
+            return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+
+    out, seconds = warm_median(once, repeats)
     answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
     return answer, seconds
 
 
 def compare(model: Any, processor: Any, image: Image.Image, question: str, method: str, *,
-            expected: str | None = None, max_new_tokens: int = 16) -> VLMComparison:
+            expected: str | None = None, max_new_tokens: int = 16, repeats: int = TIMING_REPEATS) -> VLMComparison:
     """Greedy answers without and with ``method`` (a spec such as ``"fastv:budget=64"``), and its kept-token map.
 
     The method is removed before returning, also when generation fails, so the model is left dense.
+    Seconds are warm: one warm-up run, then the median of ``repeats``.
     """
     import mmeff
 
@@ -107,9 +110,9 @@ def compare(model: Any, processor: Any, image: Image.Image, question: str, metho
         raise ValueError("give a question about the image")
     image = image.convert("RGB")
     inputs = _encode(model, processor, image, question)
-    dense, t_dense = _generate(model, processor, inputs, max_new_tokens)
+    dense, t_dense = _generate(model, processor, inputs, max_new_tokens, repeats)
     with mmeff.apply(model, method) as handle:
-        pruned, t_pruned = _generate(model, processor, inputs, max_new_tokens)
+        pruned, t_pruned = _generate(model, processor, inputs, max_new_tokens, repeats)
         report = handle.report()
     try:
         maps = kept_token_maps(model, inputs, report, [image])

@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import positive_int
 from .tasks import GROUPS, TASKS, TEMPLATE_DIR, TaskSpec
 
 DATA_VERSION = 1
@@ -177,7 +178,7 @@ def prepare_tasks(n: int | None = None, split: str = DEFAULT_SPLIT, seed_offset:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmeff.eval.data", description=__doc__.split("\n")[0])
-    p.add_argument("--limit", "-n", type=int, default=None, help=f"rows per task (default {DEFAULT_N})")
+    p.add_argument("--limit", "-n", type=positive_int, default=None, help=f"rows per task (default {DEFAULT_N})")
     p.add_argument("--split", default=DEFAULT_SPLIT)
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--out", default=None, help="directory (default: the cache dir)")

@@ -2,8 +2,13 @@
 
 Registered through the entry point ``lmms_eval.models: mmeff = mmeff.eval.lmms_plugin:MANIFEST``::
 
-    lmms-eval --model mmeff --model_args pretrained=tiny-llava,method=fastv:budget=64 \\
-        --tasks mmeff_pope_random --include_path $(python -m mmeff.eval.data --limit 50)
+    python -m lmms_eval --model mmeff --model_args pretrained=tiny-llava,method=fastv:keep=64 \
+        --tasks mmeff_pope_random --include_path $(python -m mmeff.eval.data --limit 50) --limit 50
+
+Data parallel, one process per GPU (or per CPU share), lmms-eval splitting the documents::
+
+    torchrun --nproc_per_node 2 -m lmms_eval --model mmeff --model_args pretrained=tiny-llava ...
+    accelerate launch --num_processes 2 -m lmms_eval --model mmeff --model_args pretrained=tiny-llava ...
 
 Model arguments (``--model_args k=v,k=v``):
 
@@ -11,14 +16,22 @@ Model arguments (``--model_args k=v,k=v``):
   (``llava-hf/llava-1.5-7b-hf``); loaded with :func:`mmeff.zoo.load`.
 - ``method``: an mmeff method spec. lmms-eval splits ``--model_args`` on commas, so write the
   method's own options with ``;`` or ``|`` instead of ``,``:
-  ``method=entropyprune:budget=64;layer=2`` or ``method=entropyprune:budget=64|layer=2``
-  (a quoted value also works: ``method="entropyprune:budget=64,layer=2"``). Several methods are
-  joined with ``+``: ``method=fastv:budget=64+vhr``. ``method=none`` (or leaving it out) is dense.
+  ``method=entropyprune:budget=128;layer=2`` or ``method=fastv:keep=64|layer=2``
+  (a quoted value also works: ``method="entropyprune:budget=128,layer=2"``). Methods that act on
+  different stages are joined with ``+``. ``method=none`` (or leaving it out) is dense.
   Tuple-valued options keep their ``;``-separated items: ``heads=1;2;layer=3`` reads as
   ``heads=(1, 2), layer=3`` (an item without ``=`` continues the previous option).
-- ``device`` (default: cuda if available, else cpu), ``dtype`` (``auto``/``float32``/``bfloat16``/
-  ``float16``), ``attn_implementation`` (default ``sdpa``), ``batch_size``, ``max_new_tokens`` (a cap
-  used when a task gives none), ``system_prompt``.
+  Pruner sizes: ``budget=B`` is the layer-averaged equivalent budget, ``keep=N`` the tokens kept after
+  the cut (see :class:`mmeff.pruners.base.PrunerConfig`).
+- ``device`` (default: cuda if available, else cpu; ``cuda:<LOCAL_RANK>`` under a multi-process launch),
+  ``dtype`` (``auto``/``float32``/``bfloat16``/``float16``), ``attn_implementation`` (default ``sdpa``),
+  ``batch_size``, ``max_new_tokens`` (a cap used when a task gives none), ``system_prompt``.
+
+A method that cannot run on the model (wrong kind, a budget the images cannot meet) is found when the
+model is built, by one short generation with it applied. lmms-eval's CLI turns every exception into a log
+line and exits 0, so a model built by that CLI (:meth:`MmeffLMM.create_from_arg_string`) prints one
+``mmeff: error:`` line on stderr and exits with status 2 instead; used from Python it raises the
+:class:`~mmeff.core.errors.MmeffError`.
 
 Requests are batched (left padding, the processor's chat template). For every request the model
 records the visual tokens entering the LLM, the equivalent budget (visual tokens averaged over all
@@ -43,7 +56,9 @@ def _manifest():
 MANIFEST = _manifest
 
 import json
+import os
 import re
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -118,12 +133,24 @@ def _to_dtype(dtype: Any) -> Any:
     return table[s]
 
 
+def world_size() -> int:
+    """Processes of a ``torchrun`` / ``accelerate launch`` run (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def _device(device: Any) -> str:
     if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if world_size() > 1 else "cuda"
+        return "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available; pass device=cpu")
     return str(device)
+
+
+def _exit_with(error: Exception) -> None:
+    print(f"mmeff: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # --------------------------------------------------------------------------- the model
@@ -141,8 +168,10 @@ class MmeffLMM(lmms):
     def __init__(self, pretrained: str = "tiny-llava", method: Any = None, device: Any = None,
                  dtype: Any = None, batch_size: Any = 1, attn_implementation: str = "sdpa",
                  max_new_tokens: int | None = None, system_prompt: str | None = None,
-                 progress: bool = True, model: Any = None, processor: Any = None, **kwargs: Any) -> None:
+                 progress: bool = True, model: Any = None, processor: Any = None, exit_on_error: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__()
+        self.exit_on_error = bool(exit_on_error)
         for key in ("max_batch_size", "trust_remote_code", "use_cache"):
             kwargs.pop(key, None)
         if kwargs:
@@ -152,6 +181,8 @@ class MmeffLMM(lmms):
             )
         self.pretrained = str(pretrained)
         self._device = _device(device)
+        if world_size() > 1:
+            self._join_process_group()
         if model is None or processor is None:
             from mmeff.zoo import load as zoo_load
 
@@ -184,7 +215,59 @@ class MmeffLMM(lmms):
         self.records: list[dict[str, Any]] = []
         self._prompts_seen = 0
         self._method_seconds_seen = 0.0
-        self.set_methods(method)
+        with self._fatal_on_error():
+            self.set_methods(method)
+            if self.handle is not None:  # a method that cannot run on this model fails here, not mid-evaluation
+                self.warmup()
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MmeffLMM":
+        """lmms-eval's CLI entry: as the base class, but an mmeff error exits with status 2 (see the module doc)."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        args.update({k: v for k, v in (additional_config or {}).items() if v is not None})
+        args["exit_on_error"] = True
+        try:
+            return cls(**args)
+        except MmeffError as e:
+            _exit_with(e)
+
+    def _fatal_on_error(self) -> Any:
+        """Context: with ``exit_on_error``, an MmeffError becomes one stderr line and exit status 2."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def guard() -> Any:
+            try:
+                yield
+            except MmeffError as e:
+                if self.exit_on_error:
+                    _exit_with(e)
+                raise
+
+        return guard()
+
+    def _join_process_group(self) -> None:
+        """Join (or start) the torch.distributed group of a multi-process launch and take its rank, so that
+        lmms-eval shards the documents and gathers the results (gloo on the CPU, nccl on GPUs)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if self._device.startswith("cuda"):
+                torch.cuda.set_device(torch.device(self._device))
+            dist.init_process_group(backend="nccl" if self._device.startswith("cuda") else "gloo")
+        self._rank = dist.get_rank()
+        self._world_size = dist.get_world_size()
+
+    def gather_records(self) -> None:
+        """Under data parallelism, replace each process's records with every process's (in rank order)."""
+        import torch.distributed as dist
+
+        if self._world_size > 1 and dist.is_initialized():
+            parts: list[Any] = [None] * self._world_size
+            dist.all_gather_object(parts, self.records)
+            self.records = [r for part in parts for r in part]
 
     # ------------------------------------------------------------------ methods
     @property
@@ -396,6 +479,10 @@ class MmeffLMM(lmms):
 
     # ------------------------------------------------------------------ generate_until
     def generate_until(self, requests: list[Instance]) -> list[str]:
+        with self._fatal_on_error():
+            return self._generate_until(requests)
+
+    def _generate_until(self, requests: list[Instance]) -> list[str]:
         results: list[str | None] = [None] * len(requests)
         pbar = self._pbar(len(requests), "generate")
 
@@ -462,6 +549,10 @@ class MmeffLMM(lmms):
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        with self._fatal_on_error():
+            return self._loglikelihood(requests)
+
+    def _loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """log P(continuation | image, chat prompt) and whether it is the greedy continuation.
 
         The continuation is appended after the assistant prompt; its tokens are the last ones of the

@@ -158,9 +158,14 @@ def machine() -> dict[str, Any]:
 
 
 def write_json(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``payload`` atomically (a temp file next to ``path``, then a rename); no temp file is left on failure."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, p)
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return p

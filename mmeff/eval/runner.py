@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError, MmeffError
@@ -58,11 +61,11 @@ class EvalConfig:
 
 
 def _budget_fields(cfg: Any) -> set[str]:
-    return {f.name for f in dataclasses.fields(cfg)} & {"budget", "ratio"}
+    return {f.name for f in dataclasses.fields(cfg)} & {"budget", "ratio", "keep"}
 
 
 def with_budget(spec: str, budget: int) -> str:
-    """``spec`` with its budget replaced (and any ratio dropped): the sweep's method at ``budget``.
+    """``spec`` with its budget replaced (and any ratio or keep dropped): the sweep's method at ``budget``.
 
     For methods joined with ``+`` every method with a ``budget`` option gets it."""
     import mmeff
@@ -75,8 +78,9 @@ def with_budget(spec: str, budget: int) -> str:
         fields = _budget_fields(cfg)
         if "budget" in fields:
             changes: dict[str, Any] = {"budget": int(budget)}
-            if "ratio" in fields:
-                changes["ratio"] = None
+            for other in ("ratio", "keep"):
+                if other in fields:
+                    changes[other] = None
             cfg = dataclasses.replace(cfg, **changes)
             changed = True
         out.append(cfg.spec())
@@ -99,7 +103,7 @@ def sweep_label(spec: str) -> str:
     labels = []
     for part in canonical(spec).split("+"):
         name, _, rest = part.partition(":")
-        items = [i for i in rest.split(",") if i and not i.startswith(("budget=", "ratio="))]
+        items = [i for i in rest.split(",") if i and not i.startswith(("budget=", "ratio=", "keep="))]
         labels.append(name + (":" + ",".join(items) if items else ""))
     return "+".join(labels)
 
@@ -229,15 +233,15 @@ def run(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 
 def _run(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    if not cfg.tasks:
-        raise ConfigError("no tasks given; e.g. --tasks mmeff_pope_random,mmeff_colour or --tasks mmeff_world")
-    if cfg.sweep and not cfg.methods:
-        raise ConfigError("--sweep needs at least one --method whose budget it varies")
+    from .preflight import check_config, check_methods, check_model_name
+
+    check_config(cfg)
+    check_model_name(cfg.model)
+    runs = plan_runs(cfg)  # parses every method spec
     local = [t for t in cfg.tasks if is_local(t)]
     if local and len(local) == len(cfg.tasks):  # nothing needs the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    runs = plan_runs(cfg)
     include_path = None
     if local:
         from .data import prepare_tasks
@@ -259,11 +263,15 @@ def _run(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
         )
     lm = MmeffLMM(pretrained=cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                   attn_implementation=cfg.attn_implementation, progress=cfg.progress)
+    check_methods(lm, [r["spec"] for r in runs if r["spec"]], cfg.model)  # before the dense run
     lm.warmup()
     setup_seconds = time.perf_counter() - t_import
 
+    # data parallel (torchrun, `mmeff eval --processes N`): lmms-eval shards the documents over the
+    # process group the model joined and returns the results on rank 0 only
+    backend = "torchrun" if lm.world_size > 1 else "accelerate"
     bar = None
-    if cfg.progress and len(runs) > 1:
+    if cfg.progress and len(runs) > 1 and lm.rank == 0:
         try:
             from tqdm.auto import tqdm
 
@@ -282,16 +290,17 @@ def _run(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
             res = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=tm, limit=cfg.limit,
                                   batch_size=cfg.batch_size, gen_kwargs=cfg.gen_kwargs,
                                   bootstrap_iters=cfg.bootstrap_iters, log_samples=cfg.log_samples,
-                                  verbosity=cfg.verbosity)
+                                  verbosity=cfg.verbosity, distributed_executor_backend=backend)
             r["wall_seconds"] = time.perf_counter() - t0
-            r["tasks"] = _collect(res, lm, cfg.log_samples)
+            lm.gather_records()  # every process's requests (data parallel), on every process
+            r["tasks"] = _collect(res, lm, cfg.log_samples) if res is not None else {}
             r["status"] = "ok"
         except MmeffError as e:  # e.g. a budget this model cannot meet: record and go on
             if r["spec"] is None:
                 raise
             r.update(status="skipped", error=f"{type(e).__name__}: {e}", tasks={})
             if bar is not None:
-                bar.write(f"[mmeff eval] {r['label']}: skipped ({type(e).__name__}: {e})")
+                bar.write(f"[mmeff eval] {r['label']}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
         finally:
             lm.remove_methods()
         results.append(r)
@@ -300,6 +309,8 @@ def _run(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
     if bar is not None:
         bar.close()
 
+    if lm.rank != 0:
+        return {"config": cfg.to_dict(), "rank": lm.rank, "runs": results}
     dense = results[0]
     comparisons = [{"label": r["label"], "rows": rep.compare(dense, r)} for r in results[1:] if r["status"] == "ok"]
     payload: dict[str, Any] = {
@@ -308,6 +319,7 @@ def _run(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
                   "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype)},
         "versions": rep.versions(),
         "machine": rep.machine(),
+        "processes": lm.world_size,
         "include_path": include_path,
         "setup_seconds": setup_seconds,
         "runs": results,
@@ -343,19 +355,47 @@ def print_report(payload: dict[str, Any], log: Callable[[str], None] = print) ->
             log(f"{method}: " + "  ".join(cells))
 
 
-def main_report(cfg: EvalConfig, out: str | None, plot: str | None = None,
+def main_report(cfg: EvalConfig, out: str | os.PathLike[str] | None, plot: str | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run, print tables, write the JSON (``out``) and with ``sweep`` the PNG (``plot`` or next to ``out``)."""
+    """Run, print tables, write the JSON (``out``) and with ``sweep`` the PNG (``plot`` or next to ``out``).
+
+    ``out`` may name a folder (``runs/``: a new file inside it). Both paths are proven writable before
+    anything runs; should the JSON still fail to write at the end, it goes to the temp folder instead
+    (``payload["json"]``, with the reason in ``payload["json_error"]``), so a finished run is never lost.
+    """
+    from .preflight import check_writable, resolve_out
+
+    out_path = resolve_out(out, cfg.model) if out is not None else None
+    png = None
+    if cfg.sweep:
+        png = Path(plot) if plot else (out_path.with_suffix(".png") if out_path else Path("mmeff-eval-sweep.png"))
+        check_writable(png, "--plot")
     payload = run(cfg, log=log)
+    if payload.get("rank", 0) != 0:  # data parallel: rank 0 reports for everyone
+        return payload
     print_report(payload, log=log)
-    if cfg.sweep and payload.get("sweep"):
+    if png is not None and payload.get("sweep"):
         from .plots import plot_retention
 
-        png = plot or (os.path.splitext(out)[0] + ".png" if out else "mmeff-eval-sweep.png")
         title = f"{cfg.model}: retention vs budget ({', '.join(cfg.tasks)})"
-        payload["plot"] = str(plot_retention(payload["sweep"], png, title=title))
-        log(f"plot -> {payload['plot']}")
-    if out:
-        rep.write_json(payload, out)
-        log(f"json -> {out}")
+        try:
+            payload["plot"] = str(plot_retention(payload["sweep"], png, title=title))
+            log(f"plot -> {payload['plot']}")
+        except OSError as e:  # the JSON below still keeps every number
+            payload["plot_error"] = f"{png}: {e}"
+    if out_path is not None:
+        try:
+            payload["json"] = str(rep.write_json(payload, out_path))
+        except OSError as e:
+            from .preflight import default_name
+
+            payload["json_error"] = f"{out_path}: {e.strerror or e}"
+            rescue = Path(tempfile.gettempdir()) / default_name(cfg.model)
+            payload["json"] = str(rep.write_json(payload, rescue))
+        log(f"json -> {payload['json']}")
     return payload
+
+
+def failed_runs(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The requested method runs that did not run (recorded as skipped with their reason)."""
+    return [r for r in payload["runs"] if r.get("status") != "ok"]

@@ -174,6 +174,10 @@ class SoftPAGRuntime(GuidanceRuntime):
         self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.calls = 0
 
+    @property
+    def adds_rows(self) -> bool:
+        return not self.cfg.is_noop
+
     def wants(self, site: AttnSite) -> bool:
         return site.primary and site.layer in self.heads
 

@@ -8,7 +8,10 @@
   the guidance into the prediction (:mod:`.dit_branch`);
 - dispatches each method by its ``kind`` through a handler registry (``register_dit_handler``), torchao
   style, so new DiT method families plug in without touching this file.
-``Handle.remove()`` puts back the exact original processor objects and removes every hook.
+``Handle.remove()`` puts back the exact original processor objects (where mmeff's wrapper is still installed)
+and removes every hook. Next to diffusers' own features the adapter is never silently off (:mod:`.dit_guard`,
+docs/dit-host-and-diffusers-features.md): a wrapper replaced after apply, a call from another pipeline that
+shares the transformer, or a batch-row-adding guidance next to a diffusers cache is refused at the next call.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from ..core.config import MethodConfig
 from ..core.errors import (
     AlreadyAppliedError,
     ConfigError,
+    IncompatibleFeatureError,
     MmeffError,
     UnsupportedModelError,
 )
@@ -38,6 +42,14 @@ from .dit_context import (
     DiTInfo,
     FunctionRuntime,
     GuidanceRuntime,
+)
+from .dit_guard import (
+    active_caches,
+    calling_pipeline,
+    pag_sites,
+    replaced_sites,
+    replacement_error_message,
+    scrub_saved_processors,
 )
 from .dit_layout import FamilyLayout, find_sites, known_class, layout_for, spans
 from .dit_sdpa import swap, wrap_processor
@@ -115,6 +127,10 @@ class DiTAdapter:
         found = find_sites(self.model, self.layout)
         self.sites: list[AttnSite] = [s for s, _ in found]
         self.modules: dict[str, torch.nn.Module] = {s.name: m for s, m in found}
+        self.blocks: list[torch.nn.Module] = [b for name, _ in self.layout.blocks
+                                              for b in getattr(self.model, name)]
+        self.installed: dict[str, tuple[torch.nn.Module, Any]] = {}  # site -> (module, mmeff's wrapper)
+        self.originals: dict[str, Any] = {}                          # site -> processor before apply
         self.info = DiTInfo(family=self.layout.family, model_class=type(self.model).__name__,
                             sites=tuple(self.sites), n_layers=1 + max(s.layer for s in self.sites),
                             has_pipeline=self.pipe is not None)
@@ -142,16 +158,21 @@ class DiTAdapter:
                                   f"{sorted(_HANDLERS)}")
         for m in methods:
             _HANDLERS[m.kind](self, m)
+        self._check_caches(when="at apply")
+        self._check_pag()
         hooks = HookSet()
         try:
             hooks.set_attr(self.model, _MARK, True)
             hooks.pre_hook(self.model, self._pre_forward)
             hooks.post_hook(self.model, self._post_forward)
+            hooks.on_remove(lambda: scrub_saved_processors(self.model))  # runs after every swap is undone
             for site in self.sites:
                 if self._site_wanted(site):
                     module = self.modules[site.name]
                     wrapper = wrap_processor(module.processor, site.name, self._sdpa_callback(site))
+                    self.originals[site.name] = wrapper._mmeff_inner
                     hooks.on_remove(swap(module, wrapper))
+                    self.installed[site.name] = (module, wrapper)
             hooks.on_remove(self._reset)
         except Exception:
             hooks.remove()
@@ -166,9 +187,54 @@ class DiTAdapter:
     def _reset(self) -> None:
         self.call, self.offset = None, None
         self.tracker.reset()
+        self.installed.clear()
+
+    # ------------------------------------------------------------------ never silently off (see .dit_guard)
+    def _check_installed(self) -> None:
+        names = replaced_sites(self.installed)
+        if names:
+            raise IncompatibleFeatureError(replacement_error_message(names, self.installed, self.originals,
+                                                                     len(self.installed)))
+
+    def _check_caller(self) -> None:
+        if self.pipe is None:
+            return
+        caller = calling_pipeline(self.model)
+        if caller is not None and caller is not self.pipe:
+            raise AlreadyAppliedError(
+                f"mmeff: this {type(self.model).__name__} is shared by two pipelines; mmeff was applied through "
+                f"the {type(self.pipe).__name__} at {id(self.pipe):#x} and follows that pipeline's CFG and step "
+                f"state, but the {type(caller).__name__} at {id(caller):#x} is calling it. remove() the handle and "
+                "apply mmeff to the pipeline you call, or give each pipeline its own transformer"
+            )
+
+    def _check_pag(self) -> None:
+        swapped = {id(m) for m in pag_sites(self.pipe, self.model)} if self.pipe is not None else set()
+        shared = [s.name for s in self.sites if self._site_wanted(s) and id(self.modules[s.name]) in swapped]
+        if shared:
+            raise IncompatibleFeatureError(
+                f"mmeff: this {type(self.pipe).__name__} swaps the attention processors of its pag_applied_layers "
+                f"on every call, and mmeff's methods need {len(shared)} of them ({', '.join(shared[:3])}"
+                f"{', ...' if len(shared) > 3 else ''}); use the non-PAG pipeline, or pipe.set_pag_applied_layers("
+                "...) to layers mmeff does not use"
+            )
+
+    def _check_caches(self, when: str) -> None:
+        if self.guidance is None or not self.guidance[1].adds_rows:
+            return
+        caches = active_caches(self.model, [*self.blocks, *self.modules.values()])
+        if caches:
+            raise IncompatibleFeatureError(
+                f"mmeff: {self.guidance[0]} appends perturbed batch rows to the transformer call, which diffusers' "
+                f"cache ({', '.join(caches)}, found {when}) does not support (it keeps one batch layout per call); "
+                "disable the cache (transformer.disable_cache()) or use the guidance without it"
+            )
 
     # ------------------------------------------------------------------ transformer hooks
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        self._check_installed()
+        self._check_caller()
+        self._check_caches(when="at this call")
         bound = self.signature.bind_partial(*args, **kwargs)
         kw = dict(bound.arguments)
         extra = kw.pop(next((n for n, p in self.signature.parameters.items()

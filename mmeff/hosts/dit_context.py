@@ -132,6 +132,8 @@ class FunctionRuntime(AttentionRuntime):
 class GuidanceRuntime:
     """Per-application state of a ``dit_guidance`` method (one per application)."""
 
+    adds_rows: bool = True  # whether the perturbed branch is ever run (extra batch rows); False for no-op settings
+
     def wants(self, site: AttnSite) -> bool:
         raise NotImplementedError  # abstract: each guidance method names its sites
 

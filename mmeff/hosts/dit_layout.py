@@ -82,7 +82,8 @@ LAYOUTS: dict[str, FamilyLayout] = {l.model_class: l for l in (
                  (("transformer_blocks", (("attn", "joint"),)), ("single_transformer_blocks", (("attn", "joint"),))),
                  "first", "sequential",
                  ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
-                  "controlnet_block_samples", "controlnet_single_block_samples"), _grid_flux),
+                  "controlnet_block_samples", "controlnet_single_block_samples",
+                  "joint_attention_kwargs"), _grid_flux),  # its ip_adapter_image_embeds are batch-major
     FamilyLayout("pixart", "PixArtTransformer2DModel",
                  (("transformer_blocks", (("attn1", "self"), ("attn2", "cross"))),),
                  None, "batched",

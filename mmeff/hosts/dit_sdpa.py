@@ -14,10 +14,24 @@ forward kwargs by ``inspect.signature(processor.__call__)``), runs the original 
 - A wrapped processor that finishes without any attention op reaching mmeff raises, instead of silently doing
   nothing (diffusers' own layer-skip PAG has that failure mode under non-SDPA backends).
 
-The original processor object is never modified; :meth:`undo` puts the exact object back.
+The original processor object is never modified. What diffusers' own features do to a wrapper:
+
+- ``set_attention_backend`` / ``reset_attention_backend`` after apply write the wrapper's
+  ``_attention_backend``; that attribute is a property of the wrapper class which keeps the wrapper's own pin
+  on the native backend and forwards the user's choice to the inner processor, so mmeff's dense fallback runs
+  the newly chosen backend (the change is followed, not lost).
+- Re-creating a processor from its class (``type(p)()``, as FLUX ``load_ip_adapter`` / ``unload_ip_adapter``
+  do) builds a plain processor of the *inner* class: copies never carry mmeff's hooks. ``copy.deepcopy`` and
+  pickling likewise yield the inner processor.
+- Replacing a wrapper (``set_attn_processor``, ``fuse_qkv_projections`` ...) is detected by the DiT adapter
+  at the next forward (:mod:`.dit_guard`); the undo of :func:`swap` only restores sites that still hold the
+  wrapper, so a processor the user set later stays.
+- After undo the wrapper is *retired*: if diffusers kept a reference (``original_attn_processors``, a saved
+  ``attn_processors`` dict) and reinstalls it, it runs exactly as its inner processor.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -96,17 +110,35 @@ def dense_attention(processor: Any) -> Callable[..., torch.Tensor]:
     return _dispatch_dense(backend)
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, bool], type] = {}
 
 
-def _wrapped_class(base: type) -> type:
+def _backend_property() -> property:
+    """The wrapper's ``_attention_backend``: reads give the wrapper's pin, writes go to the inner processor."""
+    def get(self) -> Any:
+        if self._mmeff_retired:
+            return getattr(self._mmeff_inner, "_attention_backend", None)
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        return AttentionBackendName.NATIVE
+
+    def set_(self, value: Any) -> None:
+        self._mmeff_inner._attention_backend = value
+
+    return property(get, set_, doc="mmeff pins its own copy to the native backend; the user's backend is the "
+                                   "inner processor's and is used by mmeff's dense fallback")
+
+
+def _wrapped_class(base: type, dispatcher: bool) -> type:
     """A subclass of ``base`` whose ``__call__`` (same signature) runs inside the interception mode."""
-    cls = _CLASSES.get(base)
+    cls = _CLASSES.get((base, dispatcher))
     if cls is not None:
         return cls
 
     @functools.wraps(base.__call__)
     def __call__(self, attn, *args, **kwargs):
+        if self._mmeff_retired:  # mmeff was removed but diffusers reinstalled a saved reference
+            return self._mmeff_inner(attn, *args, **kwargs)
         mode = _Intercept(self._mmeff_callback, dense_attention(self._mmeff_inner))
         with mode:
             out = base.__call__(self, attn, *args, **kwargs)
@@ -114,41 +146,67 @@ def _wrapped_class(base: type) -> type:
             raise UnsupportedModelError(
                 f"mmeff: the attention processor {base.__name__} of {self._mmeff_site} did not call "
                 "scaled_dot_product_attention (nor diffusers' native attention backend), so its attention op "
-                "cannot be replaced; restore the model's default processor (e.g. transformer.set_attn_processor"
-                "(...)) or disable xformers before applying"
+                "cannot be replaced; install an SDPA processor first (e.g. transformer.set_attn_processor("
+                "AttnProcessor2_0())) or disable xformers, then apply"
             )
         return out
 
-    cls = type(f"Mmeff{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__})
-    _CLASSES[base] = cls
+    def __new__(klass, *args, **kwargs):
+        """``type(wrapper)(...)`` (diffusers re-creating a processor) builds a plain ``base`` processor."""
+        return base(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        """Copies and pickles of a wrapper are copies of the inner processor."""
+        return self._mmeff_inner.__reduce_ex__(protocol)
+
+    body: dict[str, Any] = {"__call__": __call__, "__new__": __new__, "__reduce_ex__": __reduce_ex__,
+                            "__module__": __name__, "_mmeff_retired": False}
+    if dispatcher:
+        body["_attention_backend"] = _backend_property()
+    cls = type(f"Mmeff{base.__name__}", (base,), body)
+    _CLASSES[(base, dispatcher)] = cls
     return cls
+
+
+def is_wrapper(processor: Any) -> bool:
+    return getattr(type(processor), "_mmeff_retired", None) is not None and "_mmeff_inner" in getattr(
+        processor, "__dict__", {})
+
+
+def unwrap(processor: Any) -> Any:
+    """The processor itself, or the inner processor of an mmeff wrapper."""
+    return processor.__dict__["_mmeff_inner"] if is_wrapper(processor) else processor
 
 
 def wrap_processor(inner: Any, site_name: str, callback: SDPACallback) -> Any:
     """A wrapper of ``inner`` (its state copied, never shared mutably) that routes attention to ``callback``."""
-    if getattr(inner, "_mmeff_inner", None) is not None:
-        raise UnsupportedModelError(f"{site_name}: its processor is already wrapped by mmeff")
+    if is_wrapper(inner):
+        if not inner._mmeff_retired:
+            raise UnsupportedModelError(f"{site_name}: its processor is already wrapped by mmeff")
+        inner = unwrap(inner)  # a retired wrapper that diffusers reinstalled: wrap what it stands for
     if getattr(inner, "_parallel_config", None) is not None:
         raise UnsupportedModelError(f"{site_name}: context parallelism is active; mmeff's DiT adapter needs the "
                                     "whole sequence on one device (disable parallelism before applying)")
-    cls = _wrapped_class(type(inner))
-    wrapper = cls.__new__(cls)
-    wrapper.__dict__.update(inner.__dict__)
-    wrapper._mmeff_inner = inner
-    wrapper._mmeff_site = site_name
-    wrapper._mmeff_callback = callback
-    if uses_dispatcher(inner):
-        from diffusers.models.attention_dispatch import AttentionBackendName
-
-        wrapper._attention_backend = AttentionBackendName.NATIVE  # the wrapper's copy only
+    cls = _wrapped_class(type(inner), uses_dispatcher(inner))
+    wrapper = object.__new__(cls) if type(inner).__new__ is object.__new__ else type(inner).__new__(cls)
+    # Containers (nn.Module processors' _modules/_parameters) are copied so nothing registered on one object
+    # shows up on the other; attributes are written to __dict__ (nn.Module.__setattr__ would register the inner
+    # processor as a submodule of itself).
+    wrapper.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in inner.__dict__.items()})
+    wrapper.__dict__.update(_mmeff_inner=inner, _mmeff_site=site_name, _mmeff_callback=callback)
     return wrapper
 
 
 def swap(module: torch.nn.Module, wrapper: Any) -> Callable[[], None]:
-    """Install ``wrapper`` on ``module``; returns the undo that puts the exact original object back."""
-    original = module.processor
+    """Install ``wrapper`` on ``module``; the undo puts the original object back *if the wrapper is still there*.
+
+    A processor the user installed after apply stays. The wrapper is retired either way (see the module doc).
+    """
+    original = unwrap(module.processor)  # a retired wrapper the user reinstalled goes back as what it stands for
     module.set_processor(wrapper)
 
     def undo() -> None:
-        module.set_processor(original)
+        wrapper.__dict__["_mmeff_retired"] = True
+        if module.processor is wrapper:
+            module.set_processor(original)
     return undo

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import UnsupportedGenerationError
+from ..core.errors import IncompatibleFeatureError
 from ..core.hooks import HookSet
 from ..pruners.base import PrunerConfig
 
@@ -25,18 +25,18 @@ def check_generate_options(model: torch.nn.Module, pruner: PrunerConfig, kwargs:
         return kwargs[name] if name in kwargs else getattr(config, name, None)
 
     if option("prefill_chunk_size") is not None:
-        raise UnsupportedGenerationError(
+        raise IncompatibleFeatureError(
             f"{pruner.name}: generate(prefill_chunk_size=...) splits the prompt, but the pruning decision needs the "
             "whole prompt; pass prefill_chunk_size=None while pruning is applied"
         )
     cache = option("cache_implementation")
     if cache not in DYNAMIC_CACHES:
-        raise UnsupportedGenerationError(
+        raise IncompatibleFeatureError(
             f"{pruner.name}: cache_implementation={cache!r} is not supported under pruning yet (static caches and "
             "the torch.compile path need fixed-size caches); use the default dynamic cache"
         )
     if option("is_assistant") and pruner.stage == "pre_llm":
-        raise UnsupportedGenerationError(
+        raise IncompatibleFeatureError(
             f"{pruner.name}: pre-LLM pruning cannot run inside an assistant model (transformers re-syncs the "
             "assistant's cache by its full length, which a pruned cache does not have); apply the pruner to the "
             "main model only"

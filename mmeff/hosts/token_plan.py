@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from ..core.errors import UnsupportedGenerationError
+from ..core.errors import IncompatibleFeatureError
 
 
 @dataclasses.dataclass
@@ -70,7 +70,7 @@ def extend_plan(plan: KeepPlan, length: int) -> KeepPlan:
     if length == plan.length:
         return plan
     if length < plan.length:
-        raise UnsupportedGenerationError(
+        raise IncompatibleFeatureError(
             f"mmeff: a forward of {length} tokens cannot continue a pruned prompt of {plan.length} tokens; "
             "start again from the full prompt"
         )
@@ -175,7 +175,7 @@ def decode_mask(mask: torch.Tensor | None, plan: KeepPlan, *, q_len: int, kv_pru
     else:
         kv_full = plan.length + n_tail
         if mask.shape[-1] != kv_full:
-            raise UnsupportedGenerationError(
+            raise IncompatibleFeatureError(
                 f"mmeff: decode mask has {mask.shape[-1]} columns, expected {kv_full}; "
                 "the cache was not produced under this pruning handle (call generate() again from the prompt)"
             )

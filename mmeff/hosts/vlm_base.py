@@ -21,7 +21,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..core.config import MethodConfig
-from ..core.errors import ConfigError, MissingImageError, UnsupportedGenerationError, UnsupportedModelError
+from ..core.errors import ConfigError, IncompatibleFeatureError, MissingImageError, UnsupportedModelError
 from ..core.handle import Handle
 from ..core.hooks import HookSet
 from ..core.timing import MethodTimer
@@ -175,7 +175,7 @@ class VLMAdapter:
         ids = kwargs.get("input_ids")
         rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
         if rows != st.plan.index.shape[0]:
-            raise UnsupportedGenerationError(
+            raise IncompatibleFeatureError(
                 f"{self.pruner.name}: this cache holds {st.plan.index.shape[0]} pruned rows but the forward has {rows}; "
                 "a cache can only be continued by the batch whose prompt filled it (run the prompt again without "
                 "past_key_values)"
@@ -191,19 +191,19 @@ class VLMAdapter:
         """Generation paths that cannot run exactly yet: one clear error before anything changes."""
         name = self.pruner.name
         if torch.compiler.is_compiling():
-            raise UnsupportedGenerationError(
+            raise IncompatibleFeatureError(
                 f"{name}: torch.compile is not supported under pruning yet; run the model uncompiled "
                 "(or call handle.remove() before compiling)"
             )
         past = kwargs.get("past_key_values")
         if past is not None and getattr(past, "is_compileable", False):
-            raise UnsupportedGenerationError(
+            raise IncompatibleFeatureError(
                 f"{name}: a static (fixed-size) cache is not supported under pruning yet; use the default dynamic "
                 "cache (drop cache_implementation='static' / the StaticCache argument)"
             )
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict) or (self.pruner.stage == "pre_llm" and mask is not None and mask.dim() != 2):
-            raise UnsupportedGenerationError(
+            raise IncompatibleFeatureError(
                 f"{name}: precomputed {'per-layer' if isinstance(mask, dict) else '4-D'} attention masks are not "
                 "supported under pruning; pass the 2-D padding mask (attention_mask of shape [batch, length])"
             )
@@ -212,7 +212,7 @@ class VLMAdapter:
         """An image arriving after the pruned prompt would escape the prompt's decision."""
         has_images = kwargs.get("pixel_values") is not None or bool(kwargs.get("mm_encoder_outputs"))
         if has_images and ids is not None and bool((ids == self.image_token_id).any()):
-            raise UnsupportedGenerationError(
+            raise IncompatibleFeatureError(
                 f"{self.pruner.name}: new image tokens after a pruned prompt (a continued conversation that adds an "
                 "image) are not supported; run the whole conversation as one prompt, without past_key_values"
             )
@@ -357,7 +357,7 @@ class VLMAdapter:
             return
         text = pos[0] if pos.dim() == 3 and pos.shape[0] == 4 else pos if pos.dim() == 2 else None
         if text is not None and bool((text.diff(dim=-1) != 1).any()):
-            raise UnsupportedGenerationError(
+            raise IncompatibleFeatureError(
                 f"{self.pruner.name}: packed sequences (several prompts in one row, told apart by restarting "
                 "position_ids and no attention_mask) cannot be pruned before the LLM; pass one prompt per row "
                 "with an attention_mask"
@@ -427,7 +427,7 @@ class VLMAdapter:
         if am is not None:
             overlap = logical_past - (am.shape[1] - q)
             if overlap < 0 or overlap >= q:
-                raise UnsupportedGenerationError(
+                raise IncompatibleFeatureError(
                     f"{self.pruner.name}: the attention mask covers {am.shape[1]} tokens, but the pruned cache holds "
                     f"{logical_past} tokens of this sequence and {q} new ones arrive; continue a cache only with "
                     "the full sequence (or only the new tokens) and its full attention mask"

@@ -38,11 +38,17 @@ class ScoreView(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class PrunerConfig(MethodConfig):
-    """Common options of every visual-token pruner.
+    """Common options of every visual-token pruner. Give exactly one of ``budget``, ``ratio`` or ``keep``.
 
-    budget: equivalent visual tokens per image averaged over all LLM layers (the papers' 64/128/192);
-            for pre-LLM pruners this equals the tokens entering the LLM.
+    budget: the *layer-averaged equivalent budget*: visual tokens per image averaged over all LLM layers
+            (the papers' 64/128/192 tables). A cut at layer K of an L-layer LLM keeps
+            ``(L*budget - K*N) / (L - K)`` of the N visual tokens, because layers before K still see all N.
+            Worked example, LLaVA-1.5-7B (L=32, N=576), ``fastv:budget=64,layer=2``: layers 0-1 see 576,
+            layers 2-31 see (32*64 - 2*576) / 30 = 29 tokens; the average over 32 layers is 64.
+            For pre-LLM pruners (K=0) the budget is simply the tokens entering the LLM.
     ratio:  the same budget as a fraction of each image's visual tokens (use for variable-size images).
+    keep:   the visual tokens kept per image *after the cut* (official FastV's / EntropyPrune's "rank"):
+            ``fastv:keep=64,layer=2`` keeps 64 of 576 from layer 2 on (equivalent budget (2*576 + 30*64)/32 = 96).
     layer:  the pruning layer K (0-indexed; None = the method's per-model default).
     positions: "original" keeps the kept tokens' RoPE positions (default); "reindex" makes them contiguous.
     """
@@ -55,12 +61,15 @@ class PrunerConfig(MethodConfig):
     ratio: float | None = None
     layer: int | None = None
     positions: str = "original"
+    keep: int | None = None
 
     def validate(self) -> None:
-        require(self.budget is None or self.ratio is None,
-                f"{self.name}: give either budget= or ratio=, not both")
-        require(self.budget is not None or self.ratio is not None,
-                f"{self.name}: give a budget (e.g. budget=64 visual tokens per image) or a ratio (e.g. ratio=0.25)")
+        given = [f"{k}=" for k in ("budget", "ratio", "keep") if getattr(self, k) is not None]
+        require(len(given) <= 1, f"{self.name}: give one of budget=, ratio= or keep=, not {' and '.join(given)}")
+        require(bool(given),
+                f"{self.name}: give a budget (e.g. budget=64, the layer-averaged visual tokens per image), "
+                "a ratio (e.g. ratio=0.25) or keep= (e.g. keep=64 tokens kept after the cut)")
+        require(self.keep is None or self.keep >= 0, f"{self.name}: keep must be >= 0, got {self.keep}")
         require(self.budget is None or self.budget >= 0, f"{self.name}: budget must be >= 0, got {self.budget}")
         require(self.ratio is None or 0.0 <= self.ratio <= 1.0, f"{self.name}: ratio must be in [0, 1], got {self.ratio}")
         require(self.layer is None or self.layer >= 0, f"{self.name}: layer must be >= 0, got {self.layer}")
@@ -79,18 +88,26 @@ class PrunerConfig(MethodConfig):
 
     # --- budget accounting ----------------------------------------------------------------
     def keep_count(self, n_visual: int, n_layers: int, layer: int) -> int:
-        """Visual tokens kept after layer K so that the layer-average equals the budget.
+        """Visual tokens of one image kept after the cut at layer ``layer``.
 
-        keep = (L*B - K*N) / (L - K)  (EntropyPrune / FastV convention; K=0 gives keep = B).
+        ``keep=N``: N. ``budget=B`` (or ``ratio``): the count whose layer-average equals B,
+        ``(L*B - K*N) / (L - K)`` (see the class docstring; K=0 gives B).
         """
+        if layer >= n_layers:
+            raise BudgetError(f"{self.name}: layer {layer} does not exist (the LLM has {n_layers} layers)")
+        if self.keep is not None:
+            if self.keep > n_visual:
+                raise BudgetError(
+                    f"{self.name}: keep={self.keep} is more than the {n_visual} visual tokens of this image; "
+                    f"use keep <= {n_visual} (keep={n_visual} keeps everything) or ratio=..."
+                )
+            return int(self.keep)
         budget = self.budget if self.budget is not None else self.ratio * n_visual
         if budget > n_visual:
             raise BudgetError(
                 f"{self.name}: budget {self.budget} is larger than the {n_visual} visual tokens of this image; "
                 f"use budget <= {n_visual} (budget={n_visual} keeps everything) or ratio=..."
             )
-        if layer >= n_layers:
-            raise BudgetError(f"{self.name}: layer {layer} does not exist (the LLM has {n_layers} layers)")
         if budget >= n_visual:
             return n_visual
         keep = (n_layers * budget - layer * n_visual) / (n_layers - layer)
@@ -99,7 +116,7 @@ class PrunerConfig(MethodConfig):
             raise BudgetError(
                 f"{self.name}: an average budget of {budget:g} tokens cannot be met when pruning at layer {layer} "
                 f"({layer} of {n_layers} layers already see all {n_visual} tokens, i.e. >= {minimum:.1f}); "
-                f"use budget >= {int(minimum) + 1} or an earlier layer="
+                f"use budget >= {int(minimum) + 1}, an earlier layer=, or keep=N to keep N tokens after the cut"
             )
         return int(keep + 1e-9)
 

@@ -36,7 +36,8 @@ def training_info(name_or_path: str) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _resolve(name_or_path: str | os.PathLike[str]) -> str:
+def resolve_source(name_or_path: str | os.PathLike[str]) -> str:
+    """What ``from_pretrained`` is given for a name: a zoo folder, a local path or a hub id (checked, not loaded)."""
     s = os.fspath(name_or_path)
     if s in ZOO_MODELS:
         path = zoo_path(s)
@@ -77,7 +78,7 @@ def load(
     """
     from transformers import AutoConfig, AutoProcessor
 
-    src = _resolve(name_or_path)
+    src = resolve_source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(src)
     except OSError as e:

@@ -268,3 +268,31 @@ def image_of(out: Any) -> torch.Tensor:
 def _quiet(pipe: Any) -> Any:
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+CACHES = ("pab", "faster", "first_block")
+
+
+def diffusers_cache(name: str, pipe: Any) -> Any:
+    """A diffusers cache config for ``pipe.transformer.enable_cache`` that acts on every step of a tiny run.
+
+    ``"pab"``: Pyramid Attention Broadcast, ``"faster"``: FasterCache (batched-CFG pipelines), ``"first_block"``:
+    First Block Cache. Timestep ranges cover the whole schedule so the caches really skip work in 2-3 steps.
+    """
+    from diffusers import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        PyramidAttentionBroadcastConfig,
+    )
+
+    if name == "pab":
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                               spatial_attention_timestep_skip_range=(-1, 1001),
+                                               current_timestep_callback=lambda: pipe.current_timestep)
+    if name == "faster":
+        return FasterCacheConfig(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+                                 current_timestep_callback=lambda: pipe.current_timestep,
+                                 attention_weight_callback=lambda _: 0.5, is_guidance_distilled=False)
+    if name == "first_block":
+        return FirstBlockCacheConfig(threshold=0.5)
+    raise KeyError(f"unknown cache {name!r}; choose from {CACHES}")

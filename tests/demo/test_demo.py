@@ -56,9 +56,9 @@ def test_free_question_has_no_true_answer():
 def test_guidance_and_video_pairs():
     from mmeff.demo.diffusion_compare import guidance_pair, load_diffusion, video_pair
 
-    g = guidance_pair(load_diffusion("tiny-sd3"), "a red square on a white background", 1, steps=2)
+    g = guidance_pair(load_diffusion("tiny-sd3"), "a red square on a white background", 1, steps=2, repeats=1)
     assert g.baseline.size == g.guided.size == (256, 256) and g.baseline.tobytes() != g.guided.tobytes()
-    v = video_pair(load_diffusion("tiny-wan"), "a red square on a white background", 1, steps=3,
+    v = video_pair(load_diffusion("tiny-wan"), "a red square on a white background", 1, steps=3, repeats=1,
                    method="rectified_spaattn:drop=0.75,tau=0.2,block=16,preset=none,warmup_steps=1,dense_layers=0")
     assert len(v.dense_frames) == len(v.sparse_frames) == 4
     assert 15.0 < v.psnr_db < 100.0 and 0.0 < v.ssim < 1.0  # sparse differs from dense, but not by much
@@ -92,3 +92,20 @@ def test_cli_has_the_demo_subcommand():
 
     args = build_parser().parse_args(["demo", "--port", "7999"])
     assert args.port == 7999 and args.host == "127.0.0.1" and not args.share
+
+
+def test_demo_timings_are_warm_medians():
+    """One untimed warm-up, then the median of the timed runs: a slow first call does not count."""
+    import time
+
+    from mmeff.demo.timing import warm_median
+
+    calls = []
+
+    def fn() -> int:
+        calls.append(1)
+        time.sleep(0.3 if len(calls) == 1 else 0.01)
+        return len(calls)
+
+    result, seconds = warm_median(fn, repeats=3)
+    assert len(calls) == 4 and result == 4 and seconds < 0.15

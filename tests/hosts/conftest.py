@@ -66,11 +66,11 @@ class FixedKeepLLM(PrunerConfig):
     """Test pruner: keeps the listed sample-local visual indices (a frozen decision) inside the LLM."""
 
     name: ClassVar[str] = "test_fixed_llm"
-    keep: tuple[int, ...] = ()
+    indices: tuple[int, ...] = ()
 
     def score(self, view: ScoreView) -> torch.Tensor:
         s = torch.zeros(view.n_visual)
-        s[list(self.keep)] = 1.0
+        s[list(self.indices)] = 1.0
         return s
 
 

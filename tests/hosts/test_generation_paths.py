@@ -3,7 +3,7 @@
 The pruning decision belongs to the prompt (docs/generation-contract.md). A forward that continues the last
 pruned prompt reuses that decision, so these must be equal under pruning exactly as they are without it:
 cached == ``use_cache=False`` == continued from ``past_key_values`` == one call, and assisted / prompt-lookup
-decoding == plain greedy decoding. Paths that cannot be exact yet raise one UnsupportedGenerationError.
+decoding == plain greedy decoding. Paths that cannot be exact yet raise one IncompatibleFeatureError.
 Run on LLaVA and Qwen2-VL (tiny random models) with a pre-LLM pruner (random) and in-LLM ones (FastV, EntropyPrune).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mmeff
-from mmeff import ConfigError, UnsupportedGenerationError
+from mmeff import ConfigError, IncompatibleFeatureError
 from mmeff.zoo import tiny_models as tm
 
 from .conftest import generate, inputs_for, n_hooks
@@ -178,19 +178,19 @@ def test_unsupported_paths_fail_with_one_clear_error(vlm, family, spec):
     ref = generate(model, inputs, n=3)
     with mmeff.apply(model, spec):
         pruned = generate(model, inputs, n=3)
-        with pytest.raises(UnsupportedGenerationError, match="prefill_chunk_size"):
+        with pytest.raises(IncompatibleFeatureError, match="prefill_chunk_size"):
             generate(model, inputs, n=3, prefill_chunk_size=4)
-        with pytest.raises(UnsupportedGenerationError, match="static"):
+        with pytest.raises(IncompatibleFeatureError, match="static"):
             generate(model, inputs, n=3, cache_implementation="static")
         from transformers import StaticCache
-        with pytest.raises(UnsupportedGenerationError, match="static"):
+        with pytest.raises(IncompatibleFeatureError, match="static"):
             model(**inputs, past_key_values=StaticCache(config=model.config, max_cache_len=64))
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         with pytest.raises(ConfigError, match="not inputs_embeds alone"):
             model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=2)
         out = model(**inputs, use_cache=True)
         second_turn = {**inputs, "attention_mask": torch.ones(1, 2 * inputs["input_ids"].shape[1], dtype=torch.long)}
-        with pytest.raises(UnsupportedGenerationError, match="new image tokens"):
+        with pytest.raises(IncompatibleFeatureError, match="new image tokens"):
             model(**second_turn, past_key_values=out.past_key_values)
         assert torch.equal(generate(model, inputs, n=3)[0], pruned[0])  # still works after every refusal
     assert n_hooks(model) == 0 and "generate" not in model.__dict__
@@ -203,7 +203,7 @@ def test_pre_llm_pruned_assistant_is_refused(vlm, family):
     inputs = inputs_for(model, n=1)
     assistant = tm.tiny_llava("sdpa", 2, seed=1) if family == "llava" else tm.tiny_qwen2_vl("sdpa", 2, seed=1)
     with mmeff.apply(assistant, "random:ratio=0.5"):
-        with pytest.raises(UnsupportedGenerationError, match="assistant model"):
+        with pytest.raises(IncompatibleFeatureError, match="assistant model"):
             generate(model, inputs, n=4, assistant_model=assistant)
 
 

@@ -39,7 +39,7 @@ def _twin_logits(model, inputs, dropped: torch.Tensor, layer: int) -> torch.Tens
 def test_in_llm_cut_equals_masking_the_dropped_tokens(vlm, family, spec):
     model = vlm(family, "eager")
     inputs = inputs_for(model, n=2)
-    method = FixedKeepLLM(ratio=0.7, layer=2, keep=(0, 3, 5, 9)) if spec == "fixed" else mmeff.parse_method(spec)
+    method = FixedKeepLLM(ratio=0.7, layer=2, indices=(0, 3, 5, 9)) if spec == "fixed" else mmeff.parse_method(spec)
     with mmeff.apply(model, method) as h, torch.no_grad():
         pruned = model(**inputs, use_cache=False).logits
         rep = h.report()

@@ -19,7 +19,7 @@ KEEP = (0, 3, 5, 14, 15)
 def test_report_names_the_kept_visual_tokens(vlm, family, stage):
     model = vlm(family)
     inputs = inputs_for(model, n=2)
-    cfg = FixedKeepPre(budget=len(KEEP), keep=KEEP) if stage == "pre_llm" else FixedKeepLLM(ratio=0.5, keep=KEEP, layer=1)
+    cfg = FixedKeepPre(budget=len(KEEP), indices=KEEP) if stage == "pre_llm" else FixedKeepLLM(ratio=0.5, indices=KEEP, layer=1)
     with mmeff.apply(model, cfg) as h, torch.no_grad():
         model(**inputs)
         rep = h.report()

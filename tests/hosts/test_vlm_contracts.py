@@ -67,9 +67,9 @@ def test_cached_generate_equals_uncached_reference(vlm, family, stage, attn):
     model = vlm(family, attn)
     inputs = inputs_for(model, n=2)
     cls = FixedKeepLLM if stage == "llm" else FixedKeepPre
-    method = cls(budget=5, layer=1 if stage == "llm" else None, keep=(0, 3, 4, 9, 15))
+    method = cls(budget=5, layer=1 if stage == "llm" else None, indices=(0, 3, 4, 9, 15))
     if family == "llava_next":  # variable token counts: keep by ratio of each image
-        method = cls(ratio=0.6, layer=1 if stage == "llm" else None, keep=(0, 3, 4, 9, 15, 20))
+        method = cls(ratio=0.6, layer=1 if stage == "llm" else None, indices=(0, 3, 4, 9, 15, 20))
     with mmeff.apply(model, method):
         tokens, logits = generate(model, inputs, n=5)
     ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 5)
@@ -248,7 +248,7 @@ def test_reindex_positions_cached_equals_uncached(vlm, attn):
     model = vlm("llava", attn)
     inputs = inputs_for(model, n=2)
     for cls, layer in ((FixedKeepLLM, 1), (FixedKeepPre, None)):
-        method = cls(budget=5, layer=layer, keep=(1, 2, 8, 9, 14), positions="reindex")
+        method = cls(budget=5, layer=layer, indices=(1, 2, 8, 9, 14), positions="reindex")
         with mmeff.apply(model, method):
             tokens, logits = generate(model, inputs, n=4)
         ref_tokens, ref_logits = _uncached_reference_reindex(model, inputs, method, 4)
