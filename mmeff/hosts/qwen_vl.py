@@ -58,6 +58,12 @@ class QwenVLAdapter(VLMAdapter):
             types[:, :n] = types[:, :n].masked_fill(prompt == int(video), 2)
         return types
 
+    def _start_from_positions(self, pos: torch.Tensor | None, q: int) -> int | None:
+        if pos is not None and pos.dim() == 3 and pos.shape[0] != 4 and self.inner.rope_deltas is not None:
+            # M-RoPE positions only: the last token is text, at its index plus the row's rope delta
+            return int(pos[0, 0, -1] - self.inner.rope_deltas.flatten()[0]) - (q - 1)
+        return super()._start_from_positions(pos, q)
+
     def _decode_positions(self, logical_past: int, q: int, plan: tp.KeepPlan) -> torch.Tensor:
         deltas = self.inner.rope_deltas
         bsz = plan.index.shape[0]

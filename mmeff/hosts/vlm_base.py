@@ -414,9 +414,10 @@ class VLMAdapter:
     def _pre_llm_decode_inputs(self, kwargs: dict[str, Any], past_len: int) -> dict[str, Any]:
         """A forward on a cache that pre-LLM pruning shortened by ``L - L'`` slots in every layer.
 
-        With a 2-D padding mask the mask's width tells the logical position of the new tokens. transformers
-        compares the (shorter) cache with the full ids and so re-feeds the last ``L - L'`` cached tokens when a
-        generation continues from ``past_key_values``: those are dropped here, so they are not cached twice.
+        The mask's width (or, without a mask, the first text position) tells the logical position of the new
+        tokens. transformers compares the (shorter) cache with the full ids and so re-feeds the last ``L - L'``
+        cached tokens when a generation continues from ``past_key_values``: those are dropped here, so they are
+        not cached twice.
         """
         plan = self.state.plan
         logical_past = past_len + plan.length - plan.new_length
@@ -425,16 +426,21 @@ class VLMAdapter:
         q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         am = kwargs.get("attention_mask")
         if am is not None:
-            overlap = logical_past - (am.shape[1] - q)
+            start = int(am.shape[-1]) - q
+        else:  # no mask, so no padding; a single new token cannot overlap the cache (no host read then)
+            start = self._start_from_positions(kwargs.get("position_ids"), q) if q > 1 else None
+        if start is not None:
+            overlap = logical_past - start
             if overlap < 0 or overlap >= q:
                 raise IncompatibleFeatureError(
-                    f"{self.pruner.name}: the attention mask covers {am.shape[1]} tokens, but the pruned cache holds "
-                    f"{logical_past} tokens of this sequence and {q} new ones arrive; continue a cache only with "
-                    "the full sequence (or only the new tokens) and its full attention mask"
+                    f"{self.pruner.name}: these {q} tokens start at position {start}, but the pruned cache holds "
+                    f"{logical_past} tokens of this sequence; continue a cache only with the full sequence (or only "
+                    "the new tokens) and its full attention mask"
                 )
             if overlap:
                 out = pm.drop_leading(out, overlap)
                 q -= overlap
+        if am is not None:
             out["attention_mask"] = tp.remap_2d_mask(am, plan)
         elif plan.has_fillers:
             full = torch.ones(plan.index.shape[0], logical_past + q, dtype=torch.long, device=plan.index.device)
@@ -447,6 +453,14 @@ class VLMAdapter:
             pos = pos - plan.dropped.view(*([1] * (pos.dim() - 2)), -1, 1)
         out["position_ids"] = pos
         return out
+
+    def _start_from_positions(self, pos: torch.Tensor | None, q: int) -> int | None:
+        """Index in the full sequence of the first of ``q`` unpadded tokens, read from the last one's position."""
+        if pos is None:
+            return None
+        if pos.dim() == 3 and pos.shape[0] == 4:  # text row first, then M-RoPE axes (transformers' Qwen layout)
+            pos = pos[0]
+        return int(pos[0, -1]) - (q - 1) if pos.dim() == 2 else None
 
     def _decode_positions(self, logical_past: int, q: int, plan: tp.KeepPlan) -> torch.Tensor:
         """Positions of new tokens after ``logical_past`` tokens when the caller passed none (plain forward)."""

@@ -252,3 +252,23 @@ def test_torch_compile_runs_the_hooks_eagerly_or_says_why_not(vlm, spec):
         finally:
             torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_next_turn_without_attention_mask(vlm, family, spec):
+    """Unpadded chat without a mask: the re-fed tokens are found from the positions generate() passes."""
+    model = vlm(family)
+    inputs = {k: v for k, v in inputs_for(model, n=1).items() if k != "attention_mask"}
+    turn = torch.tensor([[7, 8, 9]])
+    with mmeff.apply(model, spec):
+        first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                               return_dict_in_generate=True)
+        seq = torch.cat([first.sequences, turn], 1)
+        continued = generate(model, {"input_ids": seq}, n=4, past_key_values=first.past_key_values)
+        whole = {**inputs, "input_ids": seq}
+        if "mm_token_type_ids" in inputs:
+            tt = inputs["mm_token_type_ids"]
+            whole["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(1, seq.shape[1] - tt.shape[1])], 1)
+        again = generate(model, whole, n=4, use_cache=False)
+    _same(continued, again)
