@@ -31,8 +31,13 @@ def _same(a, b, atol=2e-5):
     torch.testing.assert_close(la, lb, atol=atol, rtol=1e-4)
 
 
+def _assistant(family):
+    """A smaller, differently seeded model of the same family and vocabulary (drafts are partly rejected)."""
+    return tm.tiny_llava("sdpa", 2, seed=1) if family == "llava" else tm.tiny_qwen2_vl("sdpa", 2, seed=1)
+
+
 def _text_only(inputs):
-    """The inputs without images (a continued conversation passes only ids and mask)."""
+    """The inputs without image tensors (the placeholders stay in the ids)."""
     return {k: v for k, v in inputs.items() if k not in IMAGE_KEYS + ("mm_token_type_ids",)}
 
 
@@ -106,7 +111,7 @@ def test_assisted_and_prompt_lookup_equal_greedy(vlm, family, spec):
     """Drafts never reach the decision, and cropping rejected drafts leaves the pruned cache consistent."""
     model = vlm(family)
     inputs = inputs_for(model, n=1)
-    assistant = tm.tiny_llava("sdpa", 2, seed=1) if family == "llava" else tm.tiny_qwen2_vl("sdpa", 2, seed=1)
+    assistant = _assistant(family)
     with mmeff.apply(model, spec) as h:
         greedy = generate(model, inputs, n=8)
         kept = h.report()["kept_visual_index"]
@@ -124,7 +129,7 @@ def test_pruned_assistant_in_llm_equals_its_own_greedy(vlm, family, spec):
     """An in-LLM pruned assistant only proposes drafts: the main model's answer is unchanged."""
     model = vlm(family)
     inputs = inputs_for(model, n=1)
-    assistant = tm.tiny_llava("sdpa", 2, seed=1) if family == "llava" else tm.tiny_qwen2_vl("sdpa", 2, seed=1)
+    assistant = _assistant(family)
     with mmeff.apply(model, spec), mmeff.apply(assistant, spec):
         greedy = generate(model, inputs, n=6)
         assisted = generate(model, inputs, n=6, assistant_model=assistant)
@@ -201,10 +206,9 @@ def test_unsupported_paths_fail_with_one_clear_error(vlm, family, spec):
 def test_pre_llm_pruned_assistant_is_refused(vlm, family):
     model = vlm(family)
     inputs = inputs_for(model, n=1)
-    assistant = tm.tiny_llava("sdpa", 2, seed=1) if family == "llava" else tm.tiny_qwen2_vl("sdpa", 2, seed=1)
-    with mmeff.apply(assistant, "random:ratio=0.5"):
-        with pytest.raises(IncompatibleFeatureError, match="assistant model"):
-            generate(model, inputs, n=4, assistant_model=assistant)
+    assistant = _assistant(family)
+    with mmeff.apply(assistant, "random:ratio=0.5"), pytest.raises(IncompatibleFeatureError, match="assistant model"):
+        generate(model, inputs, n=4, assistant_model=assistant)
 
 
 def test_random_pre_llm_needs_no_pixel_values(vlm):
