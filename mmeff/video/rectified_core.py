@@ -40,6 +40,10 @@ Ablation switches (mmeff's definitions; the reference only specifies the full me
 
 ``p̃`` (and therefore the selection) is the same in all four, so ablations differ only in
 the rectification. ``dense_reference`` is an independent, loop-based twin for tests.
+
+Deliberate differences from the official code (the floor with text and its rounding, our own
+Hilbert curve, the ragged last block, batch / text layouts) and the option that restores the
+official rule: ``docs/video-sparse-attention-variants.md``.
 """
 
 from __future__ import annotations
