@@ -44,8 +44,10 @@ class RectifiedSpaAttn(MethodConfig):
         visual blocks are always kept, so drop=0 is dense. "joint" (the official code): the first
         ``max(prefix, int((1 - drop) * n_v))`` entries of the row ranked together with the text column, so with text
         one visual block fewer is kept when text ranks high, drop=0 with text is not dense, and the official float
-        truncation applies (179 of 900 blocks at drop 0.8). Other deliberate differences (own Hilbert curve,
-        ragged last block): docs/video-sparse-attention-variants.md.
+        truncation applies (179 of 900 blocks at drop 0.8; "visual" rounds robustly to 180).
+    Other deliberate differences, no option (docs/video-sparse-attention-variants.md): the token order is mmeff's own
+    generalised Hilbert curve, not Jenga's, so blocks hold different tokens; a ragged last block is pooled over its
+    true tokens (the official code zero-pads to whole blocks); any batch, text first or last, per-sample text lengths.
     record_masks: keep the latest selected block mask of every layer (sample 0, ``[heads, n_blocks, n_blocks]``
         bools, in block order) for ``report()["block_masks"]``: for sparsity maps of small models; it costs
         heads x n_blocks^2 bytes per layer, so layers with more than ``MAX_RECORDED_BLOCKS`` blocks are skipped.

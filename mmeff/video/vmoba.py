@@ -42,9 +42,11 @@ class VMoBA(MethodConfig):
     where head_global normalises, ranks and budgets jointly over the batch (the fallback then needs the
     whole batch to route nothing).
 
-    Routing follows the official code: threshold rows always keep the best other chunk, and a layer
-    call that routes nothing beyond the own chunks (topk = 1) is dense attention. Deliberate differences
-    (text as one chunk, tie order, batch scope): docs/video-sparse-attention-variants.md."""
+    Routing follows the official code: threshold rows always keep the best other chunk, tau >= 1 keeps every chunk
+    (its 1e-6 guard), and a layer call that routes nothing beyond the own chunks (topk = 1) is dense attention.
+    Deliberate differences (docs/video-sparse-attention-variants.md): text keys of joint-attention models form one
+    extra chunk (official VMoBA has no text handling); ties at a normalised gate of 0 rank by chunk index (the
+    official sort leaves them unspecified); budget_scope above."""
 
     name: ClassVar[str] = "vmoba"
     kind: ClassVar[str] = "dit_attention"

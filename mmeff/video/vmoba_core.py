@@ -51,9 +51,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff.kernels._common import check_qkv
-from mmeff.kernels.chunk_routed_attn import chunk_routed_attention, key_chunk_index, use_triton
+from mmeff.kernels.chunk_routed_attn import (
+    chunk_routed_attention,
+    key_chunk_index,
+    use_triton,
+)
 from mmeff.kernels.chunk_routed_attn.key_major import chunk_routed_attention_key_major
-from mmeff.kernels.chunk_routing import route_chunks, route_threshold_rows, route_topk_rows, triton_routes
+from mmeff.kernels.chunk_routing import (
+    route_chunks,
+    route_threshold_rows,
+    route_topk_rows,
+    triton_routes,
+)
 from mmeff.kernels.chunk_routing.naive import EPS, minmax_normalise, ranked_prefix
 
 from .vmoba_partition import chunk_starts
@@ -203,7 +212,6 @@ def _select_group(g: Tensor, self_oh: Tensor, mode: str, threshold: float, topk:
     # head_global: one joint competition over all (sample, chunk, query) entries of a head, flattened in
     # the official packed order (chunk-major, then query) so that ties break as there
     own = self_oh.expand(n_samples, seq, n_chunks)
-    flat_own = own.transpose(-1, -2).reshape(-1)
     if mode == "topk":
         boosted = g.masked_fill(own, float("inf")).transpose(-1, -2).reshape(n_heads, -1)
         budget = min(topk * n_samples * seq, boosted.shape[1])

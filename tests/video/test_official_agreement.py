@@ -19,15 +19,28 @@ import torch.nn.functional as F
 
 try:
     from ..kernels.triton_worker import run_worker
-    from .official_oracle import official_rectified, official_vmoba, official_vmoba_selection
+    from .official_oracle import (
+        official_rectified,
+        official_vmoba,
+        official_vmoba_selection,
+    )
 except ImportError:  # executed as the worker script
     run_worker = None
-    from official_oracle import official_rectified, official_vmoba, official_vmoba_selection  # type: ignore
+    from official_oracle import (  # type: ignore
+        official_rectified,
+        official_vmoba,
+        official_vmoba_selection,
+    )
 
 import mmeff.kernels.chunk_routing as routing
 from mmeff.video.layout import block_neighbours, gilbert_order
 from mmeff.video.rectified_core import rectified_sparse_attention, top_k_blocks
-from mmeff.video.vmoba_core import apply_dense_fallback, chunk_gates, select_chunks, vmoba_attention
+from mmeff.video.vmoba_core import (
+    apply_dense_fallback,
+    chunk_gates,
+    select_chunks,
+    vmoba_attention,
+)
 from mmeff.video.vmoba_partition import chunk_starts, partition_order
 
 REL_TOL = 1e-5
@@ -144,7 +157,7 @@ def test_vmoba_head_global_sample_scope_is_each_sample_alone(sel: str) -> None:
 
 def test_vmoba_oracle_is_not_trivially_dense_or_local() -> None:
     """Sanity of the grids: the threshold rule routes a varying number of chunks per query."""
-    (q, k, _), ids, size = vmoba_case("3d_cube", 2)
+    (q, k, _), _, size = vmoba_case("3d_cube", 2)
     sel = _oracle_selection(q, k, size, "query_head", SELECTIONS["tau0.25"])
     counts = sel.sum(-1)
     assert counts.min() >= 2 and counts.max() < 32 and counts.float().std() > 0
@@ -197,7 +210,7 @@ def test_triton_router_matches_the_official_routing(triton_outputs: dict, case: 
 def test_fused_triton_vmoba_matches_the_official_output(triton_outputs: dict, case: tuple[str, str]) -> None:
     assert triton_outputs["forced"]  # the worker really ran the Triton path
     partition, sel = case
-    (q, k, v), ids, size = vmoba_case(partition, 2)
+    (q, k, v), _, size = vmoba_case(partition, 2)
     want = official_vmoba(q, k, v, chunk_size=size, **SELECTIONS[sel])
     assert rel_err(triton_outputs[("fused", *case)], want) < REL_TOL
 
@@ -243,6 +256,23 @@ def test_rectified_joint_floor_matches_the_oracle(text: str, drop: float, tau: f
         default = rectified_sparse_attention(q, k, v, n_visual=n_visual, text_len=0, block=block, drop=drop, tau=tau,
                                              neighbours=neigh, first_frame_blocks=ff)
         assert rel_err(default, want) < REL_TOL
+
+
+def test_rectified_text_first_matches_the_official_text_last() -> None:
+    """The official MM-DiT processors flip text to the end; ours takes text first as it comes (CogVideoX)."""
+    block, (n_text, valid) = 16, TEXT_LAYOUTS["text_padded"]
+    (q, k, v), neigh = rectified_case(GRID, block, n_text, seed=5)
+    n_visual = q.shape[2] - n_text
+    want, want_mask = official_rectified(q, k, v, n_visual=n_visual, block=block, drop=0.8, tau=0.3,
+                                         text_valid=valid, neighbours=neigh)
+    first = torch.cat([torch.arange(n_visual, n_visual + n_text), torch.arange(n_visual)])  # text, then visual
+    got, st = rectified_sparse_attention(
+        *(t[:, :, first] for t in (q, k, v)), n_visual=n_visual, text_len=n_text, text_valid_len=torch.tensor(valid),
+        block=block, drop=0.8, tau=0.3, neighbours=neigh, text_position="first", floor="joint", return_stats=True)
+    assert torch.equal(st.block_mask, want_mask)
+    back = torch.empty_like(got)
+    back[:, :, first] = got
+    assert rel_err(back, want) < REL_TOL
 
 
 def test_rectified_default_floor_differs_only_with_text_as_documented() -> None:

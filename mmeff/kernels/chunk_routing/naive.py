@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["EPS", "gates_from_means", "minmax_normalise", "ranked_prefix", "route_threshold_rows", "route_topk_rows", "route_chunks_naive"]
+__all__ = ["EPS", "gates_from_means", "minmax_normalise", "ranked_prefix", "route_chunks_naive", "route_threshold_rows", "route_topk_rows"]
 
 EPS = 1e-6  # official VMoBA's guard on the min-max range and on the row total
 
