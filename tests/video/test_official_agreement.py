@@ -40,6 +40,7 @@ from mmeff.video.vmoba_core import (
     chunk_gates,
     select_chunks,
     vmoba_attention,
+    vmoba_reference,
 )
 from mmeff.video.vmoba_partition import chunk_starts, partition_order
 
@@ -124,6 +125,7 @@ def test_vmoba_official_scope_matches_the_oracle(partition: str, sel: str, thres
     want = official_vmoba(q, k, v, chunk_size=size, **kw)
     got = vmoba_attention(q, k, v, chunk_ids=ids, budget_scope="batch", **kw)
     assert rel_err(got, want) < REL_TOL
+    assert rel_err(vmoba_reference(q, k, v, chunk_ids=ids, budget_scope="batch", **kw), want) < REL_TOL  # loop twin
     ours = _ours_selection(q, k, ids, "batch", threshold_type, SELECTIONS[sel])
     assert torch.equal(ours, _oracle_selection(q, k, size, threshold_type, SELECTIONS[sel]))
     if threshold_type == "query_head":  # per-row rules: the default scope is the official one as well
