@@ -63,6 +63,11 @@ class VMoBA(MethodConfig):
     preset: str | None = None
     budget_scope: str = "sample"
 
+    def __post_init__(self) -> None:
+        if self.topk is not None and len(self.topk) == 1:  # topk=2: the same top-k for every layer kind
+            object.__setattr__(self, "topk", tuple(self.topk) * 3)
+        super().__post_init__()
+
     def validate(self) -> None:
         require(self.mode in (None, "threshold", "topk"), f"vmoba: mode must be 'threshold' or 'topk', got {self.mode!r}")
         require(self.threshold is None or self.threshold > 0, "vmoba: threshold must be > 0")
@@ -71,7 +76,7 @@ class VMoBA(MethodConfig):
         require(self.budget_scope in BUDGET_SCOPES,
                 f"vmoba: budget_scope must be one of {BUDGET_SCOPES} ('sample': batch == single, the default; "
                 f"'batch': the official packed batch), got {self.budget_scope!r}")
-        require(self.topk is None or len(self.topk) == 3, "vmoba: topk needs 3 values (temporal;spatial;3d), e.g. 3;20;15")
+        require(self.topk is None or len(self.topk) == 3, "vmoba: topk takes 1 value (every layer kind) or 3 (temporal;spatial;3d), e.g. 3;20;15")
         if self.preset is not None:
             try:
                 get_preset(self.preset)

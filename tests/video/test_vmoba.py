@@ -27,6 +27,7 @@ from mmeff.video.vmoba_partition import (
 )
 from mmeff.video.vmoba_presets import (
     PRESETS,
+    TINY_WAN,
     WAN21_1_3B_448P_TOPK,
     WAN21_1_3B_480P,
     WAN21_14B_720P,
@@ -350,7 +351,8 @@ def test_presets_match_reference_table() -> None:
     assert WAN21_14B_720P.latent_grid == (21, 45, 80) and WAN21_14B_720P.seq_len == 75600
     assert WAN21_14B_720P.chunk_counts() == {"temporal": (7, 10800), "spatial": (90, 840), "spatiotemporal": (350, 216)}
     assert "[recon]" in WAN21_14B_720P.source
-    assert set(PRESETS) == {p.name for p in (WAN21_1_3B_480P, WAN21_1_3B_448P_TOPK, WAN21_14B_720P)}
+    assert set(PRESETS) == {p.name for p in (WAN21_1_3B_480P, WAN21_1_3B_448P_TOPK, WAN21_14B_720P, TINY_WAN)}
+    assert TINY_WAN.latent_grid == (4, 8, 8) and TINY_WAN.mode == "topk"
 
 
 def test_preset_layers_and_errors() -> None:
