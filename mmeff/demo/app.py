@@ -18,7 +18,15 @@ from typing import Any
 
 from PIL import Image
 
-from .diffusion_compare import DEFAULT_GUIDANCE, DEFAULT_VIDEO, guidance_pair, load_diffusion, video_pair
+from .diffusion_compare import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_VIDEO,
+    VIDEO_CHOICES,
+    for_tiny_wan,
+    guidance_pair,
+    load_diffusion,
+    video_pair,
+)
 from .vlm_compare import VLMComparison, compare, load_model, scene_questions
 
 VLM_MODELS = ["tiny-llava", "tiny-qwen2-vl"]
@@ -77,7 +85,7 @@ def on_guidance_run(prompt: str, seed: float, method: str, steps: float) -> tupl
 
 def on_video_run(prompt: str, seed: float, method: str, steps: float) -> tuple[list[Any], list[Any], str]:
     try:
-        pair = video_pair(load_diffusion("tiny-wan"), prompt, int(seed), method.strip(), steps=int(steps))
+        pair = video_pair(load_diffusion("tiny-wan"), prompt, int(seed), for_tiny_wan(method), steps=int(steps))
     except Exception as e:
         return [], [], f"**{type(e).__name__}**: {e}"
     return pair.dense_frames, pair.sparse_frames, (
@@ -133,7 +141,8 @@ def build_app() -> Any:
             v_prompt = gr.Textbox(default_prompt(), label="prompt")
             with gr.Row():
                 v_seed = gr.Number(5, precision=0, label="seed")
-                v_method = gr.Textbox(DEFAULT_VIDEO, label="method spec (rectified_spaattn or vmoba)")
+                v_method = gr.Dropdown(list(VIDEO_CHOICES), value=DEFAULT_VIDEO, allow_custom_value=True,
+                                       label="method spec (rectified_spaattn or vmoba; `vmoba` alone uses tiny-wan's preset)")
                 v_steps = gr.Slider(2, 30, value=10, step=1, label="steps")
             v_run = gr.Button("generate", variant="primary")
             v_dense = gr.Gallery(label="dense frames", columns=4)

@@ -21,6 +21,18 @@ from .timing import TIMING_REPEATS, warm_median
 
 DEFAULT_GUIDANCE = "softpag:heads=1.0;2.2;0.0;1.2,u=1,scale=3"
 DEFAULT_VIDEO = "rectified_spaattn:drop=0.75,tau=0.2,block=16,preset=none,warmup_steps=2,dense_layers=0"
+DEFAULT_VMOBA = "vmoba:preset=tiny-wan,warmup_steps=2"
+VIDEO_CHOICES = (DEFAULT_VIDEO, DEFAULT_VMOBA)
+"""The video tab's menu; any other spec can be typed in."""
+
+
+def for_tiny_wan(spec: str) -> str:
+    """``spec`` with tiny-wan's VMoBA preset added where it names neither a preset nor chunk shapes, so that
+    ``vmoba`` or ``vmoba:topk=1`` run on the demo's model (the published presets are for 480p-720p grids)."""
+    name, _, rest = spec.strip().partition(":")
+    if name.strip() != "vmoba" or "preset=" in rest or "_chunk=" in rest:
+        return spec
+    return "vmoba:preset=tiny-wan" + (f",{rest}" if rest else "")
 
 
 @functools.lru_cache(maxsize=2)

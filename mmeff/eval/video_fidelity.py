@@ -27,7 +27,10 @@ Methods (all with the same dense warm-up, ``--warmup`` steps):
   ``tau`` 0.2, first layer dense (``dense_layers=(0,)``), Wan's first-frame rule;
 - ``blocksparse_d{50,75,90}``: the same block selection without rectification (``ipar=False, gapr=False``);
 - ``vmoba_k2`` / ``vmoba_k1``: VMoBA top-k with chunks 1 frame / 4x4 tiles / 2x4x4 cubes, ``topk`` (2, 2, 3)
-  and (1, 1, 2) (layer 0 dense, then temporal, spatial, 3-D layers by depth).
+  and (1, 1, 2) (layer 0 dense, then temporal, spatial, 3-D layers by depth). As in the official code, a layer
+  whose top-k is 1 routes nothing beyond the own chunks and falls back to dense attention, so ``vmoba_k1`` is
+  sparse only in its 3-D layers;
+- ``vmoba_tau25``: the same chunks with the official default selection, threshold ``tau`` 0.25 per (head, query).
 
 A PNG strip (``--png``, default: next to the JSON) shows dense and every method on the first prompts at a few
 frames.
@@ -109,6 +112,9 @@ def default_methods(block: int = 16, warmup: int = 2) -> dict[str, Callable[[], 
     for name, k in (("vmoba_k2", (2, 2, 3)), ("vmoba_k1", (1, 1, 2))):
         out[name] = (lambda k=k: VMoBA(temporal_chunk="1", spatial_chunk="4x4", st_chunk="2x4x4", mode="topk",
                                        topk=k, first_full_layer=1, warmup_steps=warmup))
+    out["vmoba_tau25"] = lambda: VMoBA(temporal_chunk="1", spatial_chunk="4x4", st_chunk="2x4x4", mode="threshold",
+                                       threshold=0.25, threshold_type="query_head", first_full_layer=1,
+                                       warmup_steps=warmup)
     return out
 
 

@@ -13,7 +13,12 @@ key blocks ``j`` (reference: ``/work/shared/reference/diffusion-methods.md`` §3
    softmax over visual blocks. ``b_j`` is the true token count of block ``j``, so a ragged last
    block is not diluted by padding (the shipped code pads with zeros);
 4. selection ``M``: the smallest prefix of the descending row of ``p̃`` (text column included)
-   whose cumulative mass exceeds ``tau``, at least ``top_k = floor((1-drop)·n_v)`` visual blocks,
+   whose cumulative mass exceeds ``tau``, at least ``top_k`` visual blocks (``floor="visual"``,
+   mmeff's default: the ``top_k`` largest visual blocks are added, ``top_k = floor((1-drop)·n_v)``
+   computed robustly, so ``drop=0`` is dense) or at least ``top_k`` entries of the joint row
+   (``floor="joint"``, the official rule: ``max(prefix length, top_k)`` entries of the descending
+   row, text column included, with the official ``top_k = int((1 - drop) * n_v)``: when text ranks
+   in the top ``top_k`` one visual block fewer is kept, and ``drop=0`` with text is not dense),
    ∪ ``neighbours`` ∪ first-frame blocks dense among themselves; all valid text keys always on;
 5. GAPR eligibility ``A_ij = |q̄_i·k̄_j| > |Δq_i·k̄_j| + |q̄_i·Δk_j|`` (``Δ`` = mean absolute
    deviation of the block around its mean);
@@ -35,6 +40,10 @@ Ablation switches (mmeff's definitions; the reference only specifies the full me
 
 ``p̃`` (and therefore the selection) is the same in all four, so ablations differ only in
 the rectification. ``dense_reference`` is an independent, loop-based twin for tests.
+
+Deliberate differences from the official code (the floor with text and its rounding, our own
+Hilbert curve, the ragged last block, batch / text layouts) and the option that restores the
+official rule: ``docs/video-sparse-attention-variants.md``.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from mmeff.kernels.block_sparse_attn import (
 )
 
 __all__ = [
+    "FLOOR_RULES",
     "RectifiedPlan",
     "RectifiedStats",
     "dense_reference",
@@ -64,6 +74,8 @@ __all__ = [
 ]
 
 TextPosition = Literal["last", "first"]
+FloorRule = Literal["visual", "joint"]
+FLOOR_RULES = ("visual", "joint")
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,7 @@ def _check(
     first_frame_blocks: int,
     text_position: str,
     scale: float | None,
+    floor: str = "visual",
 ) -> _Layout:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
@@ -167,6 +180,11 @@ def _check(
         raise ValueError(f"drop (fraction of visual key blocks removed) must be in [0, 1), got {drop}")
     if not (0.0 <= float(tau) <= 1.0):
         raise ValueError(f"tau (cumulative pooled mass to keep) must be in [0, 1], got {tau}")
+    if floor not in FLOOR_RULES:
+        raise ValueError(
+            f"floor must be one of {FLOOR_RULES} ('visual': top-k over visual blocks, drop=0 is dense; "
+            f"'joint': the official max(prefix, top_k) over the joint row with text), got {floor!r}"
+        )
     if text_position not in ("last", "first"):
         raise ValueError(f"text_position must be 'last' or 'first', got {text_position!r}")
     n_v = (n_visual + block - 1) // block
@@ -212,8 +230,12 @@ def _valid_text(text_valid_len: int | Tensor | None, text_len: int, batch: int, 
     return torch.full((batch,), int(text_valid_len), dtype=torch.int64, device=device)
 
 
-def top_k_blocks(drop: float, n_v: int) -> int:
-    """The floor on kept visual blocks, ``floor((1 - drop) * n_v)`` (robust to float rounding)."""
+def top_k_blocks(drop: float, n_v: int, floor: str = "visual") -> int:
+    """The floor on kept blocks: ``floor((1 - drop) * n_v)`` robust to float rounding (``"visual"``),
+    or the official ``int((1 - drop) * n_v)`` (``"joint"``: 179 of 900 blocks at drop 0.8, where
+    ``1 - 0.8 = 0.19999999999999996``)."""
+    if floor == "joint":
+        return min(n_v, max(0, int((1 - float(drop)) * n_v)))
     return min(n_v, max(0, math.floor((1.0 - float(drop)) * n_v + 1e-6)))
 
 
@@ -235,6 +257,7 @@ def plan_rectified(
     first_frame_blocks: int = 0,
     ipar: bool = True,
     gapr: bool = True,
+    floor: str = "visual",
 ) -> RectifiedPlan:
     """Steps 1-6 on split tensors: visual ``[B, H, n_visual, D]``, text keys ``[B, H, T, D]``.
 
@@ -264,15 +287,18 @@ def plan_rectified(
         p_vis = torch.softmax(logit_vis, dim=-1)
         p_txt = torch.zeros(p_vis.shape[:-1], device=dev, dtype=p_vis.dtype)
 
-    # Step 4: tau prefix over the whole row (text column included), top_k floor on visual blocks.
-    row = torch.cat([p_vis, p_txt[..., None]], dim=-1)
+    # Step 4: tau prefix over the whole row (text column included), then the top_k floor.
+    has_text = k_txt is not None and k_txt.shape[-2] > 0
+    row = torch.cat([p_vis, p_txt[..., None]], dim=-1) if has_text else p_vis
     vals, cols = torch.sort(row, dim=-1, descending=True)
     # mass strictly before each sorted entry: entry r is kept iff it is <= tau
     before = torch.cat([torch.zeros_like(vals[..., :1]), torch.cumsum(vals, dim=-1)[..., :-1]], dim=-1)
     in_prefix = before <= tau
+    top_k = top_k_blocks(drop, n_v, floor)
+    if floor == "joint":  # official: max(prefix length, top_k) entries of the joint row
+        in_prefix = in_prefix | (torch.arange(row.shape[-1], device=dev) < top_k)
     sel = torch.zeros_like(in_prefix).scatter_(-1, cols, in_prefix)[..., :n_v]
-    top_k = top_k_blocks(drop, n_v)
-    if top_k > 0:
+    if floor == "visual" and top_k > 0:
         top = torch.topk(p_vis, top_k, dim=-1).indices
         sel = sel.scatter(-1, top, True)
     if neighbours is not None:
@@ -339,6 +365,7 @@ def rectified_sparse_attention(
     gapr: bool = True,
     scale: float | None = None,
     return_stats: bool = False,
+    floor: FloorRule = "visual",
 ) -> Tensor | tuple[Tensor, RectifiedStats]:
     """Rectified block-sparse attention; ``q, k, v`` are ``[B, H, S]`` + ``[D]``, ``S = n_visual + text_len``.
 
@@ -352,7 +379,7 @@ def rectified_sparse_attention(
     lay = _check(
         q, k, v, n_visual=n_visual, text_len=text_len, text_valid_len=text_valid_len, block=block,
         drop=drop, tau=tau, neighbours=neighbours, first_frame_blocks=first_frame_blocks,
-        text_position=text_position, scale=scale,
+        text_position=text_position, scale=scale, floor=floor,
     )
     dev = q.device
     has_text = text_len > 0
@@ -362,7 +389,7 @@ def rectified_sparse_attention(
 
     plan = plan_rectified(
         q_v, k_v, v_v, k_t, valid, block=block, drop=drop, tau=tau, scale=lay.scale,
-        neighbours=neighbours, first_frame_blocks=first_frame_blocks, ipar=ipar, gapr=gapr,
+        neighbours=neighbours, first_frame_blocks=first_frame_blocks, ipar=ipar, gapr=gapr, floor=floor,
     )
     n_v = lay.n_v
     sync_free = q.is_cuda
@@ -452,6 +479,7 @@ def dense_reference(
     gapr: bool = True,
     scale: float | None = None,
     return_mask: bool = False,
+    floor: FloorRule = "visual",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Obviously-correct twin of ``rectified_sparse_attention`` (loops; tiny inputs only).
 
@@ -463,7 +491,7 @@ def dense_reference(
     lay = _check(
         q, k, v, n_visual=n_visual, text_len=text_len, text_valid_len=text_valid_len, block=block,
         drop=drop, tau=tau, neighbours=neighbours, first_frame_blocks=first_frame_blocks,
-        text_position=text_position, scale=scale,
+        text_position=text_position, scale=scale, floor=floor,
     )
     B, H, S, D = q.shape
     n_v = lay.n_v
@@ -473,7 +501,7 @@ def dense_reference(
     txt_pos = list(range(S))[lay.txt]
     valid = _valid_text(text_valid_len, text_len, B, "cpu").tolist() if text_len else [0] * B
     blocks = [vis_pos[j * block:(j + 1) * block] for j in range(n_v)]
-    top_k = top_k_blocks(drop, n_v)
+    top_k = top_k_blocks(drop, n_v, floor)
     out = torch.zeros(B, H, S, D, dtype=f64, device=q.device)
     full_mask = torch.zeros(B, H, n_v, n_v, dtype=torch.bool)
     for b in range(B):
@@ -498,16 +526,17 @@ def dense_reference(
                 pv = [len(blocks[j]) * P[j] / denom for j in range(n_v)]
                 pt = sum(P[n_v:]) / denom
                 # selection: tau prefix of the descending row (text column included) + top_k floor
-                entries = sorted([(pv[j], j) for j in range(n_v)] + [(pt, -1)], reverse=True)
+                entries = sorted([(pv[j], j) for j in range(n_v)] + ([(pt, -1)] if txt_pos else []), reverse=True)
                 keep = set()
                 acc = 0.0
-                for val, j in entries:
-                    if acc > tau:
+                for rank, (val, j) in enumerate(entries):
+                    if acc > tau and not (floor == "joint" and rank < top_k):
                         break
                     if j >= 0:
                         keep.add(j)
                     acc += val
-                keep |= {j for _, j in sorted([(pv[j], j) for j in range(n_v)], reverse=True)[:top_k]}
+                if floor == "visual":
+                    keep |= {j for _, j in sorted([(pv[j], j) for j in range(n_v)], reverse=True)[:top_k]}
                 if neighbours is not None:
                     keep |= {j for j in range(n_v) if bool(neighbours[i, j])}
                 if i < first_frame_blocks:

@@ -19,7 +19,7 @@ from ..core.errors import ConfigError
 from ..core.registry import register_method
 from ..hosts.dit_context import AttentionRuntime, AttnContext, AttnSite, DiTInfo
 from .layout import block_neighbours, gilbert_order, raster_order
-from .rectified_core import rectified_sparse_attention
+from .rectified_core import FLOOR_RULES, rectified_sparse_attention
 from .rectified_presets import get_preset
 from .site_tokens import reorder, text_valid_lengths, video_grid_ok
 from .sparsity_log import SparsityLog
@@ -40,6 +40,14 @@ class RectifiedSpaAttn(MethodConfig):
     first_frame_dense: Wan's rule that the first frame's blocks attend densely among themselves.
     ipar / gapr: the two rectification terms (both off = plain block-sparse attention, the ablation).
     order: "gilbert" (3-D Hilbert) or "raster" token order.
+    floor: how ``drop`` floors the kept blocks. "visual" (default, mmeff): the ``floor((1 - drop) * n_v)`` largest
+        visual blocks are always kept, so drop=0 is dense. "joint" (the official code): the first
+        ``max(prefix, int((1 - drop) * n_v))`` entries of the row ranked together with the text column, so with text
+        one visual block fewer is kept when text ranks high, drop=0 with text is not dense, and the official float
+        truncation applies (179 of 900 blocks at drop 0.8; "visual" rounds robustly to 180).
+    Other deliberate differences, no option (docs/video-sparse-attention-variants.md): the token order is mmeff's own
+    generalised Hilbert curve, not Jenga's, so blocks hold different tokens; a ragged last block is pooled over its
+    true tokens (the official code zero-pads to whole blocks); any batch, text first or last, per-sample text lengths.
     record_masks: keep the latest selected block mask of every layer (sample 0, ``[heads, n_blocks, n_blocks]``
         bools, in block order) for ``report()["block_masks"]``: for sparsity maps of small models; it costs
         heads x n_blocks^2 bytes per layer, so layers with more than ``MAX_RECORDED_BLOCKS`` blocks are skipped.
@@ -59,6 +67,7 @@ class RectifiedSpaAttn(MethodConfig):
     order: str = "gilbert"
     preset: str = "auto"
     record_masks: bool = False
+    floor: str = "visual"
 
     MAX_RECORDED_BLOCKS: ClassVar[int] = 2048
 
@@ -68,6 +77,9 @@ class RectifiedSpaAttn(MethodConfig):
         require(self.block > 0, f"rectified_spaattn: block must be positive, got {self.block}")
         require(self.warmup_steps is None or self.warmup_steps >= 0, "rectified_spaattn: warmup_steps must be >= 0")
         require(self.order in ("gilbert", "raster"), "rectified_spaattn: order must be 'gilbert' or 'raster'")
+        require(self.floor in FLOOR_RULES,
+                f"rectified_spaattn: floor must be one of {FLOOR_RULES} ('visual': mmeff's default, drop=0 is dense; "
+                f"'joint': the official rule over visual blocks and text together), got {self.floor!r}")
         if self.preset not in ("auto", "none"):
             try:
                 get_preset(self.preset)
@@ -111,7 +123,7 @@ class RectifiedRuntime(AttentionRuntime):
 
     def _dense(self, ctx: AttnContext) -> bool:
         s = self.settings
-        return (s["drop"] == 0.0 or ctx.step < s["warmup_steps"] or ctx.layer in s["dense_layers"]
+        return ((s["drop"] == 0.0 and self.cfg.floor == "visual") or ctx.step < s["warmup_steps"] or ctx.layer in s["dense_layers"]
                 or not video_grid_ok(ctx) or ctx.perturbed is not None)
 
     def __call__(self, ctx: AttnContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -130,7 +142,7 @@ class RectifiedRuntime(AttentionRuntime):
         out, st = rectified_sparse_attention(
             r.q, r.k, r.v, n_visual=r.n_video, text_len=r.n_text, block=self.cfg.block, drop=self.settings["drop"],
             tau=self.settings["tau"], neighbours=neigh, text_valid_len=valid, first_frame_blocks=ff, text_position="last",
-            ipar=self.cfg.ipar, gapr=self.cfg.gapr, scale=scale, return_stats=True)
+            ipar=self.cfg.ipar, gapr=self.cfg.gapr, scale=scale, return_stats=True, floor=self.cfg.floor)
         result = r.restore(out, q)
         layer = self.stats.setdefault(ctx.layer, {"calls": 0, "kept_fraction": 0.0, "rectified_fraction": 0.0})
         layer["calls"] += 1

@@ -20,7 +20,7 @@ from ..core.registry import register_method
 from ..hosts.dit_context import AttentionRuntime, AttnContext, AttnSite, DiTInfo
 from .site_tokens import reorder, text_valid_lengths, video_grid_ok
 from .sparsity_log import SparsityLog
-from .vmoba_core import vmoba_attention
+from .vmoba_core import BUDGET_SCOPES, vmoba_attention
 from .vmoba_partition import layer_chunk, partition_order
 from .vmoba_presets import get_preset
 
@@ -35,7 +35,18 @@ def _chunk(spec: str) -> int | tuple[int, ...]:
 class VMoBA(MethodConfig):
     """Options: chunk shapes as "2" (frames), "3x4" (spatial tile), "4x6x4" (cube); mode "threshold"|"topk";
     threshold = share of normalised cumulative gate similarity; topk per layer kind; a preset fills unset fields
-    (e.g. preset="wan2.1-1.3b-480p")."""
+    (e.g. preset="wan2.1-1.3b-480p").
+
+    budget_scope: "sample" (default) decides ``threshold_type="head_global"`` and the dense fallback per
+    sample, so a batch gives each sample's own output; "batch" reproduces the official packed varlen call,
+    where head_global normalises, ranks and budgets jointly over the batch (the fallback then needs the
+    whole batch to route nothing).
+
+    Routing follows the official code: threshold rows always keep the best other chunk, tau >= 1 keeps every chunk
+    (its 1e-6 guard), and a layer call that routes nothing beyond the own chunks (topk = 1) is dense attention.
+    Deliberate differences (docs/video-sparse-attention-variants.md): text keys of joint-attention models form one
+    extra chunk (official VMoBA has no text handling); ties at a normalised gate of 0 rank by chunk index (the
+    official sort leaves them unspecified); budget_scope above."""
 
     name: ClassVar[str] = "vmoba"
     kind: ClassVar[str] = "dit_attention"
@@ -50,13 +61,22 @@ class VMoBA(MethodConfig):
     first_full_layer: int | None = None
     warmup_steps: int = 0
     preset: str | None = None
+    budget_scope: str = "sample"
+
+    def __post_init__(self) -> None:
+        if self.topk is not None and len(self.topk) == 1:  # topk=2: the same top-k for every layer kind
+            object.__setattr__(self, "topk", tuple(self.topk) * 3)
+        super().__post_init__()
 
     def validate(self) -> None:
         require(self.mode in (None, "threshold", "topk"), f"vmoba: mode must be 'threshold' or 'topk', got {self.mode!r}")
         require(self.threshold is None or self.threshold > 0, "vmoba: threshold must be > 0")
         require(self.threshold_type in (None, "query_head", "head_global"),
                 "vmoba: threshold_type must be 'query_head' or 'head_global'")
-        require(self.topk is None or len(self.topk) == 3, "vmoba: topk needs 3 values (temporal;spatial;3d), e.g. 3;20;15")
+        require(self.budget_scope in BUDGET_SCOPES,
+                f"vmoba: budget_scope must be one of {BUDGET_SCOPES} ('sample': batch == single, the default; "
+                f"'batch': the official packed batch), got {self.budget_scope!r}")
+        require(self.topk is None or len(self.topk) == 3, "vmoba: topk takes 1 value (every layer kind) or 3 (temporal;spatial;3d), e.g. 3;20;15")
         if self.preset is not None:
             try:
                 get_preset(self.preset)
@@ -79,6 +99,7 @@ class VMoBA(MethodConfig):
             "first_full_layer": self.first_full_layer if self.first_full_layer is not None
             else (p.first_full_layer if p else 0),
             "warmup_steps": self.warmup_steps,
+            "budget_scope": self.budget_scope,
         }
 
     def make_runtime(self, info: DiTInfo) -> "VMoBARuntime":
@@ -113,6 +134,10 @@ class VMoBARuntime(AttentionRuntime):
         if valid is None or bool((valid == n_text).all()):
             result, sparsity = self._sparse(ctx, q, k, v, perm, ids, n_chunks, kind, scale, n_text)
         else:  # padded text (HunyuanVideo): each sample attends only to its valid text keys
+            if s["budget_scope"] == "batch" and q.shape[0] > 1:
+                raise ConfigError("vmoba: budget_scope='batch' packs the batch into one routing call, which needs "
+                                  "the same text length in every sample; this batch has padded text of "
+                                  f"different lengths {valid.tolist()}. Use budget_scope='sample' or batch 1")
             result = ctx.attend(q, k, v, attn_mask, scale).clone()  # padded text rows keep their dense output
             sparsity = 0.0
             for b in range(q.shape[0]):
@@ -143,7 +168,8 @@ class VMoBARuntime(AttentionRuntime):
         total = n_chunks + (1 if n_text else 0)
         out, st = vmoba_attention(r.q, r.k, r.v, chunk_ids=ids.to(q.device), mode=s["mode"], threshold=s["threshold"],
                                   topk=min(s["topk"][kind] + (1 if n_text else 0), total),
-                                  threshold_type=s["threshold_type"], scale=scale, return_stats=True)
+                                  threshold_type=s["threshold_type"], budget_scope=s["budget_scope"], scale=scale,
+                                  return_stats=True)
         if n_text:
             dense_text = torch.nn.functional.scaled_dot_product_attention(r.q[:, :, r.n_video:], r.k, r.v, scale=scale)
             out = torch.cat([out[:, :, :r.n_video], dense_text], dim=2)

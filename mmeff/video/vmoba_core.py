@@ -7,27 +7,35 @@ Algorithm (VMoBA, reference §4):
 
 1. **Chunk keys**: ``k̄_c`` = float32 mean of the keys of chunk ``c``.
 2. **Gates**: ``g[b, h, s, c] = q_s · k̄_c`` in float32, *unscaled* (no ``1/sqrt(d)``).
-3. **Selection** (always containing the query's own chunk):
+3. **Selection** (always containing the query's own chunk), the official rules:
 
    - ``mode="topk"``: ``+inf`` on the own chunk, then the ``topk`` largest gates per
      (head, query) (``threshold_type="query_head"``) or the ``topk * S`` largest gates jointly
      over all (query, chunk) pairs of a head (``"head_global"``).
    - ``mode="threshold"``, ``"query_head"``: min-max normalise each (head, query) row over
-     chunks, ``ĝ = (g - min) / (max - min)``; ``remain = max(τ - ĝ_self / Σĝ, 0)``; sort the
-     other chunks by ``ĝ`` descending and keep the shortest prefix whose cumulative sum over
-     ``Σĝ`` reaches ``remain`` (all of them when none does); add the own chunk.
-   - ``mode="threshold"``, ``"head_global"``: the same, but normalisation, ``Σĝ``, the self
-     share (summed over all queries' own chunks) and the sorted prefix run jointly over all
+     chunks, ``ĝ = (g - min) / (max - min)`` (a range ``<= 1e-6`` divides by 1);
+     ``T = Σĝ + 1e-6``; ``remain = max(τ - ĝ_self / T, 0)``; rank the chunks by ``ĝ``
+     descending with the own chunk competing at 0 and keep the ranked entries up to and
+     including the first whose cumulative share reaches ``remain`` (all when none does); add
+     the own chunk. The first-ranked entry, the best other chunk, is therefore always kept.
+   - ``mode="threshold"``, ``"head_global"``: the same, but normalisation, ``T``, the self
+     share (summed over all queries' own chunks) and the ranking run jointly over all
      (query, chunk) pairs of a head, so some queries get many chunks and others only their own.
 
-   A degenerate row or head whose gates are all equal (``max == min``) is treated as
-   uniform (``ĝ = 1`` everywhere). With ``τ = 1`` the chunk at the minimum (``ĝ = 0``) adds
-   nothing to the cumulative sum and so is not selected; use ``τ > 1`` (or
-   ``topk = n_chunks``) to select every chunk.
-4. **Attention** = softmax over the keys of the union of selected chunks, computed as in the
+   ``τ >= 1`` keeps every chunk (the ``1e-6`` in ``T``; exactly at 1, float32 rounding may
+   still leave out a chunk at the minimum, as in the official code).
+4. **Dense fallback** (official): when no query of any head routes to a chunk other than its
+   own (``topk = 1``, for example), the call is plain dense attention. ``budget_scope`` says
+   over what this is decided, and over what ``head_global`` competes: ``"sample"`` (default,
+   mmeff: each sample alone, so a batch gives the same outputs as its samples one by one) or
+   ``"batch"`` (official: the varlen call packs the batch, so ``head_global`` normalises,
+   ranks and budgets jointly over all samples and the fallback needs an empty batch).
+5. **Attention** = softmax over the keys of the union of selected chunks, computed as in the
    paper by two parts merged through their log-sum-exps in float32: the own-chunk branch
    (block-diagonal attention inside each chunk) and the routed branch (the selected chunks
    other than the own one). ``split_self=False`` runs one call over the union instead.
+
+Where mmeff differs from the official code on purpose, see ``docs/video-sparse-attention-variants.md``.
 
 ``vmoba_reference`` is the obviously-correct twin: an independent loop implementation of the
 same selection, a dense boolean ``[B, H, S, S]`` key mask and a float64 masked softmax.
@@ -43,15 +51,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff.kernels._common import check_qkv
-from mmeff.kernels.chunk_routed_attn import chunk_routed_attention, key_chunk_index, use_triton
+from mmeff.kernels.chunk_routed_attn import (
+    chunk_routed_attention,
+    key_chunk_index,
+    use_triton,
+)
 from mmeff.kernels.chunk_routed_attn.key_major import chunk_routed_attention_key_major
-from mmeff.kernels.chunk_routing import route_chunks, route_threshold_rows, route_topk_rows, triton_routes
+from mmeff.kernels.chunk_routing import (
+    route_chunks,
+    route_threshold_rows,
+    route_topk_rows,
+    triton_routes,
+)
+from mmeff.kernels.chunk_routing.naive import EPS, minmax_normalise, ranked_prefix
 
 from .vmoba_partition import chunk_starts
 
 __all__ = [
+    "BUDGET_SCOPES",
     "MODES",
     "THRESHOLD_TYPES",
+    "apply_dense_fallback",
     "chunk_gates",
     "chunk_mean_keys",
     "merge_attention_parts",
@@ -62,6 +82,7 @@ __all__ = [
 
 MODES = ("threshold", "topk")
 THRESHOLD_TYPES = ("query_head", "head_global")
+BUDGET_SCOPES = ("sample", "batch")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -80,7 +101,13 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError("q, k, v have no tokens (S == 0)")
 
 
-def _check_selection_args(mode: str, threshold: float, topk: int, threshold_type: str) -> None:
+def _check_selection_args(mode: str, threshold: float, topk: int, threshold_type: str,
+                          budget_scope: str = "sample") -> None:
+    if budget_scope not in BUDGET_SCOPES:
+        raise ValueError(
+            f"budget_scope must be one of {BUDGET_SCOPES} ('sample': each sample alone, batch == single; "
+            f"'batch': the official packed batch), got {budget_scope!r}"
+        )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if threshold_type not in THRESHOLD_TYPES:
@@ -136,24 +163,6 @@ def chunk_gates(q: Tensor, k: Tensor, chunk_start: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- selection
 
 
-def _minmax(g: Tensor, dims: tuple[int, ...] | int) -> Tensor:
-    lo = g.amin(dim=dims, keepdim=True)
-    rng = g.amax(dim=dims, keepdim=True) - lo
-    ok = rng > 0
-    return torch.where(ok, (g - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.ones_like(g))
-
-
-def _prefix_take(others: Tensor, total: Tensor, remain: Tensor) -> Tensor:
-    """Bool mask (same shape as ``others``) of the shortest descending prefix of the last dim
-    whose cumulative sum over ``total`` reaches ``remain``; entries < 0 mark excluded slots."""
-    vals, order = others.sort(dim=-1, descending=True, stable=True)
-    contrib = vals.clamp_min(0)
-    cum = contrib.cumsum(dim=-1)
-    before = F.pad(cum[..., :-1], (1, 0))  # sum of the entries ahead of each one
-    take = (before / total.unsqueeze(-1) < remain.unsqueeze(-1)) & (vals >= 0)
-    return torch.zeros_like(take).scatter_(-1, order, take)
-
-
 def select_chunks(
     gates: Tensor,
     query_chunk: Tensor,
@@ -162,23 +171,30 @@ def select_chunks(
     threshold: float = 0.25,
     topk: int = 3,
     threshold_type: str = "query_head",
+    budget_scope: str = "sample",
 ) -> Tensor:
     """VMoBA chunk selection: bool ``[B, H, S, n_chunks]``, own chunk always included.
 
     ``gates`` is ``[B, H, S, n_chunks]`` (``chunk_gates``); ``query_chunk[s]`` is the chunk that
-    holds query ``s``. Heads are processed in groups of at most ``_GROUP_ELEMENTS`` gate entries,
-    which bounds the temporaries (sorts, float64 copies) without a kernel launch per head.
+    holds query ``s``. ``budget_scope="batch"`` lets ``head_global`` compete over the whole
+    batch (official); per-row rules do not depend on it. The dense fallback is not applied
+    here (``apply_dense_fallback``). Heads are processed in groups of at most
+    ``_GROUP_ELEMENTS`` gate entries, which bounds the temporaries (sorts, float64 copies)
+    without a kernel launch per head.
     """
-    _check_selection_args(mode, threshold, topk, threshold_type)
+    _check_selection_args(mode, threshold, topk, threshold_type, budget_scope)
     bsz, heads, seq, n_chunks = gates.shape
     self_oh = F.one_hot(query_chunk.long(), n_chunks).bool()  # [S, C]
     out = torch.empty(gates.shape, dtype=torch.bool, device=gates.device)
-    per_head = max(1, seq * n_chunks)
+    joint = budget_scope == "batch" and threshold_type == "head_global"
+    samples = [slice(0, bsz)] if joint else [slice(b, b + 1) for b in range(bsz)]
+    per_head = max(1, seq * n_chunks * (bsz if joint else 1))
     group = max(1, _GROUP_ELEMENTS // per_head)
-    for b in range(bsz):
+    for sb in samples:
         for h0 in range(0, heads, group):
-            g = gates[b, h0:h0 + group].float()  # [G, S, C]
-            out[b, h0:h0 + group] = _select_group(g, self_oh, mode, threshold, topk, threshold_type)
+            g = gates[sb, h0:h0 + group].float().transpose(0, 1)  # [G, N, S, C]: N samples compete jointly
+            sel = _select_group(g, self_oh, mode, threshold, topk, threshold_type)
+            out[sb, h0:h0 + group] = sel.transpose(0, 1)
     return out
 
 
@@ -186,24 +202,43 @@ _GROUP_ELEMENTS = 1 << 27  # gate entries per selection group (512 MiB of float3
 
 
 def _select_group(g: Tensor, self_oh: Tensor, mode: str, threshold: float, topk: int, threshold_type: str) -> Tensor:
-    """Selection for a group of heads ``g`` ``[G, S, C]`` (see ``select_chunks``)."""
-    n_heads, seq, n_chunks = g.shape
+    """Selection for a group of heads ``g`` ``[G, N, S, C]`` whose ``N`` samples compete jointly."""
+    n_heads, n_samples, seq, n_chunks = g.shape
     if threshold_type == "query_head":  # per-row rules, shared with the fused Triton router
         if mode == "topk":
             idx = route_topk_rows(g, self_oh, topk).long()
             return torch.zeros(g.shape, dtype=torch.bool, device=g.device).scatter_(-1, idx, True)
         return route_threshold_rows(g, self_oh, threshold)
-    if mode == "topk":  # head_global: one joint competition over all (query, chunk) pairs of a head
-        boosted = g.masked_fill(self_oh, float("inf"))
-        sel = torch.zeros(g.shape, dtype=torch.bool, device=g.device)
-        flat = boosted.flatten(1).topk(min(topk * seq, seq * n_chunks), dim=-1).indices
-        sel.view(n_heads, -1).scatter_(-1, flat, True)
+    # head_global: one joint competition over all (sample, chunk, query) entries of a head, flattened in
+    # the official packed order (chunk-major, then query) so that ties break as there
+    own = self_oh.expand(n_samples, seq, n_chunks)
+    if mode == "topk":
+        boosted = g.masked_fill(own, float("inf")).transpose(-1, -2).reshape(n_heads, -1)
+        budget = min(topk * n_samples * seq, boosted.shape[1])
+        take = torch.zeros(boosted.shape, dtype=torch.bool, device=g.device)
+        take.scatter_(-1, boosted.topk(budget, dim=-1).indices, True)
     else:  # in float64
-        gn = _minmax(g.double(), (1, 2))
-        total = gn.sum((1, 2))
-        remain = (threshold - (gn * self_oh).sum((1, 2)) / total).clamp_min(0)
-        sel = _prefix_take(gn.masked_fill(self_oh, -1.0).flatten(1), total, remain).view(g.shape)
-    return sel | self_oh
+        gn = minmax_normalise(g.double(), (1, 2, 3))
+        total = gn.sum((1, 2, 3)) + EPS
+        remain = (threshold - (gn * own).sum((1, 2, 3)) / total).clamp_min(0)
+        competitors = gn.masked_fill(own, 0.0).transpose(-1, -2).reshape(n_heads, -1)
+        take = ranked_prefix(competitors, total, remain)
+    sel = take.view(n_heads, n_samples, n_chunks, seq).transpose(-1, -2)
+    return sel | own
+
+
+def apply_dense_fallback(sel: Tensor, query_chunk: Tensor, budget_scope: str = "sample") -> Tensor:
+    """Official VMoBA's fallback: where nothing is routed beyond the own chunks, attend densely.
+
+    ``sel`` is the bool selection ``[B, H, S, n_chunks]``. Every sample (``budget_scope="sample"``)
+    or the whole batch (``"batch"``) whose selection has no chunk other than the queries' own,
+    over all heads and queries, gets every chunk selected, which is dense attention. No host sync.
+    """
+    own = F.one_hot(query_chunk.long(), sel.shape[-1]).bool()
+    routed = (sel & ~own).flatten(1).any(-1)  # [B]
+    if budget_scope == "batch":
+        routed = routed.any().expand_as(routed)
+    return sel | ~routed[:, None, None, None]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -268,6 +303,7 @@ def vmoba_attention(
     threshold: float = 0.25,
     topk: int = 3,
     threshold_type: str = "query_head",
+    budget_scope: str = "sample",
     scale: float | None = None,
     return_stats: bool = False,
     split_self: bool = True,
@@ -288,9 +324,12 @@ def vmoba_attention(
     are read), ``"query_major"`` (query tiles over the union of their rows' chunks) or
     ``"auto"`` (key-major for top-k, query-major for threshold). Every path computes the same
     softmax over the same keys; ``split_self`` only matters for the query-major and torch paths.
+
+    ``budget_scope`` (``"sample"`` or the official ``"batch"``) is the scope of the
+    ``head_global`` competition and of the dense fallback (see the module docstring).
     """
     _check_qkv(q, k, v)
-    _check_selection_args(mode, threshold, topk, threshold_type)
+    _check_selection_args(mode, threshold, topk, threshold_type, budget_scope)
     if layout not in KERNEL_LAYOUTS:
         raise ValueError(f"layout must be one of {KERNEL_LAYOUTS}, got {layout!r}")
     if layout == "key_major" and mode != "topk":
@@ -300,6 +339,10 @@ def vmoba_attention(
     n_chunks = chunk_start.numel() - 1
     query_chunk = key_chunk_index(chunk_start, seq)
 
+    if mode == "topk" and min(topk, n_chunks) == 1:  # only own chunks are routed anywhere: dense fallback
+        sel = torch.ones(*q.shape[:3], n_chunks, dtype=torch.bool, device=q.device)
+        out, _ = chunk_routed_attention(q, k, v, chunk_start, sel, scale=scale)
+        return (out, _stats(sel, chunk_start, seq)) if return_stats else out
     fused = threshold_type == "query_head" and use_triton(q) and triton_routes(q, n_chunks)
     if fused:
         routes = route_chunks(
@@ -315,8 +358,10 @@ def vmoba_attention(
     else:
         gates = chunk_gates(q, k, chunk_start)
         sel = select_chunks(gates, query_chunk, mode=mode, threshold=threshold, topk=topk,
-                            threshold_type=threshold_type)
+                            threshold_type=threshold_type, budget_scope=budget_scope)
         del gates
+    if mode == "threshold":  # top-k with min(topk, n_chunks) >= 2 always routes something
+        sel = apply_dense_fallback(sel, query_chunk, budget_scope)
 
     if split_self:
         own = F.one_hot(query_chunk, n_chunks).bool().expand_as(sel).contiguous()
@@ -333,59 +378,72 @@ def vmoba_attention(
 # ----------------------------------------------------------------------------- reference twin
 
 
+_EPS = 1e-6  # the official guard, written out again for the loop twin
+
+
+def _reference_ranked_take(entries: list, remain: float, total: float) -> list:
+    """``entries`` = ``(value, key)`` in index order; the official cumulative-share prefix of
+    the ranking by value (descending, ties in index order): up to and including the first
+    entry whose cumulative share reaches ``remain``, at least one entry."""
+    ranked = sorted(entries, key=lambda e: -e[0])  # Python's sort is stable: ties keep index order
+    taken, cum = [], 0.0
+    for value, key in ranked:
+        taken.append(key)
+        cum += value
+        if cum / total >= remain:
+            break
+    return taken
+
+
+def _reference_norm(values: list) -> list:
+    lo, hi = min(values), max(values)
+    denom = hi - lo if hi - lo > _EPS else 1.0
+    return [(x - lo) / denom for x in values]
+
+
 def _reference_selection(
-    gates: list, bounds: list[int], mode: str, threshold: float, topk: int, threshold_type: str
+    gates: list, bounds: list[int], mode: str, threshold: float, topk: int, threshold_type: str,
+    budget_scope: str = "sample",
 ) -> list:
-    """Selection by explicit Python loops (float64): nested lists ``[B][H][S]`` of chunk sets."""
+    """Selection by explicit Python loops (float64): nested lists ``[B][H][S]`` of chunk sets
+    (the dense fallback is not applied here)."""
     n_chunks = len(bounds) - 1
     own = [c for c in range(n_chunks) for _ in range(bounds[c], bounds[c + 1])]
-    result = []
-    for gb in gates:
-        per_head = []
-        for gh in gb:  # gh: S rows of n_chunks floats
-            seq = len(gh)
-            if threshold_type == "query_head":
-                rows = []
-                for s, row in enumerate(gh):
+    bsz, heads, seq = len(gates), len(gates[0]), len(own)
+    result = [[[{own[s]} for s in range(seq)] for _ in range(heads)] for _ in range(bsz)]
+    for h in range(heads):
+        if threshold_type == "query_head":
+            for b in range(bsz):
+                for s in range(seq):
+                    row = gates[b][h][s]
                     if mode == "topk":
                         others = sorted((c for c in range(n_chunks) if c != own[s]), key=lambda c: -row[c])
-                        rows.append({own[s], *others[: min(topk, n_chunks) - 1]})
+                        result[b][h][s].update(others[: min(topk, n_chunks) - 1])
                         continue
-                    lo, hi = min(row), max(row)
-                    norm = [(x - lo) / (hi - lo) if hi > lo else 1.0 for x in row]
-                    total = sum(norm)
+                    norm = _reference_norm(row)
+                    total = sum(norm) + _EPS
                     remain = max(threshold - norm[own[s]] / total, 0.0)
-                    chosen, cum = {own[s]}, 0.0
-                    for c in sorted((c for c in range(n_chunks) if c != own[s]), key=lambda c: -norm[c]):
-                        if cum / total >= remain:
-                            break
-                        chosen.add(c)
-                        cum += norm[c]
-                    rows.append(chosen)
-                per_head.append(rows)
-                continue
-            # head_global: all (query, chunk) pairs of the head compete together
-            rows = [{own[s]} for s in range(seq)]
-            pairs = [(s, c) for s in range(seq) for c in range(n_chunks) if c != own[s]]
+                    entries = [(0.0 if c == own[s] else norm[c], c) for c in range(n_chunks)]
+                    result[b][h][s].update(_reference_ranked_take(entries, remain, total))
+            continue
+        # head_global: all (sample, chunk, query) entries of the head compete together, listed
+        # chunk-major as in the official packed layout; one group per sample or one for the batch
+        groups = [list(range(bsz))] if budget_scope == "batch" else [[b] for b in range(bsz)]
+        for members in groups:
+            keys = [(b, s, c) for b in members for c in range(n_chunks) for s in range(seq)]
             if mode == "topk":
-                budget = min(topk * seq, seq * n_chunks) - seq
-                for s, c in sorted(pairs, key=lambda p: -gh[p[0]][p[1]])[:budget]:
-                    rows[s].add(c)
-                per_head.append(rows)
-                continue
-            flat = [x for row in gh for x in row]
-            lo, hi = min(flat), max(flat)
-            norm = [[(x - lo) / (hi - lo) if hi > lo else 1.0 for x in row] for row in gh]
-            total = sum(sum(row) for row in norm)
-            remain = max(threshold - sum(norm[s][own[s]] for s in range(seq)) / total, 0.0)
-            cum = 0.0
-            for s, c in sorted(pairs, key=lambda p: -norm[p[0]][p[1]]):
-                if cum / total >= remain:
-                    break
-                rows[s].add(c)
-                cum += norm[s][c]
-            per_head.append(rows)
-        result.append(per_head)
+                boosted = [(float("inf") if c == own[s] else gates[b][h][s][c], (b, s, c)) for b, s, c in keys]
+                budget = min(topk * len(members) * seq, len(keys))
+                chosen = [key for _, key in sorted(boosted, key=lambda e: -e[0])[:budget]]
+            else:
+                norm = _reference_norm([gates[b][h][s][c] for b, s, c in keys])
+                total = sum(norm) + _EPS
+                own_mass = sum(x for x, (b, s, c) in zip(norm, keys) if c == own[s])
+                remain = max(threshold - own_mass / total, 0.0)
+                entries = [(0.0 if c == own[s] else x, (b, s, c)) for x, (b, s, c) in zip(norm, keys)]
+                chosen = _reference_ranked_take(entries, remain, total)
+            for b, s, c in chosen:
+                result[b][h][s].add(c)
     return result
 
 
@@ -400,21 +458,31 @@ def vmoba_reference(
     threshold: float = 0.25,
     topk: int = 3,
     threshold_type: str = "query_head",
+    budget_scope: str = "sample",
     scale: float | None = None,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, dict]:
     """Slow, obviously-correct VMoBA (tests and tiny inputs only): same contract as
     ``vmoba_attention``. Selection by Python loops, a dense ``[B, H, S, S]`` key mask, float64
-    masked softmax. Stats also carry ``selected`` (the bool ``[B, H, S, n_chunks]`` selection)."""
+    masked softmax. Stats also carry ``selected`` (the bool ``[B, H, S, n_chunks]`` selection,
+    after the dense fallback)."""
     _check_qkv(q, k, v)
-    _check_selection_args(mode, threshold, topk, threshold_type)
+    _check_selection_args(mode, threshold, topk, threshold_type, budget_scope)
     bsz, heads, seq, dim = q.shape
     bounds = _chunk_layout(seq, chunk_ids, chunk_size, q.device).tolist()
     n_chunks = len(bounds) - 1
 
     kbar = torch.stack([k[:, :, bounds[c] : bounds[c + 1]].float().mean(dim=2) for c in range(n_chunks)], dim=2)
     gates = torch.einsum("bhsd,bhcd->bhsc", q.float(), kbar)  # unscaled, float32
-    chosen = _reference_selection(gates.double().tolist(), bounds, mode, threshold, topk, threshold_type)
+    chosen = _reference_selection(gates.double().tolist(), bounds, mode, threshold, topk, threshold_type,
+                                  budget_scope)
+    # dense fallback: a sample (or, with budget_scope="batch", the batch) routing nothing beyond own chunks
+    routed = [any(len(chosen[b][h][s]) > 1 for h in range(heads) for s in range(seq)) for b in range(bsz)]
+    if budget_scope == "batch":
+        routed = [any(routed)] * bsz
+    for b in range(bsz):
+        if not routed[b]:
+            chosen[b] = [[set(range(n_chunks)) for _ in range(seq)] for _ in range(heads)]
 
     selected = torch.zeros(bsz, heads, seq, n_chunks, dtype=torch.bool)
     key_mask = torch.zeros(bsz, heads, seq, seq, dtype=torch.bool)

@@ -35,6 +35,7 @@ __all__ = [
     "WAN21_1_3B_448P_TOPK",
     "WAN21_1_3B_480P",
     "WAN21_14B_720P",
+    "TINY_WAN",
     "VMoBALayerParams",
     "VMoBAPreset",
     "get_preset",
@@ -164,7 +165,19 @@ WAN21_14B_720P = VMoBAPreset(
     source="[recon] mmeff analogue of the 1.3B 480p config; not published, not validated",
 )
 
-PRESETS: dict[str, VMoBAPreset] = {p.name: p for p in (WAN21_1_3B_480P, WAN21_1_3B_448P_TOPK, WAN21_14B_720P)}
+TINY_WAN = VMoBAPreset(
+    name="tiny-wan",
+    latent_grid=(4, 8, 8),                       # mmeff's shipped tiny-wan: 13 frames at 64 x 64 px
+    temporal_chunk=1, temporal_topk=2,           # 4 chunks of 64 tokens
+    spatial_chunk=(4, 4), spatial_topk=2,        # 4 chunks of 64
+    st_chunk=(2, 4, 4), st_topk=3,               # 8 chunks of 32
+    mode="topk", first_full_layer=1,
+    source="mmeff's tiny-wan (the demo's default and the vmoba_k2 row of mmeff.eval.video_fidelity)",
+)
+
+PRESETS: dict[str, VMoBAPreset] = {
+    p.name: p for p in (WAN21_1_3B_480P, WAN21_1_3B_448P_TOPK, WAN21_14B_720P, TINY_WAN)
+}
 
 
 def get_preset(name: str) -> VMoBAPreset:

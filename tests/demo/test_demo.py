@@ -109,3 +109,18 @@ def test_demo_timings_are_warm_medians():
 
     result, seconds = warm_median(fn, repeats=3)
     assert len(calls) == 4 and result == 4 and seconds < 0.15
+
+
+@pytest.mark.parametrize("spec", ["vmoba", "vmoba:topk=1", "vmoba:warmup_steps=1"])
+def test_video_tab_runs_vmoba_with_tiny_wans_preset(spec):
+    """`vmoba` as typed in the demo runs on tiny-wan (the published presets are for 480p-720p grids)."""
+    from mmeff.demo.app import on_video_run
+    from mmeff.demo.diffusion_compare import for_tiny_wan
+
+    assert for_tiny_wan(spec).startswith("vmoba:preset=tiny-wan")
+    assert for_tiny_wan("vmoba:preset=wan2.1-1.3b-480p") == "vmoba:preset=wan2.1-1.3b-480p"
+    import mmeff
+
+    assert mmeff.parse_method("vmoba:preset=tiny-wan,topk=2").topk == (2, 2, 2)  # one value for every layer kind
+    dense, sparse, info = on_video_run("a red square on a white background", 1, spec, 2)
+    assert len(dense) == len(sparse) == 4 and "PSNR" in info, info

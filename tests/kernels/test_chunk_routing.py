@@ -36,6 +36,8 @@ ROUTE_CASES: dict[str, dict] = {
     "tau0.25_c300": {"seed": 8, "S": 20, "D": 16, "C": 300, "mode": "threshold", "threshold": 0.25},
     "tau0_c7": {"seed": 9, "S": 20, "D": 16, "C": 7, "mode": "threshold", "threshold": 0.0},
     "tau2_c7": {"seed": 10, "S": 20, "D": 16, "C": 7, "mode": "threshold", "threshold": 2.0},
+    # two chunks: whenever the own gate is the larger, the other chunk ties with the own one at 0
+    "tau0.25_c2_ties": {"seed": 16, "S": 24, "D": 16, "C": 2, "mode": "threshold", "threshold": 0.25},
 }
 
 
@@ -189,8 +191,22 @@ def test_topk_rows_order_and_ties() -> None:
     idx = route_chunks_naive(gates[0, 0].view(1, 1, 1, 5), means, qc, mode="topk", topk=4)
     assert idx.tolist() == [[[[3, 4, 1, 2]]]]  # own chunk, then descending, ties by index
     flat = route_chunks_naive(torch.zeros(1, 1, 1, 5), means, qc, mode="threshold", threshold=0.5)
-    # all gates equal: shares 1/5 each; own 0.2, remain 0.3 -> two others by index (0.0, 0.2 ahead)
-    assert flat[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 3]
+    # all gates equal (official): the range is <= 1e-6 so it divides by 1, every share is 0 and never
+    # reaches remain = 0.5, so every chunk is taken
+    assert flat[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_threshold_rows_keep_the_best_other_chunk_and_rank_ties_by_index() -> None:
+    """Official rule: the first-ranked competitor is always kept; the own chunk competes at 0."""
+    means = torch.eye(3).view(1, 1, 3, 3)
+    def row(gates: list[float], own: int, tau: float) -> list[int]:
+        q = torch.tensor(gates).view(1, 1, 1, 3)
+        sel = route_chunks_naive(q, means, torch.tensor([own]), mode="threshold", threshold=tau)
+        return sel[0, 0, 0].nonzero().flatten().tolist()
+    assert row([0.0, 1.0, 0.5], 1, 0.25) == [1, 2]  # own share 1/1.5 >= tau: still the best other chunk
+    assert row([0.0, 1.0, 0.0], 1, 0.25) == [0, 1]  # others tie at 0 with the own one: lowest index, chunk 0
+    assert row([1.0, 0.0, 0.0], 0, 0.25) == [0]  # ... which is the own chunk here: nothing routed
+    assert row([0.0, 1.0, 0.5], 0, 0.9) == [0, 1, 2]  # 0.9 is never reached: everything
 
 
 def test_key_major_layout_covers_every_pair_once() -> None:

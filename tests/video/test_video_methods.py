@@ -119,3 +119,47 @@ def test_presets_and_errors():
     with pytest.raises(ValueError, match="divis|divid"):
         with mmeff.apply(model, VMoBA(temporal_chunk="1", spatial_chunk="3x3", st_chunk="2x4x4")):
             run(model, "wan")
+
+
+def test_official_options_via_spec_strings_and_errors():
+    from mmeff.core.registry import parse_method as parse_spec
+
+    cfg = parse_spec("rectified_spaattn:floor=joint,drop=0.8,block=16")
+    assert isinstance(cfg, RectifiedSpaAttn) and cfg.floor == "joint" and "floor=joint" in cfg.spec()
+    cfg = parse_spec("vmoba:preset=wan2.1-1.3b-480p,budget_scope=batch")
+    assert isinstance(cfg, VMoBA) and cfg.resolved()["budget_scope"] == "batch" and "budget_scope=batch" in cfg.spec()
+    assert RectifiedSpaAttn().floor == "visual" and VMoBA(preset="wan2.1-1.3b-480p").budget_scope == "sample"
+    with pytest.raises(ConfigError, match="floor must be one of .*'joint'"):
+        RectifiedSpaAttn(floor="text")
+    with pytest.raises(ConfigError, match="budget_scope must be one of .*'batch'"):
+        VMoBA(preset="wan2.1-1.3b-480p", budget_scope="global")
+
+
+def test_joint_floor_at_drop_zero_runs_the_official_sparse_rule_with_text():
+    """floor='joint' reproduces the official rule, under which drop=0 with text is not dense, so the runtime
+    must not short-cut drop=0 to dense attention there; the default floor does (and stays exact). Whether a
+    block is then dropped depends on the text ranking (tests/video/test_official_agreement.py)."""
+    model = model_of("hunyuan_video")
+    calls = {}
+    for floor in ("visual", "joint"):
+        with mmeff.apply(model, RectifiedSpaAttn(drop=0.0, tau=0.2, block=16, preset="none", floor=floor)) as h:
+            out = run(model, "hunyuan_video")
+        calls[floor] = h.report()["per_method"]["rectified_spaattn"]["calls"]
+        assert torch.isfinite(out).all()
+    assert calls["visual"]["sparse"] == 0 and calls["joint"]["sparse"] > 0, calls
+
+
+def test_vmoba_batch_scope_needs_equal_text_lengths():
+    model = model_of("hunyuan_video")
+    kw = _inputs("hunyuan_video")
+    two = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 1 else v) for k, v in kw.items()}
+    two["timestep"] = torch.tensor([500, 500])
+    two["guidance"] = torch.tensor([1000.0, 1000.0])
+    two["encoder_attention_mask"] = torch.tensor([[1] * 6 + [0] * 2, [1] * 8])
+    cfg = VMoBA(temporal_chunk="1", spatial_chunk="4x4", st_chunk="2x4x4", mode="topk", topk=(2, 2, 2),
+                budget_scope="batch")
+    with mmeff.apply(model, cfg), torch.no_grad(), pytest.raises(ConfigError, match="budget_scope='batch'"):
+        model(**two, return_dict=False)
+    with mmeff.apply(model, cfg), torch.no_grad():  # equal lengths: one packed call, runs
+        out = model(**{**two, "encoder_attention_mask": torch.tensor([[1] * 8, [1] * 8])}, return_dict=False)[0]
+    assert torch.isfinite(out).all()

@@ -7,13 +7,20 @@ per-(head, query) rules are implemented here:
 - **top-k**: the own chunk, then the ``topk - 1`` other chunks with the largest gates
   (ties: the lower chunk index first). Returned as an int32 index list ``[B, H, S, K]``,
   ``K = min(topk, n_chunks)``, own chunk in slot 0, the rest by descending gate.
-- **threshold** (``threshold_type="query_head"`` in VMoBA's terms): min-max normalise the row
-  (an all-equal row counts as all ones), ``remain = max(τ - ĝ_own / Σĝ, 0)``, then keep the
-  shortest prefix of the other chunks, sorted by ``ĝ`` descending (ties: lower index first),
-  whose cumulative share reaches ``remain``. Returned as a bool mask ``[B, H, S, n_chunks]``.
+- **threshold** (``threshold_type="query_head"`` in VMoBA's terms), the official rule:
+  min-max normalise the row, ``ĝ = (g - min) / (max - min)`` (a range ``<= EPS`` divides by 1
+  instead), ``T = Σĝ + EPS``, ``remain = max(τ - ĝ_own / T, 0)``. Rank every chunk by ``ĝ``
+  descending with the own chunk competing at 0 (ties: lower index first) and keep the ranked
+  entries up to and including the first whose cumulative share ``cumsum / T`` reaches
+  ``remain`` (all of them when none does). So the first-ranked entry, the best other chunk,
+  is always kept, even when the own chunk alone reaches ``τ``. Returned as a bool mask
+  ``[B, H, S, n_chunks]`` with the own chunk added.
 
-The stable sort makes ties deterministic, so this path, the Triton kernel and the loop
-reference in ``mmeff.video.vmoba_core`` choose the same chunks even for degenerate rows.
+``EPS = 1e-6`` is the official guard; it also makes ``τ >= 1`` keep every chunk. The ranking
+is the official code's ``torch.sort`` made stable, so this path, the Triton kernel and the loop
+reference in ``mmeff.video.vmoba_core`` choose the same chunks even for degenerate rows (the
+official sort leaves ties in an unspecified order on CUDA; ties only matter when every other
+chunk sits at the row minimum, ``ĝ = 0``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gates_from_means", "route_threshold_rows", "route_topk_rows", "route_chunks_naive"]
+__all__ = ["EPS", "gates_from_means", "minmax_normalise", "ranked_prefix", "route_chunks_naive", "route_threshold_rows", "route_topk_rows"]
+
+EPS = 1e-6  # official VMoBA's guard on the min-max range and on the row total
 
 
 def gates_from_means(q: Tensor, chunk_means: Tensor) -> Tensor:
@@ -38,23 +47,36 @@ def route_topk_rows(gates: Tensor, own_onehot: Tensor, topk: int) -> Tensor:
     return order[..., : min(topk, n_chunks)].to(torch.int32)
 
 
-def _minmax_rows(g: Tensor) -> Tensor:
-    lo = g.amin(dim=-1, keepdim=True)
-    rng = g.amax(dim=-1, keepdim=True) - lo
-    ok = rng > 0
-    return torch.where(ok, (g - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.ones_like(g))
+def minmax_normalise(g: Tensor, dims: int | tuple[int, ...] = -1) -> Tensor:
+    """Official VMoBA min-max normalisation over ``dims``; a range ``<= EPS`` divides by 1."""
+    lo = g.amin(dim=dims, keepdim=True)
+    rng = g.amax(dim=dims, keepdim=True) - lo
+    return (g - lo) / torch.where(rng <= EPS, torch.ones_like(rng), rng)
+
+
+def ranked_prefix(competitors: Tensor, total: Tensor, remain: Tensor) -> Tensor:
+    """Bool mask (shape of ``competitors``) of the official cumulative-share prefix over the last dim.
+
+    Entries are ranked by value, descending (stable: ties keep index order); entry ``j`` of
+    the ranking is kept when it is the first or when the entries ranked ahead of it have a
+    share ``cumsum / total`` still below ``remain``, i.e. up to and including the first entry
+    whose cumulative share reaches ``remain``. ``total`` and ``remain`` have the shape of
+    ``competitors`` without its last dim; ``competitors`` must be ``>= 0``.
+    """
+    vals, order = competitors.sort(dim=-1, descending=True, stable=True)
+    before = F.pad(vals.cumsum(dim=-1)[..., :-1], (1, 0))  # mass ranked ahead of each entry
+    take = before / total.unsqueeze(-1) < remain.unsqueeze(-1)
+    take[..., 0] = True  # official: the cut-off index is >= 0, so the first-ranked entry always stays
+    return torch.zeros_like(take).scatter_(-1, order, take)
 
 
 def route_threshold_rows(gates: Tensor, own_onehot: Tensor, threshold: float) -> Tensor:
     """Threshold rows (cumulative normalised share ``τ``): bool ``[..., n_chunks]``, own chunk included."""
-    gn = _minmax_rows(gates.float())
-    total = gn.sum(-1)
+    gn = minmax_normalise(gates.float())
+    total = gn.sum(-1) + EPS
     remain = (threshold - (gn * own_onehot).sum(-1) / total).clamp_min(0)
-    others = gn.masked_fill(own_onehot, -1.0)  # the own chunk never competes
-    vals, order = others.sort(dim=-1, descending=True, stable=True)
-    before = F.pad(vals.clamp_min(0).cumsum(dim=-1)[..., :-1], (1, 0))  # share of the entries ahead
-    take = (before / total.unsqueeze(-1) < remain.unsqueeze(-1)) & (vals >= 0)
-    return torch.zeros_like(take).scatter_(-1, order, take) | own_onehot
+    competitors = gn.masked_fill(own_onehot, 0.0)  # the own chunk competes at 0, as in the official code
+    return ranked_prefix(competitors, total, remain) | own_onehot
 
 
 def route_chunks_naive(

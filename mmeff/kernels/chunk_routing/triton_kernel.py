@@ -8,10 +8,11 @@ no sort runs:
 
 - top-k: ``K`` rounds of row-wise ``argmax`` (the own chunk boosted to +inf first, ties to the
   lower index, as the stable sort of the torch path);
-- threshold: min-max normalisation, then the shortest descending prefix is found by a
-  bisection over the *bit patterns* of the normalised gates (non-negative float32 values
-  order like their int32 bits, so 31 halvings find the exact boundary value), and entries
-  tied at the boundary are taken in index order, as the stable sort would.
+- threshold: min-max normalisation, then the official cumulative-share prefix (the own chunk
+  competing at 0) is found by a bisection over the *bit patterns* of the normalised gates
+  (non-negative float32 values order like their int32 bits, so 31 halvings find the exact
+  boundary value); entries tied at the boundary are taken in index order, as the stable sort
+  would, and the first-ranked entry (largest value, lowest index) is always kept.
 
 Only the chosen chunks are written: an int32 index list (top-k) or a byte mask (threshold).
 """
@@ -77,15 +78,14 @@ if HAS_TRITON:
             lo = tl.min(tl.where(col_ok[None, :], gates, float("inf")), axis=1)
             hi = tl.max(tl.where(col_ok[None, :], gates, float("-inf")), axis=1)
             rng = hi - lo
-            flat = rng <= 0.0
-            norm = (gates - lo[:, None]) / tl.where(flat, 1.0, rng)[:, None]
-            norm = tl.where(flat[:, None], 1.0, norm)
+            norm = (gates - lo[:, None]) / tl.where(rng <= 1e-6, 1.0, rng)[:, None]  # official EPS guard
             norm = tl.where(col_ok[None, :], norm, 0.0)
-            total = tl.sum(norm, axis=1)
+            total = tl.sum(norm, axis=1) + 1e-6
             own_share = tl.sum(tl.where(is_own, norm, 0.0), axis=1) / total
             remain = tl.maximum(threshold - own_share, 0.0)
-            others = tl.where(col_ok[None, :] & (~is_own), norm, -1.0)  # -1: never chosen
-            bits = others.to(tl.int32, bitcast=True)  # negative for the excluded entries
+            # the own chunk competes at 0 (official); padding columns get -1 and are never chosen
+            others = tl.where(col_ok[None, :], tl.where(is_own, 0.0, norm), -1.0)
+            bits = others.to(tl.int32, bitcast=True)  # negative for the padding columns
             # Smallest bit threshold t whose strictly-greater mass is still below the target.
             t_lo = tl.full([BLOCK_M], -1, dtype=tl.int32)  # predicate false (by convention)
             # 0x3F800001 = the int32 bits of 1.0f plus one, above every normalised gate (a literal: compiled
@@ -104,6 +104,10 @@ if HAS_TRITON:
             tie_before = above[:, None] + rank.to(tl.float32) * others
             take = (bits > boundary[:, None]) | (tied & (tie_before / total[:, None] < remain[:, None]))
             take = take & (remain > 0.0)[:, None] & (others >= 0.0)
+            # the first-ranked entry (largest value, lowest index among ties) is always kept
+            top = tl.max(others, axis=1)
+            first = tl.min(tl.where(others == top[:, None], offs_c[None, :], C_PAD), axis=1)
+            take = take | (offs_c[None, :] == first[:, None])
             chosen = take | is_own
             tl.store(out_rows[:, None] + offs_c[None, :], chosen.to(tl.int8), mask=row_ok[:, None] & col_ok[None, :])
 
