@@ -197,6 +197,16 @@ def test_unsupported_paths_fail_with_one_clear_error(vlm, family, spec):
         second_turn = {**inputs, "attention_mask": torch.ones(1, 2 * inputs["input_ids"].shape[1], dtype=torch.long)}
         with pytest.raises(IncompatibleFeatureError, match="new image tokens"):
             model(**second_turn, past_key_values=out.past_key_values)
+        with pytest.raises(IncompatibleFeatureError, match="pruned rows"):
+            model(input_ids=torch.tensor([[7], [8]]), past_key_values=out.past_key_values)
+        if spec.startswith("random"):  # two prompts packed in one row: restarting positions, no mask
+            ids = inputs["input_ids"]
+            packed = {k: v for k, v in inputs.items() if k not in ("attention_mask", "mm_token_type_ids")}
+            packed["position_ids"] = torch.cat([torch.arange(5), torch.arange(ids.shape[1] - 5)])[None]
+            if family.startswith("qwen"):
+                packed["position_ids"] = packed["position_ids"][None].expand(4, 1, -1)
+            with pytest.raises(IncompatibleFeatureError, match="packed sequences"):
+                model(**packed)
         assert torch.equal(generate(model, inputs, n=3)[0], pruned[0])  # still works after every refusal
     assert n_hooks(model) == 0 and "generate" not in model.__dict__
     _same(generate(model, inputs, n=3), ref, atol=0)
