@@ -363,8 +363,10 @@ def main_report(cfg: EvalConfig, out: str | os.PathLike[str] | None, plot: str |
     anything runs; should the JSON still fail to write at the end, it goes to the temp folder instead
     (``payload["json"]``, with the reason in ``payload["json_error"]``), so a finished run is never lost.
     """
-    from .preflight import check_writable, resolve_out
+    from .preflight import check_config, check_model_name, check_writable, resolve_out
 
+    check_config(cfg)  # bad input fails before the output folder is made
+    check_model_name(cfg.model)
     out_path = resolve_out(out, cfg.model) if out is not None else None
     png = None
     if cfg.sweep:

@@ -52,7 +52,7 @@ def test_unknown_model_fails_before_any_data_is_built(model, words, tmp_path, ca
     assert main(["eval", "--model", model, "--method", "random:budget=64", *TASK]) == 2
     assert time.perf_counter() - t0 < 5
     _one_error_line(capsys, *words)
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
 def test_unknown_local_task_fails_before_any_data_is_built(tmp_path, capsys):
