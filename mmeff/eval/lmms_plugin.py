@@ -55,13 +55,14 @@ def _manifest():
 # by lmms-eval, so MANIFEST exists from the start and becomes the instance at the end of the module.
 MANIFEST = _manifest
 
+import contextlib
 import json
 import os
 import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -233,20 +234,15 @@ class MmeffLMM(lmms):
         except MmeffError as e:
             _exit_with(e)
 
-    def _fatal_on_error(self) -> Any:
-        """Context: with ``exit_on_error``, an MmeffError becomes one stderr line and exit status 2."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def guard() -> Any:
-            try:
-                yield
-            except MmeffError as e:
-                if self.exit_on_error:
-                    _exit_with(e)
-                raise
-
-        return guard()
+    @contextlib.contextmanager
+    def _fatal_on_error(self) -> Iterator[None]:
+        """With ``exit_on_error``, an MmeffError becomes one stderr line and exit status 2."""
+        try:
+            yield
+        except MmeffError as e:
+            if self.exit_on_error:
+                _exit_with(e)
+            raise
 
     def _join_process_group(self) -> None:
         """Join (or start) the torch.distributed group of a multi-process launch and take its rank, so that
