@@ -12,9 +12,10 @@
    seed), same seeds for every method:
 
    - ``cfg``: the stock pipeline, ``guidance_scale=--cfg``;
-   - ``cfg+pag``: plus ``SoftPAG(layers=(1,), u=1)``: every head of block 1 (diffusers' default PAG layer
-     ``"blocks.1"``), ``scale=--pag-scale``;
-   - ``cfg+softpag``: plus ``SoftPAG(heads=<found>, u=--u)``, same scale.
+   - ``cfg+pag``: plus ``SoftPAG(layers=(1,), u=1, mode="image_identity")``: every head of block 1 with
+     diffusers' own PAG rule (default layer ``"blocks.1"``), ``scale=--pag-scale``; it equals diffusers'
+     StableDiffusion3PAGPipeline (``tests/dit/test_pag_oracle.py``);
+   - ``cfg+softpag``: plus ``SoftPAG(heads=<found>, u=--u)`` (mmeff's default ``joint_identity``), same scale.
 
    Metrics: mean judge CLIP score (100 x cos), object-presence accuracy (GenEval-style fraction of requested
    colour-shape objects detected by the judge's presence head, against the scene's object list) and wall-clock
@@ -185,7 +186,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
     # ---- 2. evaluation on test prompts
     test = scenes_of("test", n_test)
     prompts, seeds = [make_prompt(s) for s in test], [s.seed for s in test]
-    configs = {"cfg": None, "cfg+pag": SoftPAG(layers=(1,), u=1.0, scale=pag_scale),
+    configs = {"cfg": None, "cfg+pag": SoftPAG(layers=(1,), u=1.0, scale=pag_scale, mode="image_identity"),
                "cfg+softpag": SoftPAG(heads=found, u=u, scale=pag_scale)}
     score = make_objective(judge, objective)  # the search objective, reported on the test set too
     generate(pipe, prompts[:1], seeds[:1], None, call, 1)  # warm-up
@@ -221,9 +222,11 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         "format": "mmeff.guidance_eval/1",
         "config": {"model": model, "n_test": n_test, "objective": f"judge.{objective}", "test_split": "test",
                    "steps": steps, "cfg": cfg,
-                   "pag_scale": pag_scale, "u": u, "mode": "joint_identity", "batch_size": batch_size,
+                   "pag_scale": pag_scale, "u": u,
+                   "mode": {"cfg+pag": "image_identity", "cfg+softpag": "joint_identity"}, "batch_size": batch_size,
                    "threads": torch.get_num_threads(), "call_kwargs": call,
-                   "pag_definition": "SoftPAG(layers=(1,), u=1): all heads of block 1 (diffusers' default 'blocks.1')"},
+                   "pag_definition": "SoftPAG(layers=(1,), u=1, mode=image_identity): all heads of block 1, "
+                                     "diffusers' StableDiffusion3PAGPipeline rule and default layer 'blocks.1'"},
         "versions": versions(),
         "found_heads": found,
         "search": search,

@@ -94,6 +94,7 @@ def test_guidance_eval_writes_json_and_grid(tmp_path):
               candidates=["0.0", "1.1"], batch_size=2, objective="clip+presence")
     data = json.loads(out.read_text())
     assert set(data["results"]) == set(METHODS)
+    assert data["results"]["cfg+pag"]["config"]["mode"] == "image_identity"  # diffusers' PAG rule
     for r in data["results"].values():
         assert np.isfinite(r["clip_score"]) and 0.0 <= r["presence_acc"] <= 1.0 and r["sec_per_image"] > 0
         # the combined objective is clip / 100 + presence, per image, so also in the mean
