@@ -32,6 +32,9 @@ from .flops import prefill_flops
 from .generate_guard import install_generate_guard
 
 PREFILL, DECODE, OFF = "prefill", "decode", "off"
+DECISION_BREAK = ("mmeff decides which visual tokens to keep from the prompt eagerly (data-dependent); compile "
+                  "without fullgraph=True for the prefill, or let generate() compile only the decode steps "
+                  "(docs/compile.md)")
 
 
 @dataclasses.dataclass
@@ -165,15 +168,16 @@ class VLMAdapter:
         drafts, self._pending_drafts = self._pending_drafts, 0
         self._refuse_unsupported(kwargs)
         past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None else 0
+        ids = kwargs.get("input_ids")
+        new_tokens = ids if ids is not None else kwargs["inputs_embeds"]
+        past_len = self._cache_length(past, kwargs, new_tokens.shape[1]) if past is not None else 0
         if past_len == 0:
             return self._start_forward(kwargs, drafts if past is not None else 0)
         st = self.state
         if st.plan is None:
             st.phase = OFF
             return None
-        ids = kwargs.get("input_ids")
-        rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
+        rows = new_tokens.shape[0]
         if rows != st.plan.index.shape[0]:
             raise IncompatibleFeatureError(
                 f"{self.pruner.name}: this cache holds {st.plan.index.shape[0]} pruned rows but the forward has {rows}; "
@@ -187,20 +191,38 @@ class VLMAdapter:
         self._refuse_new_images(kwargs, ids)
         return None
 
+    def _cache_length(self, past: Any, kwargs: dict[str, Any], q: int) -> int:
+        """Tokens in the cache before this forward of ``q`` tokens, as a host int.
+
+        A static cache keeps its length in a device tensor; reading it would sync with the device (and break a
+        compiled graph). With a 2-D mask the decode path reads it from the mask's width instead: a mask as wide
+        as the new tokens means an empty cache, and a one-token step follows ``width - 1`` logical tokens (the
+        pruned prompt's cache is ``L - L'`` slots shorter under pre-LLM pruning). Other forwards read the tensor.
+        """
+        n = past.get_seq_length()
+        if not isinstance(n, torch.Tensor):
+            return int(n)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            width = int(mask.shape[-1])
+            if width == q:
+                return 0
+            plan = self.state.plan
+            if q == 1 and plan is not None:
+                return width - 1 - (plan.length - plan.new_length if self.pruner.stage == "pre_llm" else 0)
+        return int(n)
+
     def _refuse_unsupported(self, kwargs: dict[str, Any]) -> None:
         """Generation paths that cannot run exactly yet: one clear error before anything changes."""
         name = self.pruner.name
-        if torch.compiler.is_compiling():
-            raise IncompatibleFeatureError(
-                f"{name}: torch.compile is not supported under pruning yet; run the model uncompiled "
-                "(or call handle.remove() before compiling)"
-            )
         past = kwargs.get("past_key_values")
         if past is not None and getattr(past, "is_compileable", False):
-            raise IncompatibleFeatureError(
-                f"{name}: a static (fixed-size) cache is not supported under pruning yet; use the default dynamic "
-                "cache (drop cache_implementation='static' / the StaticCache argument)"
-            )
+            kinds = sorted({type(layer).__name__ for layer in past.layers} - {"StaticLayer"})
+            if kinds:
+                raise IncompatibleFeatureError(
+                    f"{name}: cache layers {kinds} are not supported under pruning; use a StaticCache "
+                    "(cache_implementation='static') or the default dynamic cache"
+                )
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict) or (self.pruner.stage == "pre_llm" and mask is not None and mask.dim() != 2):
             raise IncompatibleFeatureError(
@@ -217,8 +239,13 @@ class VLMAdapter:
                 "image) are not supported; run the whole conversation as one prompt, without past_key_values"
             )
 
+    @torch.compiler.disable(reason=DECISION_BREAK)
     def _start_forward(self, kwargs: dict[str, Any], drafts: int):
-        """A forward on an empty cache: either a new prompt, or one that continues the last pruned prompt."""
+        """A forward on an empty cache: either a new prompt, or one that continues the last pruned prompt.
+
+        Data-dependent (image positions, the pruner's choice), so it runs eagerly under ``torch.compile``: one
+        graph break before the language model, which then compiles whole (see docs/compile.md).
+        """
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ConfigError(
@@ -497,17 +524,23 @@ class VLMAdapter:
             if st.phase == PREFILL:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if index == self.layer and st.plan is None:
-                    st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), st.prompt_len, hidden.device)
-                    st.forward_plan = tp.extend_plan(st.plan, hidden.shape[1])
-                    st.captured.clear()
+                    self._decide_in_llm(hidden)
                 plan = st.forward_plan
                 if plan is None or plan.is_identity:
                     return None
-                return self._prefill_layer_inputs(args, kwargs, plan)
+                return self._prefill_layer_inputs(index, args, kwargs, plan)
             if st.phase == DECODE and st.plan is not None and not st.plan.is_identity:
                 return self._decode_layer_inputs(index, args, kwargs, st.plan)
             return None
         return hook
+
+    @torch.compiler.disable(reason=DECISION_BREAK)
+    def _decide_in_llm(self, hidden: torch.Tensor) -> None:
+        """The in-LLM decision at layer K (eager under ``torch.compile``: one graph break between layers K-1 and K)."""
+        st = self.state
+        st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), st.prompt_len, hidden.device)
+        st.forward_plan = tp.extend_plan(st.plan, hidden.shape[1])
+        st.captured.clear()
 
     def _mask_format(self, mask: torch.Tensor | None) -> tuple[bool, torch.dtype]:
         if mask is not None:
@@ -517,7 +550,7 @@ class VLMAdapter:
 
     def _cached(self, obj: Any, fn: Callable[[Any], Any]) -> Any:
         """Per-forward cache keyed by object identity (one gather per forward, not per layer)."""
-        if obj is None:
+        if obj is None or torch.compiler.is_compiling():  # compiled: the graph computes it once per layer
             return fn(obj)
         hit = self.state.per_forward.get(id(obj))
         if hit is not None and hit[0] is obj:
@@ -526,10 +559,12 @@ class VLMAdapter:
         self.state.per_forward[id(obj)] = (obj, val)
         return val
 
-    def _prefill_layer_inputs(self, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
+    def _prefill_layer_inputs(self, index: int, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
         hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.shape[1] == plan.length:
             hidden = tp.gather_seq(hidden, plan)
+        past = kwargs.get("past_key_values")
+        kv_slots = past.get_mask_sizes(hidden.shape[1], index)[0] if past is not None else hidden.shape[1]
         out = dict(kwargs)
         out.pop("hidden_states", None)
         pe = kwargs.get("position_embeddings")
@@ -540,8 +575,8 @@ class VLMAdapter:
             out["position_ids"] = self._cached(pos, lambda p: tp.gather_positions(p, plan))
         mask = kwargs.get("attention_mask")
         as_bool, dtype = self._mask_format(mask)
-        out["attention_mask"] = self._cached(mask, lambda m: tp.prefill_mask(m, plan, as_bool=as_bool, dtype=dtype)) \
-            if mask is not None else tp.prefill_mask(None, plan, as_bool=as_bool, dtype=dtype)
+        make = lambda m: tp.prefill_mask(m, plan, as_bool=as_bool, dtype=dtype, kv_slots=kv_slots)  # noqa: E731
+        out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
         return (hidden,), out
 
     def _prefill_rope(self, pe: tuple[torch.Tensor, torch.Tensor], plan: tp.KeepPlan, hidden: torch.Tensor):
@@ -560,10 +595,15 @@ class VLMAdapter:
         if mask is None and q == 1 and self.pruner.positions == "original" and not plan.has_fillers:
             return None  # one new token sees the whole (pruned) cache at its original position: nothing to change
         past = kwargs.get("past_key_values")
-        kv_pruned = (past.get_seq_length(index) if past is not None else plan.new_length) + q
+        if past is not None:  # host ints for both cache kinds; a static cache's fill stays a tensor (no sync)
+            kv_slots, filled = past.get_mask_sizes(q, index)[0], past.get_seq_length(index)
+        else:
+            kv_slots, filled = plan.new_length + q, plan.new_length
+        static = past is not None and getattr(past, "is_compileable", False)
         as_bool, dtype = self._mask_format(mask)
         out = dict(kwargs)
-        make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_pruned=kv_pruned, as_bool=as_bool, dtype=dtype)  # noqa: E731
+        make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_slots=kv_slots, causal_offset=filled,  # noqa: E731
+                                        as_bool=as_bool, dtype=dtype, static_slots=static)
         out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
         if self.pruner.positions == "reindex":
             pe = kwargs.get("position_embeddings")
