@@ -55,11 +55,18 @@ def install_generate_guard(hooks: HookSet, model: torch.nn.Module, pruner: Prune
     hooks.set_attr(model, "create_masks_for_generate", keep_padding_mask)
 
 
-def keep_padding_mask(*, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor | None:
-    """Let the 2-D padding mask through where generate() would precompute a 4-D mask (compileable caches).
+def keep_padding_mask(*, attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                      **_: Any) -> torch.Tensor | None:
+    """Hand the model the 2-D padding mask where generate() would precompute a 4-D one (compileable caches).
 
     generate() builds that mask from the cache's own length, which pre-LLM pruning shortens; the pruning hooks
-    also read prompt/decode boundaries from the 2-D mask. The model builds the 4-D mask itself, inside the
-    (compiled) forward, from the mask mmeff hands it.
+    read the prompt's padding from the 2-D mask. The model builds the 4-D mask itself, inside the (compiled)
+    forward. The mask is zero-padded to the static cache's size, so every decode step has the same shapes
+    (one compiled graph, CUDA graphs replayable) and nothing is read back from the device.
     """
-    return attention_mask
+    if attention_mask is None or attention_mask.dim() != 2 or not getattr(past_key_values, "is_compileable", False):
+        return attention_mask
+    slots = past_key_values.layers[0].get_max_length()
+    if attention_mask.shape[-1] >= slots:
+        return attention_mask
+    return torch.nn.functional.pad(attention_mask, (0, slots - attention_mask.shape[-1]))

@@ -170,8 +170,8 @@ class VLMAdapter:
         past = kwargs.get("past_key_values")
         ids = kwargs.get("input_ids")
         new_tokens = ids if ids is not None else kwargs["inputs_embeds"]
-        past_len = self._cache_length(past, kwargs, new_tokens.shape[1]) if past is not None else 0
-        if past_len == 0:
+        past_len = self._cache_length(past, new_tokens.shape[1]) if past is not None else 0
+        if isinstance(past_len, int) and past_len == 0:
             return self._start_forward(kwargs, drafts if past is not None else 0)
         st = self.state
         if st.plan is None:
@@ -191,25 +191,19 @@ class VLMAdapter:
         self._refuse_new_images(kwargs, ids)
         return None
 
-    def _cache_length(self, past: Any, kwargs: dict[str, Any], q: int) -> int:
-        """Tokens in the cache before this forward of ``q`` tokens, as a host int.
+    def _cache_length(self, past: Any, q: int) -> int | torch.Tensor:
+        """Tokens in the cache before this forward of ``q`` tokens.
 
-        A static cache keeps its length in a device tensor; reading it would sync with the device (and break a
-        compiled graph). With a 2-D mask the decode path reads it from the mask's width instead: a mask as wide
-        as the new tokens means an empty cache, and a one-token step follows ``width - 1`` logical tokens (the
-        pruned prompt's cache is ``L - L'`` slots shorter under pre-LLM pruning). Other forwards read the tensor.
+        A dynamic cache knows it on the host. A static cache keeps it in a device tensor, and reading it would
+        sync with the device (and break a compiled graph): a one-token step on a pruned prompt's cache is a
+        decode step, so it gets the tensor itself (used only in tensor arithmetic); any other forward (a
+        prompt, a continuation) reads it on the host, as its decision needs it anyway.
         """
         n = past.get_seq_length()
         if not isinstance(n, torch.Tensor):
             return int(n)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            width = int(mask.shape[-1])
-            if width == q:
-                return 0
-            plan = self.state.plan
-            if q == 1 and plan is not None:
-                return width - 1 - (plan.length - plan.new_length if self.pruner.stage == "pre_llm" else 0)
+        if q == 1 and self.state.plan is not None:
+            return n
         return int(n)
 
     def _refuse_unsupported(self, kwargs: dict[str, Any]) -> None:
@@ -438,13 +432,14 @@ class VLMAdapter:
             pad = 0 if self.image_token_id != 0 else 1
         return int(pad)
 
-    def _pre_llm_decode_inputs(self, kwargs: dict[str, Any], past_len: int) -> dict[str, Any]:
+    def _pre_llm_decode_inputs(self, kwargs: dict[str, Any], past_len: int | torch.Tensor) -> dict[str, Any]:
         """A forward on a cache that pre-LLM pruning shortened by ``L - L'`` slots in every layer.
 
         The mask's width (or, without a mask, the first text position) tells the logical position of the new
         tokens. transformers compares the (shorter) cache with the full ids and so re-feeds the last ``L - L'``
         cached tokens when a generation continues from ``past_key_values``: those are dropped here, so they are
-        not cached twice.
+        not cached twice. A static cache's decode step (``past_len`` a device tensor, one token, a mask padded
+        to the cache's size) cannot overlap: nothing is read on the host, positions are computed on the device.
         """
         plan = self.state.plan
         logical_past = past_len + plan.length - plan.new_length
@@ -452,7 +447,9 @@ class VLMAdapter:
         ids = kwargs.get("input_ids")
         q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         am = kwargs.get("attention_mask")
-        if am is not None:
+        if isinstance(past_len, torch.Tensor):
+            start = None
+        elif am is not None:
             start = int(am.shape[-1]) - q
         else:  # no mask, so no padding; a single new token cannot overlap the cache (no host read then)
             start = self._start_from_positions(kwargs.get("position_ids"), q) if q > 1 else None
@@ -470,7 +467,7 @@ class VLMAdapter:
         if am is not None:
             out["attention_mask"] = tp.remap_2d_mask(am, plan)
         elif plan.has_fillers:
-            full = torch.ones(plan.index.shape[0], logical_past + q, dtype=torch.long, device=plan.index.device)
+            full = torch.ones(plan.index.shape[0], int(logical_past) + q, dtype=torch.long, device=plan.index.device)
             out["attention_mask"] = tp.remap_2d_mask(full, plan)
         self._refuse_new_images(out, out.get("input_ids"))
         pos = out.get("position_ids")
