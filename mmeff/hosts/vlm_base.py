@@ -12,6 +12,7 @@ on the prompt tokens alone. Family subclasses (llava.py, qwen_vl.py) only say wh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import zlib
@@ -32,9 +33,9 @@ from .flops import prefill_flops
 from .generate_guard import install_generate_guard
 
 PREFILL, DECODE, OFF = "prefill", "decode", "off"
-DECISION_BREAK = ("mmeff decides which visual tokens to keep from the prompt eagerly (data-dependent); compile "
-                  "without fullgraph=True for the prefill, or let generate() compile only the decode steps "
-                  "(docs/compile.md)")
+DECISION_BREAK = ("mmeff reads a new prompt eagerly (where its image tokens are, and for pre-LLM pruning which to "
+                  "keep: data-dependent); compile the prefill without fullgraph=True, or let generate() compile "
+                  "only the decode steps (docs/compile.md)")
 
 
 @dataclasses.dataclass
@@ -237,8 +238,9 @@ class VLMAdapter:
     def _start_forward(self, kwargs: dict[str, Any], drafts: int):
         """A forward on an empty cache: either a new prompt, or one that continues the last pruned prompt.
 
-        Data-dependent (image positions, the pruner's choice), so it runs eagerly under ``torch.compile``: one
-        graph break before the language model, which then compiles whole (see docs/compile.md).
+        Data-dependent (image positions; the pre-LLM choice), so it runs eagerly under ``torch.compile``: one
+        graph break before the language model, which then compiles whole, the in-LLM decision included
+        (see docs/compile.md).
         """
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
@@ -258,6 +260,7 @@ class VLMAdapter:
             st.forward_attn2d = mask2d
         else:
             self.state = st = self._new_prompt(input_ids, mask2d, images, drafts)
+            self.prompts += 1  # counted here, eagerly: a counter read inside a compiled graph would recompile it
         if self.pruner.stage == "pre_llm":
             return (), self._pre_llm_prefill_inputs(kwargs, input_ids)
         return (), kwargs
@@ -286,7 +289,10 @@ class VLMAdapter:
         """Ask the pruner for each sample's kept visual tokens; return the batch plan."""
         st, pruner = self.state, self.pruner
         keep_positions, dropped, kept_counts, kept_local = [], [], [], []
-        with self.timer.section("select", device):
+        # Traced by torch.compile in the in-LLM path: every shape here follows from host ints (spans, budgets),
+        # so the kept positions are taken with a sort of static size, never a boolean index (and no timer sync).
+        timing = contextlib.nullcontext() if torch.compiler.is_compiling() else self.timer.section("select", device)
+        with timing:
             for b, vis in enumerate(st.visual_positions):
                 all_pos = torch.arange(length, device=device)
                 if vis.numel() == 0:
@@ -303,7 +309,8 @@ class VLMAdapter:
                 kept_vis = vis[local.to(device)]
                 keep_mask = ~is_vis
                 keep_mask[kept_vis] = True
-                keep_positions.append(all_pos[keep_mask])
+                n_keep = length - int(vis.numel()) + int(kept_vis.numel())
+                keep_positions.append(torch.where(keep_mask, all_pos, all_pos + length).sort().values[:n_keep])
                 dropped.append(int(vis.numel() - kept_vis.numel()))
                 kept_counts.append(int(kept_vis.numel()))
                 kept_local.append(local)  # read on the host only when report() asks (no GPU sync here)
@@ -316,7 +323,6 @@ class VLMAdapter:
     def _record(self, plan: tp.KeepPlan) -> None:
         st = self.state
         n_vis = [int(v.numel()) for v in st.visual_positions]
-        self.prompts += 1
         self.last = {
             "visual": n_vis, "kept": list(st.kept_per_sample), "length": plan.length,
             "new_length": plan.new_length, "layer": self.layer if self.pruner.stage == "llm" else 0,
@@ -531,9 +537,8 @@ class VLMAdapter:
             return None
         return hook
 
-    @torch.compiler.disable(reason=DECISION_BREAK)
     def _decide_in_llm(self, hidden: torch.Tensor) -> None:
-        """The in-LLM decision at layer K (eager under ``torch.compile``: one graph break between layers K-1 and K)."""
+        """The in-LLM decision at layer K; static shapes, so ``torch.compile`` traces it into the prefill graph."""
         st = self.state
         st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), st.prompt_len, hidden.device)
         st.forward_plan = tp.extend_plan(st.plan, hidden.shape[1])

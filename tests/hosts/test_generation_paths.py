@@ -250,13 +250,13 @@ def test_random_pre_llm_needs_no_pixel_values(vlm):
 
 @pytest.mark.parametrize("spec", ["random:ratio=0.5", "fastv:ratio=0.5,layer=1"])
 def test_torch_compile_prefill_breaks_only_at_the_decision_or_says_why_not(vlm, spec):
-    """torch.compile(model): the decision runs eagerly at one graph break (exact); fullgraph=True names the cause."""
+    """torch.compile(model): a new prompt is read eagerly at one graph break (exact); fullgraph=True names it."""
     model = vlm("llava")
     inputs = inputs_for(model, n=2)
     with mmeff.apply(model, spec):
         eager = model(**inputs).logits
         try:
-            with pytest.raises(Exception, match="mmeff decides which visual tokens to keep from the prompt eagerly"):
+            with pytest.raises(Exception, match="mmeff reads a new prompt eagerly"):
                 torch.compile(model, backend="eager", fullgraph=True)(**inputs)
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="eager")(**inputs).logits
