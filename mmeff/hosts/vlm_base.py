@@ -315,7 +315,9 @@ class VLMAdapter:
                 kept_counts.append(int(kept_vis.numel()))
                 kept_local.append(local)  # read on the host only when report() asks (no GPU sync here)
         st.kept_per_sample = kept_counts
-        st.kept_visual_index = kept_local
+        # A decision traced into a compiled graph keeps no index tensors: under CUDA graphs they would be
+        # overwritten by the next replay (report() then lists no kept_visual_index; the counts stay).
+        st.kept_visual_index = [] if torch.compiler.is_compiling() else kept_local
         plan = tp.build_plan(keep_positions, length, dropped)
         self._record(plan)
         return plan
