@@ -579,7 +579,7 @@ class VLMAdapter:
             out["position_ids"] = self._cached(pos, lambda p: tp.gather_positions(p, plan))
         mask = kwargs.get("attention_mask")
         as_bool, dtype = self._mask_format(mask)
-        make = lambda m: tp.prefill_mask(m, plan, as_bool=as_bool, dtype=dtype, kv_slots=kv_slots)  # noqa: E731
+        make = lambda m: tp.prefill_mask(m, plan, as_bool=as_bool, dtype=dtype, kv_slots=kv_slots)
         out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
         return (hidden,), out
 
@@ -606,7 +606,7 @@ class VLMAdapter:
         static = past is not None and getattr(past, "is_compileable", False)
         as_bool, dtype = self._mask_format(mask)
         out = dict(kwargs)
-        make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_slots=kv_slots, causal_offset=filled,  # noqa: E731
+        make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_slots=kv_slots, causal_offset=filled,
                                         as_bool=as_bool, dtype=dtype, static_slots=static)
         out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
         if self.pruner.positions == "reindex":
