@@ -48,6 +48,21 @@ def test_static_cache_equals_dynamic_cache(vlm, family, spec):
     _same(static, dynamic)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("options", [{"num_beams": 2}, {"do_sample": True, "num_return_sequences": 2}])
+def test_static_cache_beam_search_and_sampling(vlm, family, options):
+    """Rows expanded before the prompt (beams, samples) keep their decisions on a static cache too."""
+    model = vlm(family)
+    inputs = inputs_for(model, n=2)
+    outs = []
+    with mmeff.apply(model, "fastv:ratio=0.5,layer=1"):
+        for cache in (None, "static"):
+            torch.manual_seed(0)
+            outs.append(model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, cache_implementation=cache,
+                                       **options))
+    assert torch.equal(outs[1], outs[0])
+
+
 @pytest.mark.parametrize("spec", ["random:ratio=0.5", "fastv:ratio=0.5,layer=1"])
 def test_forward_on_a_static_cache_object(vlm, spec):
     """A StaticCache passed by hand (plain forwards, LLaVA): prompt, then one token on it, equal the dynamic cache."""
