@@ -3,8 +3,14 @@
 LLaVA-1.5-7B architecture (CLIP ViT-L/336 + Llama-7B, 576 visual tokens) with random weights in bf16
 on the GPU; batch 1 and 16; budgets 192/128/64. Ratios are against the dense baseline of the same run.
 ``--tiny`` runs a tiny model on the CPU to check the script itself (numbers meaningless).
+``--compiled`` times batch 1 with dense and pruned runs both compiled, in the same run: the prefill through
+``torch.compile(model, mode=--compile-mode)`` (the pruning decision runs eagerly at one graph break) and
+the decode steps through generate()'s own compile on a static cache (``fullgraph=True``, CUDA graphs with
+``reduce-overhead``); per-token decode = (time of N tokens - time of 1 token) / (N - 1).
 
     python benchmarks/bench_vlm_pruning.py --out runs/bench_vlm_pruning.json
+    python benchmarks/bench_vlm_pruning.py --compiled --budgets 192,64 --out runs/bench_vlm_compiled.json
+    python benchmarks/bench_vlm_pruning.py --compiled --tiny --out runs/bench_vlm_compiled_tiny.json  # CPU check
 """
 from __future__ import annotations
 
@@ -98,6 +104,78 @@ def run_case(model, inputs, spec: str | None, new_tokens: int, device: str, repe
             handle.remove()
 
 
+def _fresh_compile_state(model) -> None:
+    """Forget compiled code between cases (the hooks differ), including generate()'s cached compiled call."""
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
+    model.__dict__.pop("_last_compile_config", None)
+
+
+@torch.no_grad()
+def run_compiled_case(model, inputs, spec: str | None, new_tokens: int, device: str, repeats: int,
+                      mode: str) -> dict:
+    """Batch-1 prefill and per-token decode, both compiled, under ``spec`` (None: dense)."""
+    from transformers import CompileConfig
+
+    _fresh_compile_state(model)
+    handle = mmeff.apply(model, spec) if spec else None
+    try:
+        eager_prefill_s, _ = timed(lambda: model(**inputs, use_cache=True), device, repeats)
+        compiled = torch.compile(model, mode=mode)
+        t0 = time.perf_counter()
+        for _ in range(3):  # compile, then CUDA-graph warm-up and recording under reduce-overhead
+            compiled(**inputs, use_cache=True)
+        sync(device)
+        prefill_compile_s = time.perf_counter() - t0
+        prefill_s, out = timed(lambda: compiled(**inputs, use_cache=True), device, repeats)
+        logits = out.logits[:, -1].float()
+        del out
+        config = CompileConfig(fullgraph=True, mode=mode)
+        config._compile_all_devices = True  # also on the CPU (--tiny); the GPU compiles by default
+
+        def gen(n: int):
+            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  cache_implementation="static", compile_config=config)
+
+        t0 = time.perf_counter()
+        gen(new_tokens)
+        sync(device)
+        decode_compile_s = time.perf_counter() - t0
+        one_s, _ = timed(lambda: gen(1), device, repeats)
+        many_s, tokens = timed(lambda: gen(new_tokens), device, repeats)
+        rep = handle.report() if handle else {}
+        return {"spec": spec or "dense", "batch": 1, "compile_mode": mode, "prefill_eager_s": eager_prefill_s,
+                "prefill_s": prefill_s, "decode_s_per_token": (many_s - one_s) / max(1, new_tokens - 1),
+                "generate_s": many_s, "prefill_compile_s": prefill_compile_s, "decode_compile_s": decode_compile_s,
+                "last_logits_head": logits[0, :4].tolist(), "tokens": tokens[0, -new_tokens:].tolist(),
+                "equivalent_budget": rep.get("equivalent_budget"), "prefill_tflops": rep.get("prefill_tflops")}
+    finally:
+        if handle:
+            handle.remove()
+        _fresh_compile_state(model)
+
+
+def run_compiled(model, args, budgets: list[int], device: str, dtype: torch.dtype) -> list[dict]:
+    """Dense and every method x budget, all compiled, at batch 1 (ratios against the compiled dense run)."""
+    inputs = make_batch(model, 1, args.text_len, device, dtype)
+    dense = run_compiled_case(model, inputs, None, args.new_tokens, device, args.repeats, args.compile_mode)
+    results = [dense]
+    print(f"compiled dense: prefill {dense['prefill_s'] * 1e3:.2f} ms (eager {dense['prefill_eager_s'] * 1e3:.2f}), "
+          f"decode {dense['decode_s_per_token'] * 1e3:.2f} ms/token")
+    for method in args.methods.split(","):
+        for b in budgets:
+            r = run_compiled_case(model, inputs, f"{method}:budget={b}", args.new_tokens, device, args.repeats,
+                                  args.compile_mode)
+            r.update(prefill_speedup=dense["prefill_s"] / r["prefill_s"],
+                     decode_speedup=dense["decode_s_per_token"] / r["decode_s_per_token"]
+                     if r["decode_s_per_token"] > 0 else None,
+                     prefill_speedup_vs_eager_dense=dense["prefill_eager_s"] / r["prefill_s"])
+            results.append(r)
+            print(f"compiled {r['spec']}: prefill x{r['prefill_speedup']:.2f} "
+                  f"({r['prefill_s'] * 1e3:.2f} ms), decode {r['decode_s_per_token'] * 1e3:.2f} ms/token")
+    return results
+
+
 def profile_prefill(model, inputs, spec: str | None, device: str) -> None:
     """Print torch.profiler's top ops for one prefill under ``spec`` (to find syncs and slow kernels)."""
     from torch.profiler import ProfilerActivity, profile
@@ -133,6 +211,10 @@ def main() -> None:
     ap.add_argument("--profile", nargs="*", default=None, metavar="SPEC",
                     help="after the timings, profile one batch-1 prefill per SPEC ('dense' for none)")
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (checks the script only)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="batch 1 only: dense and pruned, both compiled (prefill and per-token decode)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for --compiled (default: reduce-overhead on GPU, default on CPU)")
     args = ap.parse_args()
 
     if args.tiny:
@@ -141,6 +223,8 @@ def main() -> None:
         model = tiny_llava(layers=8)
         budgets = [12, 8]
         args.new_tokens, args.repeats = 4, 1
+        if args.compiled:
+            model, budgets = tiny_llava(layers=4), [8]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("this benchmark needs a CUDA GPU (use --tiny to check the script on CPU)")
@@ -149,7 +233,11 @@ def main() -> None:
         budgets = [int(b) for b in args.budgets.split(",")]
 
     results = []
-    for batch in [int(b) for b in args.batches.split(",")]:
+    if args.compiled:
+        args.compile_mode = args.compile_mode or ("reduce-overhead" if device == "cuda" else "default")
+        args.batches = "1"
+        results = run_compiled(model, args, budgets, device, dtype)
+    for batch in [int(b) for b in args.batches.split(",")] if not args.compiled else []:
         inputs = make_batch(model, batch, args.text_len, device, dtype)
         dense = run_case(model, inputs, None, args.new_tokens, device, args.repeats)
         dense.update(batch=batch)
@@ -172,7 +260,8 @@ def main() -> None:
     import transformers
     meta = {"config": vars(args), "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "mmeff": mmeff.__version__}}
+                         "mmeff": mmeff.__version__, "python": platform.python_version()},
+            "mode": "compiled" if args.compiled else "eager"}
     from pathlib import Path
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -5,7 +5,12 @@
 # one failure never costs the others. Results land in $OUT (default runs/gpu).
 #
 #   bash scripts/gpu_suite.sh [step ...]    # steps: env tests bsa bsa-tune video video-random vmoba video-batch vlm
-#                                         (default: env tests bsa video vlm)
+#                                         vlm-compiled (default: env tests bsa video vlm vlm-compiled)
+#   TINY=1 OUT=/tmp/suite bash scripts/gpu_suite.sh vlm-compiled   # the same step on the CPU, tiny model (a dry run)
+#
+# vlm-compiled: batch 1, dense vs FastV / EntropyPrune at budget 64 (BUDGETS=192,64 for both), all compiled
+# (prefill: torch.compile mode reduce-overhead; decode: generate()'s CUDA-graph compile on a static cache);
+# the JSON records compile times too, as each case compiles LLaVA-7B twice.
 #
 # A GPU image without diffusers (or with another transformers) gets them from wheels in .whl, installed first:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 transformers==5.23.0 importlib_metadata
@@ -15,6 +20,7 @@ OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
+TINY=${TINY:-}
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -29,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...
   echo "=== $name rc=$? in $((SECONDS - t0))s" | tee -a "$LOG"
 }
 
-steps=${*:-env tests bsa video vlm}
+steps=${*:-env tests bsa video vlm vlm-compiled}
 for s in $steps; do
   case $s in
     env) step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, transformers, diffusers; print(torch.__version__, triton.__version__, transformers.__version__, diffusers.__version__, torch.cuda.get_device_name())'" ;;
@@ -46,6 +52,8 @@ for s in $steps; do
              --batch 2 --out "$OUT/bench_video_batch2.json" ;;
     vlm) step vlm 200 $PY benchmarks/bench_vlm_pruning.py --profile dense fastv:budget=64 entropyprune:budget=64 \
              --out "$OUT/bench_vlm_pruning.json" ;;
+    vlm-compiled) step vlm-compiled 420 $PY benchmarks/bench_vlm_pruning.py --compiled ${TINY:+--tiny} \
+             --budgets "${BUDGETS:-64}" --new-tokens 32 --repeats 5 --out "$OUT/bench_vlm_compiled.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done

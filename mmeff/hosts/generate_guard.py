@@ -14,7 +14,7 @@ from ..core.errors import IncompatibleFeatureError
 from ..core.hooks import HookSet
 from ..pruners.base import PrunerConfig
 
-DYNAMIC_CACHES = (None, "dynamic")
+SUPPORTED_CACHES = (None, "dynamic", "static")
 
 
 def check_generate_options(model: torch.nn.Module, pruner: PrunerConfig, kwargs: dict[str, Any]) -> None:
@@ -30,10 +30,10 @@ def check_generate_options(model: torch.nn.Module, pruner: PrunerConfig, kwargs:
             "whole prompt; pass prefill_chunk_size=None while pruning is applied"
         )
     cache = option("cache_implementation")
-    if cache not in DYNAMIC_CACHES:
+    if cache not in SUPPORTED_CACHES:
         raise IncompatibleFeatureError(
-            f"{pruner.name}: cache_implementation={cache!r} is not supported under pruning yet (static caches and "
-            "the torch.compile path need fixed-size caches); use the default dynamic cache"
+            f"{pruner.name}: cache_implementation={cache!r} is not supported under pruning; use 'static' (the "
+            "torch.compile path) or the default dynamic cache"
         )
     if option("is_assistant") and pruner.stage == "pre_llm":
         raise IncompatibleFeatureError(
@@ -52,3 +52,21 @@ def install_generate_guard(hooks: HookSet, model: torch.nn.Module, pruner: Prune
         return original(*args, **kwargs)
 
     hooks.set_attr(model, "generate", generate)
+    hooks.set_attr(model, "create_masks_for_generate", keep_padding_mask)
+
+
+def keep_padding_mask(*, attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                      **_: Any) -> torch.Tensor | None:
+    """Hand the model the 2-D padding mask where generate() would precompute a 4-D one (compileable caches).
+
+    generate() builds that mask from the cache's own length, which pre-LLM pruning shortens; the pruning hooks
+    read the prompt's padding from the 2-D mask. The model builds the 4-D mask itself, inside the (compiled)
+    forward. The mask is zero-padded to the static cache's size, so every decode step has the same shapes
+    (one compiled graph, CUDA graphs replayable) and nothing is read back from the device.
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or not getattr(past_key_values, "is_compileable", False):
+        return attention_mask
+    slots = past_key_values.layers[0].get_max_length()
+    if attention_mask.shape[-1] >= slots:
+        return attention_mask
+    return torch.nn.functional.pad(attention_mask, (0, slots - attention_mask.shape[-1]))

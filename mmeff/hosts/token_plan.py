@@ -107,7 +107,7 @@ def _allowed(mask: torch.Tensor) -> float | bool:
     return True if mask.dtype == torch.bool else 0.0
 
 
-def empty_mask(bsz: int, q: int, kv: int, *, causal_offset: int, as_bool: bool, dtype: torch.dtype,
+def empty_mask(bsz: int, q: int, kv: int, *, causal_offset: int | torch.Tensor, as_bool: bool, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
     """A [B, 1, q, kv] mask where query i sees keys <= causal_offset + i (bool or additive float)."""
     rows = torch.arange(q, device=device).view(q, 1) + causal_offset
@@ -119,37 +119,71 @@ def empty_mask(bsz: int, q: int, kv: int, *, causal_offset: int, as_bool: bool, 
     return out.masked_fill(~ok, torch.finfo(dtype).min)
 
 
-def prefill_mask(mask: torch.Tensor | None, plan: KeepPlan, *, as_bool: bool, dtype: torch.dtype) -> torch.Tensor | None:
-    """The 4-D mask for the pruned prefill sequence: rows and columns gathered, fillers isolated."""
+def slot_columns(plan: KeepPlan, kv_slots: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Original mask column of each of the ``kv_slots`` cache slots of a pruned layer, and which slots have none.
+
+    Slot ``j < L'`` holds kept prompt token ``index[j]``; later slots hold the tokens after the prompt in order
+    (column ``L + j - L'``). A static cache has more slots than tokens: those columns lie past the mask's
+    ``width``; they are clamped (for the gather) and returned as ``beyond`` (to be blocked). Shapes are static.
+    """
+    bsz = plan.index.shape[0]
+    tail = torch.arange(plan.length, plan.length + kv_slots - plan.new_length, device=plan.index.device)
+    cols = torch.cat([plan.index, tail.expand(bsz, -1)], dim=1)
+    if plan.length + kv_slots - plan.new_length <= width:
+        return cols, None
+    beyond = cols >= width
+    return cols.clamp_max(width - 1), beyond
+
+
+def _slot_fillers(plan: KeepPlan, kv_slots: int) -> torch.Tensor:
+    bsz = plan.index.shape[0]
+    return torch.cat([plan.filler, plan.filler.new_zeros(bsz, kv_slots - plan.new_length)], dim=1)
+
+
+def _gather_columns(mask: torch.Tensor, plan: KeepPlan, kv_slots: int) -> torch.Tensor:
+    """Columns of a 4-D mask ``[B, h, q, W]`` mapped onto a pruned layer's ``kv_slots`` cache slots."""
+    bsz = plan.index.shape[0]
+    cols, beyond = slot_columns(plan, kv_slots, mask.shape[-1])
+    idx = cols.view(bsz, 1, 1, kv_slots).expand(bsz, mask.shape[1], mask.shape[2], kv_slots)
+    out = torch.gather(mask, 3, idx)
+    if beyond is not None:
+        out = out.masked_fill(beyond[:, None, None, :], _blocked(out))
+    return out
+
+
+def prefill_mask(mask: torch.Tensor | None, plan: KeepPlan, *, as_bool: bool, dtype: torch.dtype,
+                 kv_slots: int | None = None) -> torch.Tensor | None:
+    """The 4-D mask for the pruned prefill sequence: rows and columns gathered, fillers isolated.
+
+    ``kv_slots`` is the key length the layer's attention sees (``L'`` for a dynamic cache or no cache,
+    ``max_cache_len`` for a static cache).
+    """
     if mask is None and not plan.has_fillers:
         return None  # pure causal stays pure causal: kept order is the original order
     bsz, new_len = plan.index.shape
+    kv_slots = new_len if kv_slots is None else kv_slots
     if mask is None:
-        mask = empty_mask(bsz, new_len, new_len, causal_offset=0, as_bool=as_bool, dtype=dtype,
+        mask = empty_mask(bsz, new_len, kv_slots, causal_offset=0, as_bool=as_bool, dtype=dtype,
                           device=plan.index.device)
-        src_is_pruned = True
     else:
-        src_is_pruned = False
-    if not src_is_pruned:
         mask = mask.expand(bsz, *mask.shape[1:])
         heads = mask.shape[1]
         rows = plan.index.view(bsz, 1, new_len, 1).expand(bsz, heads, new_len, mask.shape[-1])
-        mask = torch.gather(mask, 2, rows)
-        cols = plan.index.view(bsz, 1, 1, new_len).expand(bsz, heads, new_len, new_len)
-        mask = torch.gather(mask, 3, cols)
-    return _isolate_fillers(mask, plan.filler, plan.filler)
+        mask = _gather_columns(torch.gather(mask, 2, rows), plan, kv_slots)
+    return _isolate_fillers(mask, plan.filler, _slot_fillers(plan, kv_slots), plan.has_fillers)
 
 
-def _isolate_fillers(mask: torch.Tensor, filler_rows: torch.Tensor | None, filler_cols: torch.Tensor) -> torch.Tensor:
-    """Block filler key columns; filler query rows see only themselves."""
-    if not bool(filler_cols.any()):
+def _isolate_fillers(mask: torch.Tensor, filler_rows: torch.Tensor | None, filler_cols: torch.Tensor,
+                     present: bool) -> torch.Tensor:
+    """Block filler key columns; filler query rows see only themselves (``present``: a host flag, no sync)."""
+    if not present:
         return mask
     mask = mask.clone()
     blocked, allowed = _blocked(mask), _allowed(mask)
     mask.masked_fill_(filler_cols[:, None, None, :], blocked)
-    if filler_rows is not None and bool(filler_rows.any()):
-        n = mask.shape[-1]
-        eye = torch.eye(n, dtype=torch.bool, device=mask.device)
+    if filler_rows is not None:
+        q, kv = mask.shape[-2], mask.shape[-1]
+        eye = torch.eye(q, kv, dtype=torch.bool, device=mask.device)
         diag = filler_rows[:, None, :, None] & eye[None, None]
         mask.masked_fill_(diag, allowed)
     return mask
@@ -162,29 +196,30 @@ def decode_column_map(plan: KeepPlan, kv_full: int) -> torch.Tensor:
     return torch.cat([plan.index, tail], dim=1)
 
 
-def decode_mask(mask: torch.Tensor | None, plan: KeepPlan, *, q_len: int, kv_pruned: int, as_bool: bool,
-                dtype: torch.dtype, reference_is_none_ok: bool = True) -> torch.Tensor | None:
-    """Mask for new tokens attending to a pruned cache of ``kv_pruned`` slots (including the new ones)."""
+def decode_mask(mask: torch.Tensor | None, plan: KeepPlan, *, q_len: int, kv_slots: int,
+                causal_offset: int | torch.Tensor, as_bool: bool, dtype: torch.dtype,
+                static_slots: bool = False) -> torch.Tensor | None:
+    """Mask for ``q_len`` new tokens attending to a pruned layer's ``kv_slots`` cache slots (new ones included).
+
+    ``causal_offset`` is the number of slots filled before this forward (a 0-d tensor for a static cache, so
+    nothing is read on the host); ``static_slots`` says the cache has a fixed number of slots, so the mask
+    is as wide as the cache rather than as the sequence.
+    """
     bsz = plan.index.shape[0]
-    n_tail = kv_pruned - plan.new_length
     if mask is None:
-        if not plan.has_fillers and q_len == 1 and reference_is_none_ok:
+        if not plan.has_fillers and q_len == 1:
             return None
-        mask = empty_mask(bsz, q_len, kv_pruned, causal_offset=kv_pruned - q_len, as_bool=as_bool, dtype=dtype,
+        mask = empty_mask(bsz, q_len, kv_slots, causal_offset=causal_offset, as_bool=as_bool, dtype=dtype,
                           device=plan.index.device)
     else:
-        kv_full = plan.length + n_tail
-        if mask.shape[-1] != kv_full:
+        kv_full = plan.length + kv_slots - plan.new_length
+        if not static_slots and mask.shape[-1] != kv_full:
             raise IncompatibleFeatureError(
                 f"mmeff: decode mask has {mask.shape[-1]} columns, expected {kv_full}; "
                 "the cache was not produced under this pruning handle (call generate() again from the prompt)"
             )
-        mask = mask.expand(bsz, *mask.shape[1:])
-        cols = decode_column_map(plan, kv_full)
-        idx = cols.view(bsz, 1, 1, -1).expand(bsz, mask.shape[1], mask.shape[2], cols.shape[1])
-        mask = torch.gather(mask, 3, idx)
-    filler_cols = torch.cat([plan.filler, plan.filler.new_zeros(bsz, n_tail)], dim=1)
-    return _isolate_fillers(mask, None, filler_cols)
+        mask = _gather_columns(mask.expand(bsz, *mask.shape[1:]), plan, kv_slots)
+    return _isolate_fillers(mask, None, _slot_fillers(plan, kv_slots), plan.has_fillers)
 
 
 def remap_2d_mask(mask2d: torch.Tensor, plan: KeepPlan) -> torch.Tensor:

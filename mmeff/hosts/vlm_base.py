@@ -12,6 +12,7 @@ on the prompt tokens alone. Family subclasses (llava.py, qwen_vl.py) only say wh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import zlib
@@ -32,6 +33,9 @@ from .flops import prefill_flops
 from .generate_guard import install_generate_guard
 
 PREFILL, DECODE, OFF = "prefill", "decode", "off"
+DECISION_BREAK = ("mmeff reads a new prompt eagerly (where its image tokens are, and for pre-LLM pruning which to "
+                  "keep: data-dependent); compile the prefill without fullgraph=True, or let generate() compile "
+                  "only the decode steps (docs/compile.md)")
 
 
 @dataclasses.dataclass
@@ -165,15 +169,16 @@ class VLMAdapter:
         drafts, self._pending_drafts = self._pending_drafts, 0
         self._refuse_unsupported(kwargs)
         past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None else 0
-        if past_len == 0:
+        ids = kwargs.get("input_ids")
+        new_tokens = ids if ids is not None else kwargs["inputs_embeds"]
+        past_len = self._cache_length(past, new_tokens.shape[1]) if past is not None else 0
+        if isinstance(past_len, int) and past_len == 0:
             return self._start_forward(kwargs, drafts if past is not None else 0)
         st = self.state
         if st.plan is None:
             st.phase = OFF
             return None
-        ids = kwargs.get("input_ids")
-        rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
+        rows = new_tokens.shape[0]
         if rows != st.plan.index.shape[0]:
             raise IncompatibleFeatureError(
                 f"{self.pruner.name}: this cache holds {st.plan.index.shape[0]} pruned rows but the forward has {rows}; "
@@ -187,20 +192,32 @@ class VLMAdapter:
         self._refuse_new_images(kwargs, ids)
         return None
 
+    def _cache_length(self, past: Any, q: int) -> int | torch.Tensor:
+        """Tokens in the cache before this forward of ``q`` tokens.
+
+        A dynamic cache knows it on the host. A static cache keeps it in a device tensor, and reading it would
+        sync with the device (and break a compiled graph): a one-token step on a pruned prompt's cache is a
+        decode step, so it gets the tensor itself (used only in tensor arithmetic); any other forward (a
+        prompt, a continuation) reads it on the host, as its decision needs it anyway.
+        """
+        n = past.get_seq_length()
+        if not isinstance(n, torch.Tensor):
+            return int(n)
+        if q == 1 and self.state.plan is not None:
+            return n
+        return int(n)
+
     def _refuse_unsupported(self, kwargs: dict[str, Any]) -> None:
         """Generation paths that cannot run exactly yet: one clear error before anything changes."""
         name = self.pruner.name
-        if torch.compiler.is_compiling():
-            raise IncompatibleFeatureError(
-                f"{name}: torch.compile is not supported under pruning yet; run the model uncompiled "
-                "(or call handle.remove() before compiling)"
-            )
         past = kwargs.get("past_key_values")
         if past is not None and getattr(past, "is_compileable", False):
-            raise IncompatibleFeatureError(
-                f"{name}: a static (fixed-size) cache is not supported under pruning yet; use the default dynamic "
-                "cache (drop cache_implementation='static' / the StaticCache argument)"
-            )
+            kinds = sorted({type(layer).__name__ for layer in past.layers} - {"StaticLayer"})
+            if kinds:
+                raise IncompatibleFeatureError(
+                    f"{name}: cache layers {kinds} are not supported under pruning; use a StaticCache "
+                    "(cache_implementation='static') or the default dynamic cache"
+                )
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict) or (self.pruner.stage == "pre_llm" and mask is not None and mask.dim() != 2):
             raise IncompatibleFeatureError(
@@ -217,8 +234,14 @@ class VLMAdapter:
                 "image) are not supported; run the whole conversation as one prompt, without past_key_values"
             )
 
+    @torch.compiler.disable(reason=DECISION_BREAK)
     def _start_forward(self, kwargs: dict[str, Any], drafts: int):
-        """A forward on an empty cache: either a new prompt, or one that continues the last pruned prompt."""
+        """A forward on an empty cache: either a new prompt, or one that continues the last pruned prompt.
+
+        Data-dependent (image positions; the pre-LLM choice), so it runs eagerly under ``torch.compile``: one
+        graph break before the language model, which then compiles whole, the in-LLM decision included
+        (see docs/compile.md).
+        """
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ConfigError(
@@ -237,6 +260,7 @@ class VLMAdapter:
             st.forward_attn2d = mask2d
         else:
             self.state = st = self._new_prompt(input_ids, mask2d, images, drafts)
+            self.prompts += 1  # counted here, eagerly: a counter read inside a compiled graph would recompile it
         if self.pruner.stage == "pre_llm":
             return (), self._pre_llm_prefill_inputs(kwargs, input_ids)
         return (), kwargs
@@ -265,7 +289,10 @@ class VLMAdapter:
         """Ask the pruner for each sample's kept visual tokens; return the batch plan."""
         st, pruner = self.state, self.pruner
         keep_positions, dropped, kept_counts, kept_local = [], [], [], []
-        with self.timer.section("select", device):
+        # Traced by torch.compile in the in-LLM path: every shape here follows from host ints (spans, budgets),
+        # so the kept positions are taken with a sort of static size, never a boolean index (and no timer sync).
+        timing = contextlib.nullcontext() if torch.compiler.is_compiling() else self.timer.section("select", device)
+        with timing:
             for b, vis in enumerate(st.visual_positions):
                 all_pos = torch.arange(length, device=device)
                 if vis.numel() == 0:
@@ -282,12 +309,15 @@ class VLMAdapter:
                 kept_vis = vis[local.to(device)]
                 keep_mask = ~is_vis
                 keep_mask[kept_vis] = True
-                keep_positions.append(all_pos[keep_mask])
+                n_keep = length - int(vis.numel()) + int(kept_vis.numel())
+                keep_positions.append(torch.where(keep_mask, all_pos, all_pos + length).sort().values[:n_keep])
                 dropped.append(int(vis.numel() - kept_vis.numel()))
                 kept_counts.append(int(kept_vis.numel()))
                 kept_local.append(local)  # read on the host only when report() asks (no GPU sync here)
         st.kept_per_sample = kept_counts
-        st.kept_visual_index = kept_local
+        # A decision traced into a compiled graph keeps no index tensors: under CUDA graphs they would be
+        # overwritten by the next replay (report() then lists no kept_visual_index; the counts stay).
+        st.kept_visual_index = [] if torch.compiler.is_compiling() else kept_local
         plan = tp.build_plan(keep_positions, length, dropped)
         self._record(plan)
         return plan
@@ -295,7 +325,6 @@ class VLMAdapter:
     def _record(self, plan: tp.KeepPlan) -> None:
         st = self.state
         n_vis = [int(v.numel()) for v in st.visual_positions]
-        self.prompts += 1
         self.last = {
             "visual": n_vis, "kept": list(st.kept_per_sample), "length": plan.length,
             "new_length": plan.new_length, "layer": self.layer if self.pruner.stage == "llm" else 0,
@@ -411,13 +440,14 @@ class VLMAdapter:
             pad = 0 if self.image_token_id != 0 else 1
         return int(pad)
 
-    def _pre_llm_decode_inputs(self, kwargs: dict[str, Any], past_len: int) -> dict[str, Any]:
+    def _pre_llm_decode_inputs(self, kwargs: dict[str, Any], past_len: int | torch.Tensor) -> dict[str, Any]:
         """A forward on a cache that pre-LLM pruning shortened by ``L - L'`` slots in every layer.
 
         The mask's width (or, without a mask, the first text position) tells the logical position of the new
         tokens. transformers compares the (shorter) cache with the full ids and so re-feeds the last ``L - L'``
         cached tokens when a generation continues from ``past_key_values``: those are dropped here, so they are
-        not cached twice.
+        not cached twice. A static cache's decode step (``past_len`` a device tensor, one token, a mask padded
+        to the cache's size) cannot overlap: nothing is read on the host, positions are computed on the device.
         """
         plan = self.state.plan
         logical_past = past_len + plan.length - plan.new_length
@@ -425,7 +455,9 @@ class VLMAdapter:
         ids = kwargs.get("input_ids")
         q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         am = kwargs.get("attention_mask")
-        if am is not None:
+        if isinstance(past_len, torch.Tensor):
+            start = None
+        elif am is not None:
             start = int(am.shape[-1]) - q
         else:  # no mask, so no padding; a single new token cannot overlap the cache (no host read then)
             start = self._start_from_positions(kwargs.get("position_ids"), q) if q > 1 else None
@@ -443,7 +475,7 @@ class VLMAdapter:
         if am is not None:
             out["attention_mask"] = tp.remap_2d_mask(am, plan)
         elif plan.has_fillers:
-            full = torch.ones(plan.index.shape[0], logical_past + q, dtype=torch.long, device=plan.index.device)
+            full = torch.ones(plan.index.shape[0], int(logical_past) + q, dtype=torch.long, device=plan.index.device)
             out["attention_mask"] = tp.remap_2d_mask(full, plan)
         self._refuse_new_images(out, out.get("input_ids"))
         pos = out.get("position_ids")
@@ -497,17 +529,22 @@ class VLMAdapter:
             if st.phase == PREFILL:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if index == self.layer and st.plan is None:
-                    st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), st.prompt_len, hidden.device)
-                    st.forward_plan = tp.extend_plan(st.plan, hidden.shape[1])
-                    st.captured.clear()
+                    self._decide_in_llm(hidden)
                 plan = st.forward_plan
                 if plan is None or plan.is_identity:
                     return None
-                return self._prefill_layer_inputs(args, kwargs, plan)
+                return self._prefill_layer_inputs(index, args, kwargs, plan)
             if st.phase == DECODE and st.plan is not None and not st.plan.is_identity:
                 return self._decode_layer_inputs(index, args, kwargs, st.plan)
             return None
         return hook
+
+    def _decide_in_llm(self, hidden: torch.Tensor) -> None:
+        """The in-LLM decision at layer K; static shapes, so ``torch.compile`` traces it into the prefill graph."""
+        st = self.state
+        st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), st.prompt_len, hidden.device)
+        st.forward_plan = tp.extend_plan(st.plan, hidden.shape[1])
+        st.captured.clear()
 
     def _mask_format(self, mask: torch.Tensor | None) -> tuple[bool, torch.dtype]:
         if mask is not None:
@@ -517,7 +554,7 @@ class VLMAdapter:
 
     def _cached(self, obj: Any, fn: Callable[[Any], Any]) -> Any:
         """Per-forward cache keyed by object identity (one gather per forward, not per layer)."""
-        if obj is None:
+        if obj is None or torch.compiler.is_compiling():  # compiled: the graph computes it once per layer
             return fn(obj)
         hit = self.state.per_forward.get(id(obj))
         if hit is not None and hit[0] is obj:
@@ -526,10 +563,12 @@ class VLMAdapter:
         self.state.per_forward[id(obj)] = (obj, val)
         return val
 
-    def _prefill_layer_inputs(self, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
+    def _prefill_layer_inputs(self, index: int, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
         hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.shape[1] == plan.length:
             hidden = tp.gather_seq(hidden, plan)
+        past = kwargs.get("past_key_values")
+        kv_slots = past.get_mask_sizes(hidden.shape[1], index)[0] if past is not None else hidden.shape[1]
         out = dict(kwargs)
         out.pop("hidden_states", None)
         pe = kwargs.get("position_embeddings")
@@ -540,8 +579,8 @@ class VLMAdapter:
             out["position_ids"] = self._cached(pos, lambda p: tp.gather_positions(p, plan))
         mask = kwargs.get("attention_mask")
         as_bool, dtype = self._mask_format(mask)
-        out["attention_mask"] = self._cached(mask, lambda m: tp.prefill_mask(m, plan, as_bool=as_bool, dtype=dtype)) \
-            if mask is not None else tp.prefill_mask(None, plan, as_bool=as_bool, dtype=dtype)
+        make = lambda m: tp.prefill_mask(m, plan, as_bool=as_bool, dtype=dtype, kv_slots=kv_slots)
+        out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
         return (hidden,), out
 
     def _prefill_rope(self, pe: tuple[torch.Tensor, torch.Tensor], plan: tp.KeepPlan, hidden: torch.Tensor):
@@ -560,10 +599,15 @@ class VLMAdapter:
         if mask is None and q == 1 and self.pruner.positions == "original" and not plan.has_fillers:
             return None  # one new token sees the whole (pruned) cache at its original position: nothing to change
         past = kwargs.get("past_key_values")
-        kv_pruned = (past.get_seq_length(index) if past is not None else plan.new_length) + q
+        if past is not None:  # host ints for both cache kinds; a static cache's fill stays a tensor (no sync)
+            kv_slots, filled = past.get_mask_sizes(q, index)[0], past.get_seq_length(index)
+        else:
+            kv_slots, filled = plan.new_length + q, plan.new_length
+        static = past is not None and getattr(past, "is_compileable", False)
         as_bool, dtype = self._mask_format(mask)
         out = dict(kwargs)
-        make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_pruned=kv_pruned, as_bool=as_bool, dtype=dtype)  # noqa: E731
+        make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_slots=kv_slots, causal_offset=filled,
+                                        as_bool=as_bool, dtype=dtype, static_slots=static)
         out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
         if self.pruner.positions == "reindex":
             pe = kwargs.get("position_embeddings")

@@ -177,7 +177,7 @@ def test_qwen_without_mm_token_type_ids_and_explicit_3d_positions(vlm, spec):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("spec", SPECS)
 def test_unsupported_paths_fail_with_one_clear_error(vlm, family, spec):
-    """Chunked prefill, static caches, inputs_embeds alone and a new image on a pruned cache: clear, and harmless."""
+    """Chunked prefill, offloaded caches, inputs_embeds alone and a new image on a pruned cache: clear, harmless."""
     model = vlm(family)
     inputs = inputs_for(model, n=1)
     ref = generate(model, inputs, n=3)
@@ -185,11 +185,8 @@ def test_unsupported_paths_fail_with_one_clear_error(vlm, family, spec):
         pruned = generate(model, inputs, n=3)
         with pytest.raises(IncompatibleFeatureError, match="prefill_chunk_size"):
             generate(model, inputs, n=3, prefill_chunk_size=4)
-        with pytest.raises(IncompatibleFeatureError, match="static"):
-            generate(model, inputs, n=3, cache_implementation="static")
-        from transformers import StaticCache
-        with pytest.raises(IncompatibleFeatureError, match="static"):
-            model(**inputs, past_key_values=StaticCache(config=model.config, max_cache_len=64))
+        with pytest.raises(IncompatibleFeatureError, match="offloaded_static"):
+            generate(model, inputs, n=3, cache_implementation="offloaded_static")
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         with pytest.raises(ConfigError, match="not inputs_embeds alone"):
             model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=2)
@@ -252,14 +249,14 @@ def test_random_pre_llm_needs_no_pixel_values(vlm):
 
 
 @pytest.mark.parametrize("spec", ["random:ratio=0.5", "fastv:ratio=0.5,layer=1"])
-def test_torch_compile_runs_the_hooks_eagerly_or_says_why_not(vlm, spec):
-    """torch.compile(model): mmeff's hooks stay out of the graph (exact); fullgraph=True carries our one line."""
+def test_torch_compile_prefill_breaks_only_at_the_decision_or_says_why_not(vlm, spec):
+    """torch.compile(model): a new prompt is read eagerly at one graph break (exact); fullgraph=True names it."""
     model = vlm("llava")
     inputs = inputs_for(model, n=2)
     with mmeff.apply(model, spec):
         eager = model(**inputs).logits
         try:
-            with pytest.raises(Exception, match="torch.compile is not supported under pruning yet"):
+            with pytest.raises(Exception, match="mmeff reads a new prompt eagerly"):
                 torch.compile(model, backend="eager", fullgraph=True)(**inputs)
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="eager")(**inputs).logits
