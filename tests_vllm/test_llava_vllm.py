@@ -14,7 +14,7 @@ import mmeff
 from mmeff.zoo.eval_dense import answer
 from mmeff.zoo.load import load
 from tests_vllm.conftest import run_vllm, vllm_answers
-from tests_vllm.test_pruners import FixedIndices
+from tests_vllm.pruners_for_tests import FixedIndices
 from tests_vllm.zoo_questions import scenes
 
 N_SCENES = 4

@@ -10,7 +10,7 @@ from mmeff.core.errors import BudgetError, ConfigError
 from mmeff.pruners import RandomPrune
 from mmeff.serving.vllm import kept_per_image, parse_serving_spec
 from mmeff.serving.vllm.selection import image_seed, prune_image
-from tests_vllm.test_pruners import FeatureNorm
+from tests_vllm.pruners_for_tests import FeatureNorm
 
 
 def test_empty_spec_serves_dense():
