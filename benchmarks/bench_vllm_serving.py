@@ -4,6 +4,8 @@ Needs the vLLM environment (``bash scripts/setup_vllm.sh``). One engine per conf
 process of its own; requests go through vLLM's AsyncLLM (what ``vllm serve`` runs) with at most
 ``c`` in flight. Every request has its own scene image, so neither the prefix cache nor the encoder
 cache can reuse work between requests; 8 output tokens each (``ignore_eos``), greedy, float32.
+Each concurrency level runs ``--rounds`` times on fresh images; the summary is the median round (the
+2-core machine is shared, so single rounds are noisy), every round is kept under ``rounds``.
 
     .venv-vllm/bin/python benchmarks/bench_vllm_serving.py --out docs/results/vllm-serving-cpu-tiny-llava.json
 """
@@ -69,7 +71,16 @@ async def _level(engine: Any, requests: list[dict[str, Any]], concurrency: int, 
             "prompt_tokens": prompt_tokens[0]}
 
 
-async def _run_one(name: str, levels: list[int], n: int) -> dict[str, Any]:
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-level summary: the median of each number over the rounds."""
+    keys = [k for k in rounds[0] if k not in ("concurrency", "requests", "prompt_tokens")]
+    out = {k: rounds[0][k] for k in ("concurrency", "requests", "prompt_tokens")}
+    out.update({k: round(statistics.median(r[k] for r in rounds), 4) for k in keys})
+    out["rounds"] = rounds
+    return out
+
+
+async def _run_one(name: str, levels: list[int], n: int, n_rounds: int) -> dict[str, Any]:
     from transformers import AutoProcessor
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -89,11 +100,14 @@ async def _run_one(name: str, levels: list[int], n: int) -> dict[str, Any]:
         await _level(engine, _requests(processor, 0, 4), 2, "warmup")
         rows = []
         for k, c in enumerate(levels):
-            rows.append(await _level(engine, _requests(processor, 100 + 1000 * k, n), c, name))
-            print(name, rows[-1], flush=True)
+            rounds = [await _level(engine, _requests(processor, 100 + 1000 * k + 100 * j, n), c, f"{name}-{j}")
+                      for j in range(n_rounds)]
+            rows.append(_median_round(rounds))
+            print(name, {k: v for k, v in rows[-1].items() if k != "rounds"}, flush=True)
     finally:
         engine.shutdown()
-    return {"config": name, "spec": SPECS[name] or None, "engine_start_s": round(start_s, 2), "levels": rows}
+    return {"config": name, "spec": SPECS[name] or None, "engine_start_s": round(start_s, 2),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "levels": rows}
 
 
 def main() -> None:
@@ -101,19 +115,20 @@ def main() -> None:
     ap.add_argument("--out", default="runs/vllm-serving-cpu-tiny-llava.json")
     ap.add_argument("--configs", default=",".join(SPECS))
     ap.add_argument("--concurrency", default="1,4,16")
-    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=24, help="requests per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level (median reported)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print its JSON
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     if args.one:
-        print("RESULT " + json.dumps(asyncio.run(_run_one(args.one, levels, args.requests))), flush=True)
+        print("RESULT " + json.dumps(asyncio.run(_run_one(args.one, levels, args.requests, args.rounds))), flush=True)
         return
     results = []
     for name in args.configs.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--concurrency", args.concurrency,
-                               "--requests", str(args.requests)], cwd=ROOT, capture_output=True, text=True)
+                               "--requests", str(args.requests), "--rounds", str(args.rounds)], cwd=ROOT, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")

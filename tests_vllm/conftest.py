@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import tests_vllm.pruners_for_tests  # noqa: F401  (registers the test pruners in this process too)
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PRUNERS = "tests_vllm.pruners_for_tests"
 

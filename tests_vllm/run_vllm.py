@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 
-ARCH = {"tiny-llava": "MmeffLlavaForConditionalGeneration"}
+ARCH = {"tiny-llava": "MmeffLlavaForConditionalGeneration", "tiny-qwen2-vl": "MmeffQwen2VLForConditionalGeneration"}
+WORKER = "mmeff.serving.vllm.worker.MmeffCPUWorker"
 SERVING_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
@@ -20,6 +21,7 @@ def main() -> None:
     ap.add_argument("--spec", default="")
     ap.add_argument("--scenes", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--worker-cls", default=WORKER, help="'auto' for vLLM's own worker")
     args = ap.parse_args()
     for k, v in SERVING_ENV.items():
         os.environ.setdefault(k, v)
@@ -34,7 +36,8 @@ def main() -> None:
     overrides = {"architectures": [ARCH[args.model]]}
     if args.spec:
         overrides["mmeff_prune"] = args.spec
-    llm = LLM(model=path, hf_overrides=overrides, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+    llm = LLM(model=path, hf_overrides=overrides, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+              worker_cls=args.worker_cls)
     requests = vllm_requests(AutoProcessor.from_pretrained(path), args.scenes)
     outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=args.max_tokens), use_tqdm=False)
     print("RESULT " + json.dumps({

@@ -85,4 +85,4 @@ def test_served_random_equals_mmeff_apply_keeping_the_same_tokens(hf):
 def test_in_llm_pruner_is_refused_when_the_server_starts():
     proc = run_vllm("--scenes", "1", "--spec", "fastv:budget=64")
     assert proc.returncode != 0
-    assert "mmeff_prune='fastv:budget=64': fastv prunes inside the LLM" in proc.stderr
+    assert "mmeff_prune='fastv:budget=64': fastv prunes inside the LLM" in proc.stdout + proc.stderr

@@ -45,6 +45,12 @@ def test_unservable_specs_are_refused_in_one_line(spec, cause):
     assert msg.startswith(f"mmeff_prune={spec!r}")
 
 
+def test_qwen_keeps_original_positions_and_refuses_reindex():
+    assert parse_serving_spec("random:budget=64", "qwen2_vl") == RandomPrune(budget=64)
+    with pytest.raises(ConfigError, match="add positions=original"):
+        parse_serving_spec("random:budget=64,positions=reindex", "qwen2_vl")
+
+
 def test_budget_above_the_image_tokens_is_refused():
     p = parse_serving_spec("random:budget=600,positions=reindex", "llava")
     with pytest.raises(BudgetError, match="use budget <= 576"):

@@ -16,6 +16,7 @@ IMPORTS_ENV = "MMEFF_VLLM_IMPORTS"
 
 ARCHITECTURES = {
     "MmeffLlavaForConditionalGeneration": "mmeff.serving.vllm.llava:MmeffLlavaForConditionalGeneration",
+    "MmeffQwen2VLForConditionalGeneration": "mmeff.serving.vllm.qwen2_vl:MmeffQwen2VLForConditionalGeneration",
 }
 
 

@@ -14,12 +14,15 @@ from ...pruners.base import PrunerConfig
 SPEC_KEY = "mmeff_prune"
 """The ``hf_overrides`` key (an attribute of the served model's HF config) that carries the spec string."""
 
-_POSITIONS = {"llava": "reindex"}
-_POSITIONS_WHY = {"llava": "vLLM's LLaVA numbers the kept tokens contiguously"}
+_POSITIONS = {"llava": "reindex", "qwen2_vl": "original"}
+_POSITIONS_WHY = {
+    "llava": "vLLM's LLaVA numbers the kept tokens contiguously",
+    "qwen2_vl": "vLLM's Qwen2-VL keeps each kept token's original M-RoPE (t, h, w) position",
+}
 
 
 def parse_serving_spec(spec: str | None, family: str) -> PrunerConfig | None:
-    """The pruner a spec string asks vLLM to run on ``family`` (today "llava"); None serves dense.
+    """The pruner a spec string asks vLLM to run on ``family`` ("llava" or "qwen2_vl"); None serves dense.
 
     Raises one :class:`ConfigError` line naming the cause and the fix for anything vLLM cannot serve:
     an unknown or malformed spec, a method that is not a visual-token pruner, an in-LLM pruner, a
