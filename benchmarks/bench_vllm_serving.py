@@ -1,4 +1,4 @@
-"""Serving throughput and time to first token in vLLM: dense vs mmeff-pruned tiny-llava, several concurrencies.
+"""Serving throughput and time to first token in vLLM: dense vs mmeff-pruned zoo VLMs, several concurrencies.
 
 Needs the vLLM environment (``bash scripts/setup_vllm.sh``). One engine per configuration, each in a
 process of its own; requests go through vLLM's AsyncLLM (what ``vllm serve`` runs) with at most
@@ -8,6 +8,8 @@ Each concurrency level runs ``--rounds`` times on fresh images; the summary is t
 2-core machine is shared, so single rounds are noisy), every round is kept under ``rounds``.
 
     .venv-vllm/bin/python benchmarks/bench_vllm_serving.py --out docs/results/vllm-serving-cpu-tiny-llava.json
+    .venv-vllm/bin/python benchmarks/bench_vllm_serving.py --model tiny-qwen2-vl \
+        --out docs/results/vllm-serving-cpu-tiny-qwen2-vl.json
 """
 from __future__ import annotations
 
@@ -24,8 +26,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECS = {"dense": "", "random-b144": "random:budget=144,positions=reindex",
-         "random-b64": "random:budget=64,positions=reindex"}
+SPECS = {
+    "tiny-llava": {"dense": "", "random-b144": "random:budget=144,positions=reindex",
+                   "random-b64": "random:budget=64,positions=reindex"},
+    "tiny-qwen2-vl": {"dense": "", "random-b72": "random:budget=72", "random-b36": "random:budget=36"},
+}
+ARCH = {"tiny-llava": "MmeffLlavaForConditionalGeneration", "tiny-qwen2-vl": "MmeffQwen2VLForConditionalGeneration"}
+DENSE_TOKENS = {"tiny-llava": 576, "tiny-qwen2-vl": 144}
+WORKER = {"tiny-llava": "auto", "tiny-qwen2-vl": "mmeff.serving.vllm.worker.MmeffCPUWorker"}
 
 
 def _requests(processor: Any, first_scene: int, n: int) -> list[dict[str, Any]]:
@@ -80,20 +88,22 @@ def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def _run_one(name: str, levels: list[int], n: int, n_rounds: int) -> dict[str, Any]:
+async def _run_one(model: str, name: str, levels: list[int], n: int, n_rounds: int) -> dict[str, Any]:
     from transformers import AutoProcessor
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from mmeff.zoo.load import zoo_path
 
-    path = str(zoo_path("tiny-llava"))
-    overrides: dict[str, Any] = {"architectures": ["MmeffLlavaForConditionalGeneration"]}
-    if SPECS[name]:
-        overrides["mmeff_prune"] = SPECS[name]
+    path = str(zoo_path(model))
+    spec = SPECS[model][name]
+    overrides: dict[str, Any] = {"architectures": [ARCH[model]]}
+    if spec:
+        overrides["mmeff_prune"] = spec
     t0 = time.perf_counter()
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=path, hf_overrides=overrides, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0))
+        model=path, hf_overrides=overrides, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+        worker_cls=WORKER[model]))
     start_s = time.perf_counter() - t0
     processor = AutoProcessor.from_pretrained(path)
     try:
@@ -106,14 +116,15 @@ async def _run_one(name: str, levels: list[int], n: int, n_rounds: int) -> dict[
             print(name, {k: v for k, v in rows[-1].items() if k != "rounds"}, flush=True)
     finally:
         engine.shutdown()
-    return {"config": name, "spec": SPECS[name] or None, "engine_start_s": round(start_s, 2),
+    return {"config": name, "spec": spec or None, "engine_start_s": round(start_s, 2),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "levels": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/vllm-serving-cpu-tiny-llava.json")
-    ap.add_argument("--configs", default=",".join(SPECS))
+    ap.add_argument("--out", default="runs/vllm-serving-cpu.json")
+    ap.add_argument("--model", default="tiny-llava", choices=sorted(SPECS))
+    ap.add_argument("--configs", help="comma-separated subset of the model's configurations (default: all)")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=24, help="requests per round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level (median reported)")
@@ -123,11 +134,12 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     if args.one:
-        print("RESULT " + json.dumps(asyncio.run(_run_one(args.one, levels, args.requests, args.rounds))), flush=True)
+        print("RESULT " + json.dumps(asyncio.run(_run_one(args.model, args.one, levels, args.requests, args.rounds))), flush=True)
         return
     results = []
-    for name in args.configs.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--concurrency", args.concurrency,
+    for name in (args.configs or ",".join(SPECS[args.model])).split(","):
+        proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", name,
+                               "--concurrency", args.concurrency,
                                "--requests", str(args.requests), "--rounds", str(args.rounds)], cwd=ROOT, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -138,8 +150,9 @@ def main() -> None:
     import vllm
 
     report = {
-        "what": "vLLM serving of tiny-llava (576 visual tokens/image, 12-layer 128-wide LLM), dense vs mmeff pre-LLM "
-                "pruning via the plugin; distinct image per request; 8 output tokens; float32; enforce_eager",
+        "what": f"vLLM serving of {args.model} ({DENSE_TOKENS[args.model]} visual tokens/image), dense vs mmeff "
+                "pre-LLM pruning via the plugin; distinct image per request; 8 output tokens; float32; enforce_eager",
+        "model": args.model,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), shared; no GPU",
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
