@@ -5,21 +5,8 @@
 # The lock pins every package, transitive ones included; `bash scripts/lock.sh` refreshes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-fresh=0
-for arg in "$@"; do
-  case $arg in
-    --fresh) fresh=1 ;;
-    *) echo "setup.sh: unknown option '$arg' (the only option is --fresh)" >&2; exit 2 ;;
-  esac
-done
-if [[ $fresh == 1 ]]; then
-  rm -rf .venv
-fi
-if [[ ! -x .venv/bin/python ]]; then
-  "$PY" -m venv .venv
-fi
-PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+source scripts/venv_common.sh
+prepare_venv .venv "$@"
 "${PIP[@]}" install -q -r requirements.lock
 # mmeff itself, so the `mmeff` command and the lmms-eval entry point are registered
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e .

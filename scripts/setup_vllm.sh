@@ -8,21 +8,8 @@
 # refreshes the lock. Run the plugin tests with: .venv-vllm/bin/python -m pytest tests_vllm
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-fresh=0
-for arg in "$@"; do
-  case $arg in
-    --fresh) fresh=1 ;;
-    *) echo "setup_vllm.sh: unknown option '$arg' (the only option is --fresh)" >&2; exit 2 ;;
-  esac
-done
-if [[ $fresh == 1 ]]; then
-  rm -rf .venv-vllm
-fi
-if [[ ! -x .venv-vllm/bin/python ]]; then
-  "$PY" -m venv .venv-vllm
-fi
-PIP=(.venv-vllm/bin/python -m pip --disable-pip-version-check)
+source scripts/venv_common.sh
+prepare_venv .venv-vllm "$@"
 # This machine's pip config adds a find-links folder whose torch is the +cpu build; read no config so the
 # lock's plain torch==2.13.0 comes from PyPI. The machine's torch cap still applies when it exists.
 caps=()

@@ -15,7 +15,7 @@ from mmeff.zoo.eval_dense import answer
 from mmeff.zoo.load import load
 from tests_vllm.conftest import run_vllm, vllm_answers
 from tests_vllm.pruners_for_tests import FixedIndices
-from tests_vllm.zoo_questions import scenes
+from tests_vllm.zoo_questions import scenes, transformers_answers
 
 N_SCENES = 4
 MAX_TOKENS = 8
@@ -33,16 +33,9 @@ def dense_vllm():
     return vllm_answers("--scenes", str(N_SCENES), "--max-tokens", str(MAX_TOKENS))
 
 
-def _hf_answers(model, processor) -> list[str]:
-    out = []
-    for image, questions in scenes(N_SCENES):
-        out += answer(model, processor, [image] * len(questions), questions, max_new_tokens=MAX_TOKENS)
-    return out
-
-
 def test_dense_vllm_equals_dense_transformers(hf, dense_vllm):
     model, processor = hf
-    assert dense_vllm["answers"] == _hf_answers(model, processor)
+    assert dense_vllm["answers"] == transformers_answers(model, processor, N_SCENES, MAX_TOKENS)
     assert len(dense_vllm["answers"]) >= 40
 
 
@@ -54,7 +47,7 @@ def test_pruned_vllm_equals_mmeff_apply_with_the_same_spec(hf, dense_vllm):
     dense_lengths = dense_vllm["prompt_lengths"]
     assert served["prompt_lengths"] == [n - (DENSE_TOKENS - 64) for n in dense_lengths]
     with mmeff.apply(model, spec):
-        expected = _hf_answers(model, processor)
+        expected = transformers_answers(model, processor, N_SCENES, MAX_TOKENS)
     assert served["answers"] == expected
     assert served["answers"] != dense_vllm["answers"]  # 64 of 576 tokens do change some answers
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 
 import mmeff
-from mmeff.zoo.eval_dense import answer
 from mmeff.zoo.load import load
 from tests_vllm.conftest import run_vllm, vllm_answers
-from tests_vllm.zoo_questions import scenes
+from tests_vllm.zoo_questions import transformers_answers
 
 N_SCENES = 4
 MAX_TOKENS = 8
@@ -30,16 +29,9 @@ def dense_vllm():
     return vllm_answers(*MODEL)
 
 
-def _hf_answers(model, processor) -> list[str]:
-    out = []
-    for image, questions in scenes(N_SCENES):
-        out += answer(model, processor, [image] * len(questions), questions, max_new_tokens=MAX_TOKENS)
-    return out
-
-
 def test_dense_vllm_equals_dense_transformers(hf, dense_vllm):
     model, processor = hf
-    assert dense_vllm["answers"] == _hf_answers(model, processor)
+    assert dense_vllm["answers"] == transformers_answers(model, processor, N_SCENES, MAX_TOKENS)
 
 
 def test_pruned_vllm_keeps_original_mrope_positions_like_mmeff_apply(hf, dense_vllm):
@@ -48,7 +40,7 @@ def test_pruned_vllm_keeps_original_mrope_positions_like_mmeff_apply(hf, dense_v
     served = vllm_answers(*MODEL, "--spec", spec)
     assert served["prompt_lengths"] == [n - (DENSE_TOKENS - 48) for n in dense_vllm["prompt_lengths"]]
     with mmeff.apply(model, spec):
-        expected = _hf_answers(model, processor)
+        expected = transformers_answers(model, processor, N_SCENES, MAX_TOKENS)
     assert served["answers"] == expected
     assert served["answers"] != dense_vllm["answers"]
 

@@ -23,3 +23,13 @@ def vllm_requests(processor: Any, n_scenes: int) -> list[dict[str, Any]]:
     return [{"prompt": processor.apply_chat_template(chat(q), add_generation_prompt=True),
              "multi_modal_data": {"image": image}}
             for image, questions in scenes(n_scenes) for q in questions]
+
+
+def transformers_answers(model: Any, processor: Any, n_scenes: int, max_new_tokens: int) -> list[str]:
+    """Greedy transformers answers to the same questions, in the order of :func:`vllm_requests`."""
+    from mmeff.zoo.eval_dense import answer
+
+    out: list[str] = []
+    for image, questions in scenes(n_scenes):
+        out += answer(model, processor, [image] * len(questions), questions, max_new_tokens=max_new_tokens)
+    return out
