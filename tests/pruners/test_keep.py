@@ -53,3 +53,20 @@ def test_keep_on_the_zoo_model_keeps_exactly_n_after_layer_k(spec):
     assert rep["visual_tokens_per_sample"] == [576]
     assert rep["equivalent_budget"] == pytest.approx((2 * 576 + (n_layers - 2) * 64) / n_layers)
     assert EntropyPrune(keep=64).keep_count(576, n_layers, 2) == 64
+
+
+def test_keep_everything_is_dense_and_remove_is_exact():
+    """No-op contract: keep=N with N = all visual tokens reproduces the unmodified logits exactly."""
+    from mmeff.zoo import load
+    from mmeff.zoo.world import generate_scene, render
+
+    model, processor = load("tiny-llava")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[render(generate_scene(4))], text=[prompt], return_tensors="pt")
+    with torch.inference_mode():
+        dense = model(**inputs).logits
+        with mmeff.apply(model, "fastv:keep=576,layer=2"):
+            kept_all = model(**inputs).logits
+        after = model(**inputs).logits
+    assert torch.equal(kept_all, dense) and torch.equal(after, dense)
