@@ -46,7 +46,7 @@ def test_kept_sets_match_the_official_rule(name):
     eager, _ = load(name, attn_implementation="eager")
     (l1, l2), (r1, r2) = CASES[name]
     image_id = int(model.config.image_token_id)
-    for batch in world_batches(processor, 3, 1):
+    for batch in world_batches(processor, 2, 1):
         vis = torch.nonzero(batch["input_ids"][0] == image_id).flatten()
         v_start, n = int(vis[0]), int(vis.numel())
         k1, k2 = int(r1 * n), int(r2 * n)
