@@ -58,6 +58,20 @@ def test_cached_generation_equals_slow_twin(vlm, family):
         torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
 
 
+def test_reindexed_positions_cached_equals_slow_twin(vlm):
+    """The release's position policy (contiguous per stage, so a decode token's position differs per layer)."""
+    model = vlm("llava")
+    inputs = inputs_for(model, n=2)
+    method = AdaptInfer(ratio=0.4, positions="reindex")
+    with mmeff.apply(model, method):
+        tokens, logits = generate(model, inputs, n=4)
+    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 4)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    with mmeff.apply(model, AdaptInfer(ratio=0.4)):
+        assert not torch.equal(generate(model, inputs, n=4)[1], logits)
+
+
 def test_recycling_keeps_merged_tokens(vlm):
     model = vlm("llava")
     inputs = inputs_for(model, n=1)
