@@ -83,7 +83,7 @@ def test_ema_tracks_the_parameters_and_copies_back():
 
 def test_64px_training_resumes_and_exports_ema_weights(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    info = train(0.05, vae_minutes=0.01, batch=2, ckpt_dir=ckpt, out_dir=out, recipe="64px", log_every=1)
+    info = train(0.02, vae_minutes=0.005, batch=2, ckpt_dir=ckpt, out_dir=out, recipe="64px", log_every=1)
     assert info["recipe"] == "64px" and info["image_size"] == 64 and info["latent_shape"] == [4, 16, 16]
     assert info["diffusion"]["steps"] > 0 and info["diffusion"]["weights"].startswith("EMA")
     assert (ckpt / "latent_pool.pt").is_file()
@@ -96,5 +96,5 @@ def test_64px_training_resumes_and_exports_ema_weights(tmp_path):
     for name, p in tr.named_parameters():  # the saved transformer is the EMA, not the last step
         assert torch.equal(p, ck["ema"]["transformer"][name])
     assert any(not torch.equal(ck["transformer"][n], ck["ema"]["transformer"][n]) for n in ck["ema"]["transformer"])
-    again = train(0.05, ckpt_dir=ckpt, out_dir=tmp_path / "export", export_only=True)  # recipe from the checkpoint
+    again = train(0.02, ckpt_dir=ckpt, out_dir=tmp_path / "export", export_only=True)  # recipe from the checkpoint
     assert again["diffusion"]["steps"] == saved["diffusion"]["steps"] and again["recipe"] == "64px"
