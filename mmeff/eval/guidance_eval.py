@@ -280,7 +280,7 @@ def table(report: dict[str, Any]) -> str:
     obj = report["config"].get("objective", "objective")
     first = next(iter(report["results"].values()))
     extra = [k for k in ("shape_existence", "all_colours_ok") if k in first]
-    lines = [f"| method | CLIP score | presence acc | " + "".join(f"{k} | " for k in extra)
+    lines = ["| method | CLIP score | presence acc | " + "".join(f"{k} | " for k in extra)
              + f"{obj} | {obj} vs CFG (paired, t) | presence vs CFG (paired, t) | s/image | runs |",
              "|---|---|---|" + "---|" * len(extra) + "---|---|---|---|---|"]
 

@@ -3,10 +3,14 @@ and the zoo VLM's shape-existence answers on renders (right on the world's own i
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from mmeff.eval.t2i_fidelity import colour_checks, existence_questions, min_colour_pixels, summarise
+from mmeff.eval.t2i_fidelity import (
+    colour_checks,
+    existence_questions,
+    min_colour_pixels,
+    summarise,
+)
 from mmeff.zoo.world import BACKGROUNDS, build_scenes, render
 
 
