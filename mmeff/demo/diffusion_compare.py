@@ -19,7 +19,7 @@ from PIL import Image
 
 from .timing import TIMING_REPEATS, warm_median
 
-DEFAULT_GUIDANCE = "softpag:heads=1.0;2.2;0.0;1.2,u=1,scale=3"
+DEFAULT_GUIDANCE = "softpag:heads=1.1;1.4;2.2;1.0,u=1,scale=3"
 DEFAULT_VIDEO = "rectified_spaattn:drop=0.75,tau=0.2,block=16,preset=none,warmup_steps=2,dense_layers=0"
 DEFAULT_VMOBA = "vmoba:preset=tiny-wan,warmup_steps=2"
 VIDEO_CHOICES = (DEFAULT_VIDEO, DEFAULT_VMOBA)

@@ -11,15 +11,21 @@
 2. **Evaluation** on ``--n-test`` *test*-split scenes (prompt = ``make_prompt(scene)``, generator seed = scene
    seed), same seeds for every method:
 
-   - ``cfg``: the stock pipeline, ``guidance_scale=--cfg``;
-   - ``cfg+pag``: plus ``SoftPAG(layers=(1,), u=1, mode="image_identity")``: every head of block 1 with
-     diffusers' own PAG rule (default layer ``"blocks.1"``), ``scale=--pag-scale``; it equals diffusers'
-     StableDiffusion3PAGPipeline (``tests/dit/test_pag_oracle.py``);
-   - ``cfg+softpag``: plus ``SoftPAG(heads=<found>, u=--u)`` (mmeff's default ``joint_identity``), same scale.
+   - ``cfg``: the stock pipeline, ``guidance_scale=--cfg`` (every other row adds a perturbed branch to it);
+   - ``cfg+pag``: diffusers' PAG, ``SoftPAG(layers=(1,), u=1, mode="image_identity")``: every head of block 1
+     (diffusers' default ``pag_applied_layers=["blocks.1"]``), image queries attend only to themselves while
+     text keys stay visible, ``scale=--pag-scale``; it equals diffusers' StableDiffusion3PAGPipeline
+     (``tests/dit/test_pag_oracle.py``, on a random and on the zoo pipeline);
+   - ``cfg+pag-joint``: the same layer and scale with ``mode="joint_identity"`` (identity over the whole joint
+     text + image sequence, HeadHunter's perturbation): *not* diffusers' PAG;
+   - ``cfg+softpag``: SoftPAG + HeadHunter: ``SoftPAG(heads=<found>, u=--u, mode="joint_identity")``, same scale.
 
-   Metrics: mean judge CLIP score (100 x cos), object-presence accuracy (GenEval-style fraction of requested
-   colour-shape objects detected by the judge's presence head, against the scene's object list) and wall-clock
-   seconds per image (batched calls, after a warm-up call).
+   Each row's ``runs`` field in the JSON says this in words. Metrics: mean judge CLIP score (100 x cos),
+   object-presence accuracy (GenEval-style fraction of requested colour-shape objects detected by the judge's
+   presence head, against the scene's object list), with ``--vlm`` the zoo VLM's shape-existence accuracy and
+   the pixel colour check of :mod:`mmeff.eval.t2i_fidelity`, and wall-clock seconds per image (batched calls,
+   after a warm-up call). Every metric is also given as a paired difference against ``cfg`` (same prompts and
+   seeds), with its standard error and t.
 
 Writes the JSON (config, versions, search history, per-method table and per-prompt scores) and
 ``<out stem>_grid.png`` (rows = methods plus the real renders, columns = prompts; images upscaled x4) in the output folder.
@@ -37,7 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
-METHODS = ("cfg", "cfg+pag", "cfg+softpag")
+METHODS = ("cfg", "cfg+pag", "cfg+pag-joint", "cfg+softpag")
+RUNS = {
+    "cfg": "CFG only (stock pipeline)",
+    "cfg+pag": "CFG + diffusers PAG: SoftPAG(layers=(1,), u=1, mode='image_identity') on all heads of blocks.1 "
+               "(= StableDiffusion3PAGPipeline, pag_applied_layers=['blocks.1'])",
+    "cfg+pag-joint": "CFG + joint-identity PAG: SoftPAG(layers=(1,), u=1, mode='joint_identity') on all heads of "
+                     "blocks.1 (text tokens perturbed too; not diffusers' PAG)",
+    "cfg+softpag": "CFG + SoftPAG on HeadHunter's heads: SoftPAG(heads=<found>, u, mode='joint_identity')",
+}
+"""What each row of the comparison runs, in words (written into the JSON next to the numbers)."""
 OBJECTIVES = ("clip", "presence", "clip+presence")
 
 
@@ -144,11 +159,14 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         steps: int = 10, cfg: float = 4.0, pag_scale: float = 3.0, u: float = 1.0, search_u: float = 1.0,
         search_prompts: int = 8, rounds: int = 2, top_k: int = 2, candidates: Any = "heads",
         heads: str | None = None, batch_size: int = 8, threads: int | None = 1,
-        progress: bool = False, objective: str = "clip", keep: str = "best") -> dict[str, Any]:
+        progress: bool = False, objective: str = "clip", keep: str = "best", vlm: Any = None) -> dict[str, Any]:
+    """Search heads (unless ``heads``), then evaluate every row of :data:`METHODS` on the test prompts.
+    ``vlm`` = ``(model, processor)`` adds the VLM's shape existence and the pixel colour check."""
     from ..guidance import HeadHunter, SoftPAG
     from ..zoo.judge import Judge
-    from ..zoo.load_pipeline import TINY_SD3_CALL, load_pipeline
+    from ..zoo.load_pipeline import load_pipeline
     from ..zoo.world import make_prompt
+    from .t2i_fidelity import colour_checks, pipe_call_kwargs, vlm_existence
 
     if threads:
         torch.set_num_threads(threads)
@@ -156,7 +174,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
     out.parent.mkdir(parents=True, exist_ok=True)
     pipe = pipe if pipe is not None else load_pipeline(model)
     judge = judge if judge is not None else Judge.load()
-    call = {**TINY_SD3_CALL, "num_inference_steps": steps, "guidance_scale": cfg}
+    call = {**pipe_call_kwargs(pipe), "num_inference_steps": steps, "guidance_scale": cfg}
     t_start = time.time()
 
     # ---- 1. head search on val prompts (or given heads)
@@ -187,7 +205,8 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
     test = scenes_of("test", n_test)
     prompts, seeds = [make_prompt(s) for s in test], [s.seed for s in test]
     configs = {"cfg": None, "cfg+pag": SoftPAG(layers=(1,), u=1.0, scale=pag_scale, mode="image_identity"),
-               "cfg+softpag": SoftPAG(heads=found, u=u, scale=pag_scale)}
+               "cfg+pag-joint": SoftPAG(layers=(1,), u=1.0, scale=pag_scale, mode="joint_identity"),
+               "cfg+softpag": SoftPAG(heads=found, u=u, scale=pag_scale, mode="joint_identity")}
     score = make_objective(judge, objective)  # the search objective, reported on the test set too
     generate(pipe, prompts[:1], seeds[:1], None, call, 1)  # warm-up
     results: dict[str, Any] = {}
@@ -198,20 +217,33 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         pres = judge.object_presence(images, test)
         objective_scores = [float(x) for x in score(images, prompts)]
         rows[name] = images
-        results[name] = {"clip_score": float(np.mean(cs)), "clip_score_std": float(np.std(cs)),
+        per_prompt = {"clip_score": cs, "presence": pres, "objective": objective_scores}
+        if vlm is not None:
+            per_prompt["shape_existence"] = [float(np.mean(list(r["correct"].values())))
+                                             for r in vlm_existence(*vlm, images, test)]
+            per_prompt["all_colours_ok"] = [float(colour_checks(im, sc)["all_colours_ok"])
+                                            for im, sc in zip(images, test)]
+        results[name] = {"runs": RUNS[name], "clip_score": float(np.mean(cs)), "clip_score_std": float(np.std(cs)),
                          "presence_acc": float(np.mean(pres)), "sec_per_image": spi,
                          "objective": float(np.mean(objective_scores)),
+                         **{k: float(np.mean(per_prompt[k])) for k in ("shape_existence", "all_colours_ok")
+                            if k in per_prompt},
                          "config": None if conf is None else conf.to_dict() if hasattr(conf, "to_dict") else repr(conf),
-                         "per_prompt": {"clip_score": cs, "presence": pres, "objective": objective_scores}}
+                         "per_prompt": per_prompt}
     for name in results:
         if name != "cfg":
             results[name]["vs_cfg"] = paired_differences(results[name]["per_prompt"], results["cfg"]["per_prompt"])
     # reference: the judge on the real renders of the test scenes (upper bound of the metrics)
     from ..zoo.world import render
 
-    real = [render(s, size=32) for s in test]
+    real = [render(s, size=call["height"]) for s in test]
     reference = {"clip_score": float(np.mean(judge.clip_score(real, prompts))),
                  "presence_acc": float(np.mean(judge.object_presence(real, test)))}
+    if vlm is not None:
+        reference["shape_existence"] = float(np.mean([c for r in vlm_existence(*vlm, real, test)
+                                                      for c in r["correct"].values()]))
+        reference["all_colours_ok"] = float(np.mean([colour_checks(im, sc)["all_colours_ok"]
+                                                     for im, sc in zip(real, test)]))
     rows["real render"] = [np.asarray(im, dtype=np.float32) / 255.0 for im in real]
     grid = save_grid(out.with_name(out.stem + "_grid.png"), rows)
     sd3_info = getattr(pipe, "_mmeff_training", None)
@@ -223,7 +255,9 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         "config": {"model": model, "n_test": n_test, "objective": f"judge.{objective}", "test_split": "test",
                    "steps": steps, "cfg": cfg,
                    "pag_scale": pag_scale, "u": u,
-                   "mode": {"cfg+pag": "image_identity", "cfg+softpag": "joint_identity"}, "batch_size": batch_size,
+                   "mode": {"cfg+pag": "image_identity", "cfg+pag-joint": "joint_identity",
+                            "cfg+softpag": "joint_identity"}, "runs": RUNS, "batch_size": batch_size,
+                   "vlm": None if vlm is None else type(vlm[0]).__name__,
                    "threads": torch.get_num_threads(), "call_kwargs": call,
                    "pag_definition": "SoftPAG(layers=(1,), u=1, mode=image_identity): all heads of block 1, "
                                      "diffusers' StableDiffusion3PAGPipeline rule and default layer 'blocks.1'"},
@@ -244,15 +278,24 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
 
 def table(report: dict[str, Any]) -> str:
     obj = report["config"].get("objective", "objective")
-    lines = [f"| method | CLIP score | presence acc | {obj} | {obj} vs CFG (paired, t) | s/image |",
-             "|---|---|---|---|---|---|"]
+    first = next(iter(report["results"].values()))
+    extra = [k for k in ("shape_existence", "all_colours_ok") if k in first]
+    lines = ["| method | CLIP score | presence acc | " + "".join(f"{k} | " for k in extra)
+             + f"{obj} | {obj} vs CFG (paired, t) | presence vs CFG (paired, t) | s/image | runs |",
+             "|---|---|---|" + "---|" * len(extra) + "---|---|---|---|---|"]
+
+    def paired(r: dict[str, Any], key: str) -> str:
+        d = r.get("vs_cfg", {}).get(key)
+        return "-" if d is None else f"{d['mean']:+.3f} (t={d['t']:.1f})"
+
     for name, r in report["results"].items():
-        d = r.get("vs_cfg", {}).get("objective")
-        diff = "-" if d is None else f"{d['mean']:+.3f} (t={d['t']:.1f})"
-        lines.append(f"| {name} | {r['clip_score']:.2f} | {r['presence_acc']:.3f} | {r.get('objective', float('nan')):.3f} "
-                     f"| {diff} | {r['sec_per_image']:.4f} |")
+        lines.append(f"| {name} | {r['clip_score']:.2f} | {r['presence_acc']:.3f} | "
+                     + "".join(f"{r[k]:.3f} ({paired(r, k)}) | " for k in extra)
+                     + f"{r.get('objective', float('nan')):.3f} | {paired(r, 'objective')} | {paired(r, 'presence')} "
+                     f"| {r['sec_per_image']:.4f} | {r.get('runs', '')} |")
     ref = report["reference_real_renders"]
-    lines.append(f"| (real renders) | {ref['clip_score']:.2f} | {ref['presence_acc']:.3f} | - | - | - |")
+    lines.append(f"| (real renders) | {ref['clip_score']:.2f} | {ref['presence_acc']:.3f} | "
+                 + "".join(f"{ref.get(k, float('nan')):.3f} | " for k in extra) + "- | - | - | - | world's render |")
     return "\n".join(lines)
 
 
@@ -275,14 +318,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--objective", choices=OBJECTIVES, default="clip", help="HeadHunter's search objective")
+    ap.add_argument("--vlm", default=None, help="zoo VLM for shape existence (e.g. tiny-qwen2-vl); off by default")
     ap.add_argument("--keep", choices=("best", "last"), default="best",
                     help="the heads after the best-scoring search round (validated) or after the last one (Alg. 1)")
     a = ap.parse_args(argv)
+    from ..zoo.load import load
+
     cands: Any = a.candidates if a.candidates in ("heads", "layers") else [c for c in a.candidates.split(",") if c]
     rep = run(a.out, model=a.model, n_test=a.n_test, steps=a.steps, cfg=a.cfg, pag_scale=a.pag_scale, u=a.u,
               search_u=a.search_u, search_prompts=a.search_prompts, rounds=a.rounds, top_k=a.top_k,
               candidates=cands, heads=a.heads, batch_size=a.batch_size, threads=a.threads, progress=a.progress,
-              objective=a.objective, keep=a.keep)
+              objective=a.objective, keep=a.keep, vlm=None if a.vlm is None else load(a.vlm))
     print(table(rep))
     print(f"found heads: {rep['found_heads']}")
     print(f"wrote {a.out} and {rep['grid']}")

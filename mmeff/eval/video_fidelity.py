@@ -10,9 +10,13 @@ video is scored against its dense twin:
 
 - **PSNR** (dB) over all frames and channels of the decoded video in [0, 1]: ``10 log10(1 / MSE)``, with the
   MSE floored at 1e-10 (identical videos give 100 dB, never infinity).
-- **SSIM** (our own torch implementation, :func:`ssim`): the Wang et al. (2004) index with an 11 x 11 Gaussian
-  window (sigma 1.5), ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, ``L = 1``, computed per frame and per RGB channel
-  over the *valid* window positions (no padding), averaged over positions, channels and frames.
+- **SSIM** (scikit-image's ``structural_similarity``, :func:`ssim_skimage`): the Wang et al. (2004) index with a
+  Gaussian window (sigma 1.5, 11 x 11), ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, ``L = 1``, population
+  covariances, per frame over the RGB channels, averaged over frames. The torch twin :func:`ssim` (valid window
+  positions, float64) is tested equal to it and is what the demo uses (no scikit-image import there).
+- **VLM presence** (``--vlm``, default ``tiny-qwen2-vl``): on sampled frames (first and last) of every video the
+  zoo VLM answers "Is there a <shape> in the image?" for all six shapes; ``vlm_existence_acc`` is the accuracy
+  against the scene, ``vlm_agreement_with_dense`` the fraction of answers equal to those on the dense video.
 
 Both are averaged over prompts (mean and std in the JSON, per-prompt values too). Also reported: sampling
 seconds per video (wall clock of the whole pipeline call: text encoding, denoising, VAE decode), the method's own
@@ -21,7 +25,21 @@ attention skipped in sparse calls) and ``sparsity_effective`` (times the share o
 sparse, i.e. counting dense warm-up steps / layers as 0). A reference row ``other_seed`` scores a dense video of
 the same prompt with a different seed against the dense one: the gap between two unrelated samples.
 
-Methods (all with the same dense warm-up, ``--warmup`` steps):
+Layouts (``--layout``). tiny-wan's token grid is 4 x 8 x 8 = 256 tokens, so the sparse methods' block size,
+not the video, decides how much work a drop can skip:
+
+- ``fine`` (default): every attention call after ``--warmup`` (default 1 of 10) steps runs sparse: no dense
+  layers, no first-frame rule, **4-token blocks** (64 key blocks per query block) and ``tau`` 0 for the
+  SpaAttn rows, so ``drop`` itself sets the kept blocks and the measured sparsity follows the requested drop;
+  VMoBA rows ``vmoba_d{50,75,90}`` use 1-frame temporal chunks (4 chunks: top-2, the official top-k >= 2
+  rule caps these layers at 0.5), 2 x 2 spatial tiles (16 chunks) and 1 x 2 x 2 cubes (64 chunks) with top-k
+  ``round((1 - drop) * chunks)`` (at least 2).
+- ``paper``: the published settings on this grid: block 16, ``tau`` 0.2, first layer dense, Wan's first-frame
+  rule, ``--warmup`` 2, VMoBA ``vmoba_k2`` / ``vmoba_k1`` / ``vmoba_tau25`` below. Here 16 blocks per row, a
+  dense first frame (a quarter of the rows and columns) and the tau mass floor leave drop 0.9 at about 0.53
+  sparsity in sparse calls and 0.32 effective.
+
+Methods of the ``paper`` layout (all with the same dense warm-up, ``--warmup`` steps):
 
 - ``rectified_d{50,75,90}``: Rectified SpaAttn, ``drop`` 0.5 / 0.75 / 0.9, block 16 on the 4 x 8 x 8 grid,
   ``tau`` 0.2, first layer dense (``dense_layers=(0,)``), Wan's first-frame rule;
@@ -85,6 +103,20 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, window: i
     return m.mean()
 
 
+def ssim_skimage(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> float:
+    """Mean SSIM of videos ``[T, C, H, W]`` (or images ``[C, H, W]``) with scikit-image's
+    ``structural_similarity`` (Gaussian window sigma 1.5, population covariance), averaged over frames."""
+    from skimage.metrics import structural_similarity
+
+    if x.shape != y.shape:
+        raise ValueError(f"ssim_skimage: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
+    a = x.reshape(-1, *x.shape[-3:]).double().numpy()
+    b = y.reshape(-1, *y.shape[-3:]).double().numpy()
+    vals = [structural_similarity(fa, fb, data_range=data_range, channel_axis=0, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False) for fa, fb in zip(a, b)]
+    return float(np.mean(vals))
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
     """PSNR in dB over all elements; MSE floored at 1e-10 * data_range^2 (identical inputs -> 100 dB)."""
     mse = ((x.double() - y.double()) ** 2).mean().clamp_min(1e-10 * data_range ** 2)
@@ -94,9 +126,46 @@ def psnr(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> torch.
 # ---------------------------------------------------------------------------------------------- methods
 
 
-def default_methods(block: int = 16, warmup: int = 2) -> dict[str, Callable[[], Any]]:
-    """Name -> factory of the method configs compared (see the module docstring)."""
+DROPS = (0.5, 0.75, 0.9)
+LAYOUTS = ("fine", "paper")
+DEFAULTS = {"fine": {"block": 4, "warmup": 1}, "paper": {"block": 16, "warmup": 2}}
+"""Block size and dense warm-up steps of each layout when the caller does not set them."""
+
+
+def vmoba_topk(drop: float, chunks: int) -> int:
+    """Top-k chunks that keep about ``1 - drop`` of ``chunks`` (at least 2: VMoBA's top-1 routes nothing)."""
+    return max(2, round((1.0 - drop) * chunks))
+
+
+def fine_methods(block: int = 4, warmup: int = 1) -> dict[str, Callable[[], Any]]:
+    """The ``fine`` layout: every call after the warm-up sparse, small blocks, ``drop`` sets the sparsity."""
     from ..video import RectifiedSpaAttn, VMoBA
+
+    out: dict[str, Callable[[], Any]] = {}
+    for rect, prefix in ((True, "rectified"), (False, "blocksparse")):
+        for d in DROPS:
+            out[f"{prefix}_d{round(d * 100)}"] = (
+                lambda d=d, rect=rect: RectifiedSpaAttn(drop=d, tau=0.0, block=block, preset="none",
+                                                        warmup_steps=warmup, dense_layers=(),
+                                                        first_frame_dense=False, ipar=rect, gapr=rect))
+    for d in DROPS:
+        k = (2, vmoba_topk(d, 16), vmoba_topk(d, 64))
+        out[f"vmoba_d{round(d * 100)}"] = (lambda k=k: VMoBA(temporal_chunk="1", spatial_chunk="2x2",
+                                                             st_chunk="1x2x2", mode="topk", topk=k,
+                                                             first_full_layer=0, warmup_steps=warmup))
+    return out
+
+
+def default_methods(block: int = 16, warmup: int = 2, layout: str = "paper") -> dict[str, Callable[[], Any]]:
+    """Name -> factory of the method configs compared in ``layout`` (see the module docstring)."""
+    from ..video import RectifiedSpaAttn, VMoBA
+
+    if layout not in LAYOUTS:
+        from ..core.errors import ConfigError
+
+        raise ConfigError(f"video_fidelity: layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "fine":
+        return fine_methods(block, warmup)
 
     out: dict[str, Callable[[], Any]] = {}
     for d in (0.5, 0.75, 0.9):
@@ -119,6 +188,22 @@ def default_methods(block: int = 16, warmup: int = 2) -> dict[str, Callable[[], 
 
 
 # ---------------------------------------------------------------------------------------------- generation
+
+
+def frame_presence(vlm: tuple[Any, Any], video: torch.Tensor, scene: Any,
+                   frames: Sequence[int] = (0, -1)) -> list[dict[str, Any]]:
+    """The VLM's existence answers (:func:`mmeff.eval.t2i_fidelity.vlm_existence`) on ``frames`` of ``video``."""
+    from .t2i_fidelity import vlm_existence
+
+    ims = [video[f].permute(1, 2, 0).numpy() for f in frames]
+    return vlm_existence(*vlm, ims, [scene] * len(ims))
+
+
+def _presence_scores(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(accuracy against the scene, agreement with the dense video's answers) of per-frame VLM rows."""
+    acc = [c for r in rows for c in r["correct"].values()]
+    agree = [r["answers"][k] == d["answers"][k] for r, d in zip(rows, dense_rows) for k in r["answers"]]
+    return float(np.mean(acc)), float(np.mean(agree))
 
 
 def prompts_and_seeds(n: int, offset: int = 0) -> list[tuple[str, int]]:
@@ -157,16 +242,19 @@ def _stats(v: Sequence[float]) -> dict[str, float]:
 
 def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, warmup: int = 2, block: int = 16,
                  methods: dict[str, Callable[[], Any]] | None = None, call: dict[str, Any] | None = None,
-                 offset: int = 0, keep_videos: int = 2, other_seed: bool = True,
+                 offset: int = 0, keep_videos: int = 2, other_seed: bool = True, layout: str = "paper",
+                 vlm: tuple[Any, Any] | None = None, vlm_frames: Sequence[int] = (0, -1),
                  log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, list[torch.Tensor]]]:
     """Dense vs sparse on ``n`` test prompts. Returns (results dict, videos of the first ``keep_videos``)."""
     import mmeff
 
     from ..zoo.load_video import TINY_WAN_CALL
+    from ..zoo.world import generate_scene
 
     call = dict(TINY_WAN_CALL if call is None else call)
-    methods = default_methods(block, warmup) if methods is None else methods
+    methods = default_methods(block, warmup, layout) if methods is None else methods
     items = prompts_and_seeds(n, offset)
+    scenes = [generate_scene(s) for _, s in items]
     videos: dict[str, list[torch.Tensor]] = {"dense": []}
     dense, dense_t = [], []
     for i, (p, s) in enumerate(items):
@@ -176,6 +264,11 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
         if i < keep_videos:
             videos["dense"].append(v)
     rows: dict[str, Any] = {"dense": {"seconds_per_video": _stats(dense_t), "psnr": None, "ssim": None}}
+    dense_vlm: list[list[dict[str, Any]]] = []
+    if vlm is not None:
+        dense_vlm = [frame_presence(vlm, v, sc, vlm_frames) for v, sc in zip(dense, scenes)]
+        rows["dense"]["vlm_existence_acc"] = float(np.mean([c for rs in dense_vlm for r in rs
+                                                            for c in r["correct"].values()]))
     if log:
         log(f"dense: {np.mean(dense_t):.2f} s/video")
     if other_seed:
@@ -183,19 +276,23 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
         for (p, s), ref in zip(items, dense):
             v, _ = generate(pipe, p, s + 7_777_777, steps=steps, cfg=cfg, call=call)
             ps.append(float(psnr(v, ref)))
-            ss.append(float(ssim(v, ref)))
+            ss.append(ssim_skimage(v, ref))
         rows["other_seed"] = {"psnr": _stats(ps), "ssim": _stats(ss), "per_prompt": {"psnr": ps, "ssim": ss},
                               "note": "dense, same prompt, a different seed: the gap between unrelated samples"}
     for name, make in methods.items():
         cfg_obj = make()
-        ps, ss, ts, reps = [], [], [], []
+        ps, ss, ts, reps, accs, agrees = [], [], [], [], [], []
         videos[name] = []
         for i, ((p, s), ref) in enumerate(zip(items, dense)):
             with mmeff.apply(pipe, cfg_obj) as h:
                 v, dt = generate(pipe, p, s, steps=steps, cfg=cfg, call=call)
                 reps.append(_sparsity(h.report()))
             ps.append(float(psnr(v, ref)))
-            ss.append(float(ssim(v, ref)))
+            ss.append(ssim_skimage(v, ref))
+            if vlm is not None:
+                acc, agree = _presence_scores(frame_presence(vlm, v, scenes[i], vlm_frames), dense_vlm[i])
+                accs.append(acc)
+                agrees.append(agree)
             ts.append(dt)
             if i < keep_videos:
                 videos[name].append(v)
@@ -211,11 +308,16 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
             "calls_per_video": {"sparse": reps[0]["sparse_calls"], "dense": reps[0]["dense_calls"]},
             "method_seconds_per_video": float(np.mean([r["method_seconds"] or 0.0 for r in reps])),
         }
+        if vlm is not None:
+            rows[name]["vlm_existence_acc"] = float(np.mean(accs))
+            rows[name]["vlm_agreement_with_dense"] = float(np.mean(agrees))
         if log:
             r = rows[name]
             log(f"{name}: PSNR {r['psnr']['mean']:.2f} SSIM {r['ssim']['mean']:.4f} sparsity "
                 f"{r['sparsity_sparse_calls']} {r['seconds_per_video']['mean']:.2f} s/video")
     info = {"prompts": [p for p, _ in items], "seeds": [s for _, s in items], "results": rows}
+    if vlm is not None:
+        info["dense_vlm"] = dense_vlm
     return info, videos
 
 
@@ -256,9 +358,10 @@ def write_strip(videos: dict[str, list[torch.Tensor]], path: str | Path, *, fram
 
 
 def evaluate(model: Any = "tiny-wan", *, out: str | Path = "runs/video_fidelity.json", png: str | Path | None = None,
-             n: int = 8, steps: int = 10, cfg: float = 5.0, warmup: int = 2, block: int = 16, threads: int | None = None,
-             methods: dict[str, Callable[[], Any]] | None = None, other_seed: bool = True,
-             call: dict[str, Any] | None = None, keep_videos: int = 2, quiet: bool = False) -> dict[str, Any]:
+             n: int = 8, steps: int = 10, cfg: float = 5.0, warmup: int | None = None, block: int | None = None,
+             threads: int | None = None, methods: dict[str, Callable[[], Any]] | None = None, other_seed: bool = True,
+             call: dict[str, Any] | None = None, keep_videos: int = 2, quiet: bool = False, layout: str = "fine",
+             vlm: str | tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Run :func:`run_fidelity` on ``model`` (a zoo name, a folder or a loaded pipeline), write the JSON and the
     PNG strip; returns the JSON dict."""
     import diffusers
@@ -270,21 +373,34 @@ def evaluate(model: Any = "tiny-wan", *, out: str | Path = "runs/video_fidelity.
         torch.set_num_threads(threads)
     log = None if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     pipe = model if hasattr(model, "transformer") else load_video_pipeline(model)
+    if layout not in LAYOUTS:
+        from ..core.errors import ConfigError
+
+        raise ConfigError(f"video_fidelity: layout must be one of {LAYOUTS}, got {layout!r}")
+    block = DEFAULTS[layout]["block"] if block is None else block
+    warmup = DEFAULTS[layout]["warmup"] if warmup is None else warmup
+    vlm_name = vlm if isinstance(vlm, str) else (None if vlm is None else type(vlm[0]).__name__)
+    if isinstance(vlm, str):
+        from ..zoo.load import load
+
+        vlm = load(vlm)
     t0 = time.perf_counter()
     call = dict(TINY_WAN_CALL if call is None else call)
     res, videos = run_fidelity(pipe, n=n, steps=steps, cfg=cfg, warmup=warmup, block=block, methods=methods,
-                               call=call, other_seed=other_seed, keep_videos=keep_videos, log=log)
+                               call=call, other_seed=other_seed, keep_videos=keep_videos, layout=layout, vlm=vlm,
+                               log=log)
     out = Path(out)
     png = Path(png) if png is not None else out.with_suffix(".png")
     write_strip(videos, png)
     doc = {
         "format": "mmeff.video_fidelity/1",
         "config": {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__, "n_prompts": n, "split": "test", "steps": steps, "guidance_scale": cfg,
-                   "warmup_steps": warmup, "block": block, "call": call,
+                   "warmup_steps": warmup, "block": block, "call": call, "layout": layout, "vlm": vlm_name,
+                   "vlm_frames": "first and last frame" if vlm_name else None,
                    "methods": {k: v.get("method") for k, v in res["results"].items() if "method" in v},
-                   "metrics": "PSNR (dB, [0,1], MSE floor 1e-10) and SSIM (11x11 gaussian sigma 1.5, valid, per frame "
-                              "and RGB channel, averaged) of each sparse video vs the dense video of the same "
-                              "prompt/seed/steps",
+                   "metrics": "PSNR (dB, [0,1], MSE floor 1e-10) and SSIM (skimage structural_similarity, "
+                              "gaussian sigma 1.5, population covariance, per frame over RGB, averaged) of each "
+                              "sparse video vs the dense video of the same prompt/seed/steps",
                    "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
@@ -303,9 +419,12 @@ def table(doc: dict[str, Any]) -> str:
     """A markdown table of a results JSON."""
     rows = doc["results"]
     dense_t = rows["dense"]["seconds_per_video"]["mean"]
-    lines = ["| method | PSNR (dB) | SSIM | sparsity (sparse calls) | sparsity (effective) | s/video | speed-up |",
-             "|---|---|---|---|---|---|---|",
-             f"| dense | - | - | 0 | 0 | {dense_t:.2f} | 1.00 |"]
+    has_vlm = "vlm_existence_acc" in rows["dense"]
+    vlm_head = " VLM existence | VLM = dense |" if has_vlm else ""
+    dense_vlm = f" {rows['dense']['vlm_existence_acc']:.3f} | 1.000 |" if has_vlm else ""
+    lines = ["| method | PSNR (dB) | SSIM | sparsity (sparse calls) | sparsity (effective) | s/video | speed-up |"
+             + vlm_head, "|---|---|---|---|---|---|---|" + ("---|---|" if has_vlm else ""),
+             f"| dense | - | - | 0 | 0 | {dense_t:.2f} | 1.00 |" + dense_vlm]
     for name, r in rows.items():
         if name == "dense":
             continue
@@ -315,6 +434,9 @@ def table(doc: dict[str, Any]) -> str:
                  f"{r['ssim']['mean']:.4f} ± {r['ssim']['std']:.4f}",
                  "-" if sp is None else f"{sp:.3f}", "-" if eff is None else f"{eff:.3f}",
                  "-" if sec is None else f"{sec['mean']:.2f}", "-" if spd is None else f"{spd:.2f}"]
+        if has_vlm:
+            cells += [f"{r['vlm_existence_acc']:.3f}" if "vlm_existence_acc" in r else "-",
+                      f"{r['vlm_agreement_with_dense']:.3f}" if "vlm_agreement_with_dense" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -327,13 +449,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=8, help="held-out prompts")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
-    ap.add_argument("--warmup", type=int, default=2, help="dense warm-up steps of every sparse method")
-    ap.add_argument("--block", type=int, default=16, help="Rectified SpaAttn block size (tokens)")
+    ap.add_argument("--layout", choices=LAYOUTS, default="fine", help="method settings (see the module docstring)")
+    ap.add_argument("--warmup", type=int, default=None, help="dense warm-up steps (default: the layout's)")
+    ap.add_argument("--block", type=int, default=None, help="SpaAttn block size in tokens (default: the layout's)")
+    ap.add_argument("--vlm", default="tiny-qwen2-vl", help="zoo VLM for presence on frames ('none' to skip)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-other-seed", action="store_true", help="skip the different-seed reference row")
     a = ap.parse_args(argv)
     doc = evaluate(a.model, out=a.out, png=a.png, n=a.n, steps=a.steps, cfg=a.cfg, warmup=a.warmup, block=a.block,
-                   threads=a.threads, other_seed=not a.no_other_seed)
+                   threads=a.threads, other_seed=not a.no_other_seed, layout=a.layout,
+                   vlm=None if a.vlm == "none" else a.vlm)
     print(table(doc))
     print(f"wrote {a.out} and {doc['png']}")
 

@@ -1,8 +1,8 @@
 """Load mmeff's shipped diffusion zoo models by name, anything else with ``from_pretrained``.
 
-- ``"tiny-sd3"``: the tiny :class:`diffusers.StableDiffusion3Pipeline` trained on 32x32 shapes-world images
-  (``mmeff/zoo/models/tiny-sd3/``, built by ``python -m mmeff.zoo.train_sd3``). Call it with
-  ``height=32, width=32, max_sequence_length=36`` (see :data:`TINY_SD3_CALL`).
+- ``"tiny-sd3"``: the tiny :class:`diffusers.StableDiffusion3Pipeline` trained on 64x64 shapes-world images
+  (``mmeff/zoo/models/tiny-sd3/``, built by ``python -m mmeff.zoo.train_sd3 --recipe 64px``). Call it with
+  ``height=64, width=64, max_sequence_length=36`` (see :data:`TINY_SD3_CALL`).
 - ``"tiny-clip-judge"``: the tiny open_clip judge (:class:`mmeff.zoo.judge.Judge`), built by
   ``python -m mmeff.zoo.train_judge``.
 - any other string: ``diffusers.DiffusionPipeline.from_pretrained(name_or_path)`` (a local folder works
@@ -18,8 +18,8 @@ from ..core.errors import ConfigError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 PIPELINES = {"tiny-sd3": "train_sd3", "tiny-clip-judge": "train_judge"}
-TINY_SD3_CALL: dict[str, Any] = {"height": 32, "width": 32, "max_sequence_length": 36}
-"""Call arguments that match how tiny-sd3 was trained (32 px, 36 text tokens)."""
+TINY_SD3_CALL: dict[str, Any] = {"height": 64, "width": 64, "max_sequence_length": 36}
+"""Call arguments that match how the shipped tiny-sd3 was trained (64 px, 36 text tokens)."""
 
 
 def load_pipeline(name_or_path: str | os.PathLike[str], *, device: str = "cpu", dtype: Any = None) -> Any:

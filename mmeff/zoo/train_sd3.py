@@ -1,6 +1,9 @@
-"""Train ``tiny-sd3``: a real :class:`diffusers.StableDiffusion3Pipeline`, tiny, on 32x32 shapes-world images.
+"""Train ``tiny-sd3``: a real :class:`diffusers.StableDiffusion3Pipeline`, tiny, on shapes-world images.
 
-``python -m mmeff.zoo.train_sd3 --minutes 20`` builds every component from a config (nothing is downloaded):
+``python -m mmeff.zoo.train_sd3 --minutes 64 --vae-minutes 14`` builds every component from a config (nothing is
+downloaded). Two recipes (:data:`RECIPES`): ``64px`` (the shipped model, default) and ``32px`` (the first one,
+recorded in ``training.json``'s ``lineage``); the reasons for 64 px and each change are in
+``docs/diffusion-testbed.md``.
 
 - **tokenizers**: word-level, in memory. Both CLIP tokenizers are BPE models whose merges are learned (with the
   ``tokenizers`` BPE trainer) on the world vocabulary only, so every world word (colours, shapes, sizes,
@@ -8,20 +11,23 @@
   T5 tokenizer is a Unigram model with one ``"\u2581word"`` piece per world word plus character fallbacks.
 - **text encoders**: two ``CLIPTextModelWithProjection`` (2 layers, width 32, projection 32; 36 positions) and a
   ``T5EncoderModel`` (2 layers, d_model 64). They are trained jointly with the transformer.
-- **VAE**: its own ``AutoencoderKL`` (channels 16/32, one 2x downsample, 4 latent channels), trained first as an
-  autoencoder (MSE + a small KL term) on world images; ``scaling_factor``/``shift_factor`` are then set from the
-  latent statistics so the diffusion latents are ~unit variance. 32x32 px images give 4x16x16 latents.
-- **transformer**: ``SD3Transformer2DModel`` (4 joint blocks, 4 heads x 16, patch 2 -> 64 image tokens, 64 text
-  tokens), trained with rectified flow exactly as ``FlowMatchEulerDiscreteScheduler`` samples it:
+- **VAE**: its own ``AutoencoderKL`` (64px: channels 16/32/64, two 2x downsamples, 4 latent channels), trained
+  first as an autoencoder (MSE + L1 with object pixels weighted 10x, on random 32 px crops, + a small KL term);
+  ``scaling_factor``/``shift_factor`` are then set from the latent statistics so the diffusion latents are ~unit
+  variance. 64x64 px images give 4x16x16 latents.
+- **transformer**: ``SD3Transformer2DModel`` (64px: 5 joint blocks, 6 heads x 16, patch 2 -> 64 image tokens),
+  trained with rectified flow exactly as ``FlowMatchEulerDiscreteScheduler`` samples it:
   ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``, timestep input ``1000 t``, t ~ logit-normal(0, 1).
   The prompt (``make_prompt`` of a train-split scene) is dropped to ``""`` 10% of the time, which is what the
-  pipeline's CFG uses as the default negative prompt.
+  pipeline's CFG uses as the default negative prompt. Latents of the first 16384 train scenes are cached once
+  the VAE is frozen; AdamW at 1e-3 with warm-up and a cosine decay over the time budget; EMA weights are saved.
 
-Training is time-bounded and resumable: a checkpoint is written to ``.zoo_ckpt/tiny-sd3/ckpt.pt`` every
-``--ckpt-every`` seconds; rerunning continues until the total budget ``--minutes`` is spent (``--fresh``
-starts over). The final pipeline goes to ``mmeff/zoo/models/tiny-sd3/`` via ``save_pretrained``, with
-``training.json`` (seed, steps, samples seen, minutes, losses, sizes). Load it with
-:func:`mmeff.zoo.load_pipeline.load_pipeline` (``"tiny-sd3"``).
+Training is time-bounded and resumable: a checkpoint (with the EMA and the latent cache) is written to
+``.zoo_ckpt/tiny-sd3/`` every ``--ckpt-every`` seconds; rerunning continues until the total budget ``--minutes``
+is spent (``--fresh`` starts over; ``--export`` saves the checkpoint's pipeline without training). The final
+pipeline goes to ``mmeff/zoo/models/tiny-sd3/`` via ``save_pretrained``, with ``training.json`` (recipe, seed,
+steps, samples seen, minutes, losses, sizes, lineage). Load it with :func:`mmeff.zoo.load_pipeline.load_pipeline`
+(``"tiny-sd3"``).
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 OUT_DIR = MODELS_DIR / "tiny-sd3"
 CKPT_DIR = ROOT / ".zoo_ckpt" / "tiny-sd3"
-IMAGE_SIZE = 32
+IMAGE_SIZE = 64  # the shipped (64px) recipe's image size; world_batch's default
 TEXT_LEN = 36  # CLIP positions and T5 max_sequence_length
 FORMAT = "mmeff.zoo.tiny-sd3/1"
 
@@ -91,20 +97,59 @@ def t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+# ---------------------------------------------------------------------------------------------- recipes
+RECIPES: dict[str, dict[str, Any]] = {
+    # the first shipped model: 32 px, one 2x VAE downsample, 4 blocks x 4 heads, on-the-fly data, no EMA
+    "32px": {"image_size": 32, "vae_channels": (16, 32), "layers": 4, "heads": 4, "batch": 16, "lr": 3e-4,
+             "warmup": 200, "cosine": False, "ema": 0.0, "pool": 0, "vae_l1": 0.0, "vae_lr": 1e-3, "vae_batch": None,
+             "vae_crop": None, "vae_object_weight": 0.0},
+    # 64 px: the smallest size where a "small" object (radius 0.065 of the canvas) is ~8 px across, enough
+    # pixels for a star, a cross and a diamond to differ (at 32 px it is 4 px: a blob). Two 2x VAE
+    # downsamples keep the latent at 16x16 and, with patch 2, the transformer at 64 image tokens (one
+    # token per 8x8 px, i.e. about one small object), so a step costs what the 32 px model's did.
+    # Latents of the first ``pool`` train scenes are cached (the VAE is frozen after phase 0), so later
+    # steps skip rendering and encoding; EMA weights are what is saved.
+    # The VAE (convolutional, no attention) trains on random 32 px crops of the 64 px renders in batches of 16:
+    # a quarter of the pixels per sample, so four times the steps in the same minutes. Its reconstruction loss
+    # weights object pixels (those that differ from the background) 10x: objects cover a few percent of the
+    # canvas, and a plain MSE learns the background first and turns purple into blue.
+    "64px": {"image_size": 64, "vae_channels": (16, 32, 64), "layers": 5, "heads": 6, "batch": 32, "lr": 1e-3,
+             "warmup": 300, "cosine": True, "ema": 0.9995, "pool": 16384, "vae_l1": 0.5, "vae_lr": 2e-3,
+             "vae_batch": 16, "vae_crop": 32, "vae_object_weight": 9.0},
+}
+DEFAULT_RECIPE = "64px"
+"""The shipped model's recipe (``"32px"`` rebuilds the first tiny-sd3, kept in ``training.json`` lineage)."""
+
+
+def recipe_of(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        from ..core.errors import ConfigError
+
+        raise ConfigError(f"unknown tiny-sd3 recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
 # ---------------------------------------------------------------------------------------------- components
-def build_vae(seed: int = 0) -> torch.nn.Module:
+def build_vae(seed: int = 0, recipe: str = DEFAULT_RECIPE) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
+    r = recipe_of(recipe)
+    n = len(r["vae_channels"])
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE,
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(r["vae_channels"]),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=r["image_size"],
                          mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False,
                          scaling_factor=1.0, shift_factor=0.0)
 
 
-def build_pipeline(seed: int = 0) -> Any:
-    """A freshly initialised tiny SD3 pipeline (VAE untrained as well)."""
+def latent_size(recipe: str = DEFAULT_RECIPE) -> int:
+    r = recipe_of(recipe)
+    return r["image_size"] // 2 ** (len(r["vae_channels"]) - 1)
+
+
+def build_pipeline(seed: int = 0, recipe: str = DEFAULT_RECIPE) -> Any:
+    """A freshly initialised tiny SD3 pipeline of ``recipe`` (VAE untrained as well)."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -117,6 +162,7 @@ def build_pipeline(seed: int = 0) -> Any:
         T5EncoderModel,
     )
 
+    r = recipe_of(recipe)
     tok, tok3 = clip_tokenizer(), t5_tokenizer()
     encoders = []
     for i in range(2):
@@ -129,12 +175,13 @@ def build_pipeline(seed: int = 0) -> Any:
     t5 = T5EncoderModel(T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=len(tok3),
                                  relative_attention_num_buckets=16, dropout_rate=0.0))
     torch.manual_seed(seed + 4)
-    transformer = SD3Transformer2DModel(sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, num_layers=4,
-                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                        caption_projection_dim=64, pooled_projection_dim=64, out_channels=4,
-                                        pos_embed_max_size=16)
+    lat = latent_size(recipe)
+    transformer = SD3Transformer2DModel(sample_size=lat, patch_size=2, in_channels=4, num_layers=r["layers"],
+                                        attention_head_dim=16, num_attention_heads=r["heads"], joint_attention_dim=64,
+                                        caption_projection_dim=16 * r["heads"], pooled_projection_dim=64,
+                                        out_channels=4, pos_embed_max_size=lat)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    vae=build_vae(seed), text_encoder=encoders[0], tokenizer=tok,
+                                    vae=build_vae(seed, recipe), text_encoder=encoders[0], tokenizer=tok,
                                     text_encoder_2=encoders[1], tokenizer_2=clip_tokenizer(),
                                     text_encoder_3=t5, tokenizer_3=tok3)
     pipe.set_progress_bar_config(disable=True)
@@ -157,6 +204,22 @@ def train_seeds(step: int, batch: int, phase: int) -> list[int]:
     n = 1_000_000
     start = (step * batch * 7919 + phase * 499_979) % n
     return [(start + i) % n for i in range(batch)]
+
+
+def object_mask(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, H, W]`` 1 where a pixel differs from its image's background (the median of the four corners)."""
+    corners = torch.stack([x[:, :, 0, 0], x[:, :, 0, -1], x[:, :, -1, 0], x[:, :, -1, -1]], -1)
+    bg = corners.median(-1).values[:, :, None, None]
+    return ((x - bg).abs().sum(1, keepdim=True) > 0.1).float()
+
+
+def random_crops(x: torch.Tensor, crop: int, seed: int) -> torch.Tensor:
+    """One random ``crop`` x ``crop`` window of every image of ``x`` ([B, C, H, W]); reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = x.shape[-2:]
+    ys = torch.randint(0, h - crop + 1, (x.shape[0],), generator=g).tolist()
+    xs = torch.randint(0, w - crop + 1, (x.shape[0],), generator=g).tolist()
+    return torch.stack([im[:, y:y + crop, c:c + crop] for im, y, c in zip(x, ys, xs)])
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -184,8 +247,8 @@ def _save_ckpt(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_saved(pipe: Any, folder: Path) -> dict[str, Any]:
-    """Copy the weights of a saved tiny-sd3 pipeline into ``pipe`` (built by :func:`build_pipeline`)
-    and return the training state its ``training.json`` records (counters, curves, latent
+    """Copy the weights of a saved tiny-sd3 pipeline into ``pipe`` (built by :func:`build_pipeline` with the
+    saved recipe) and return the training state its ``training.json`` records (counters, curves, latent
     statistics), so a continued run's schedule, data order and report carry on from it."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -196,34 +259,117 @@ def load_saved(pipe: Any, folder: Path) -> dict[str, Any]:
     vae, diff = meta["vae"], meta["diffusion"]
     return {"phase": 1, "vae_step": vae["steps"], "vae_seconds": vae["minutes"] * 60, "vae_losses": vae["mse_curve"],
             "step": diff["steps"], "diff_seconds": diff["minutes"] * 60, "losses": diff["loss_curve"],
-            "latent_shift": vae["shift_factor"], "latent_scale": vae["scaling_factor"]}
+            "latent_shift": vae["shift_factor"], "latent_scale": vae["scaling_factor"],
+            "lineage": list(meta.get("lineage", []))}
+
+
+def saved_recipe(folder: Path) -> str:
+    """The recipe a saved tiny-sd3 was trained with (models saved before recipes existed are ``"32px"``)."""
+    meta = read_training_json(folder, FORMAT, "train_sd3")
+    return str(meta.get("recipe", "32px"))
 
 
 def _lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
 
+def lr_at(step: int, frac: float, r: dict[str, Any]) -> float:
+    """Linear warm-up over ``warmup`` steps, then (``cosine`` recipes) a cosine decay to 10% over the time
+    budget (``frac`` = spent fraction), so a resumed run continues the same schedule."""
+    lr = r["lr"] * min(1.0, (step + 1) / r["warmup"])
+    if r["cosine"]:
+        lr *= 0.1 + 0.45 * (1.0 + float(np.cos(np.pi * min(1.0, frac))))
+    return lr
+
+
+class EMA:
+    """Exponential moving average of parameters (decay warmed up as ``min(decay, (1+n)/(10+n))``)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, torch.nn.Module], n: int) -> None:
+        d = min(self.decay, (1 + n) / (10 + n))
+        for k, m in modules.items():
+            for name, p in m.named_parameters():
+                self.shadow[k][name].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, modules: dict[str, torch.nn.Module]) -> None:
+        for k, m in modules.items():
+            for name, p in m.named_parameters():
+                p.copy_(self.shadow[k][name])
+
+
+class LatentPool:
+    """Frozen-VAE latents (scaled, ``mode()`` of the posterior) and prompts of the first ``size`` train scenes:
+    grown one fresh batch per step until full, then sampled at random. Saved beside the checkpoint."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.latents: list[torch.Tensor] = []
+        self.prompts: list[str] = []
+        self.dirty = False
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def full(self) -> bool:
+        return len(self) >= self.size
+
+    def add(self, z: torch.Tensor, prompts: list[str]) -> None:
+        self.latents.extend(z.to(torch.float16).unbind(0))
+        self.prompts.extend(prompts)
+        self.dirty = True
+
+    def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        idx = torch.randint(len(self), (batch,), generator=gen).tolist()
+        return torch.stack([self.latents[i] for i in idx]).float(), [self.prompts[i] for i in idx]
+
+    def save(self, path: Path) -> None:
+        if self.dirty and len(self):
+            _save_ckpt(path, {"latents": torch.stack(self.latents), "prompts": self.prompts})
+            self.dirty = False
+
+    def load(self, path: Path) -> None:
+        if path.exists():
+            d = torch.load(path, map_location="cpu", weights_only=False)
+            self.latents, self.prompts = list(d["latents"].unbind(0)), list(d["prompts"])
+
+
 # ---------------------------------------------------------------------------------------------- training
-def train(minutes: float, vae_minutes: float | None = None, batch: int = 16, seed: int = 0,
+def train(minutes: float, vae_minutes: float | None = None, batch: int | None = None, seed: int = 0,
           ckpt_every: float = 60.0, fresh: bool = False, out_dir: Path = OUT_DIR, ckpt_dir: Path = CKPT_DIR,
-          threads: int | None = None, log_every: int = 50, init_from: Path | None = None) -> dict[str, Any]:
+          threads: int | None = None, log_every: int = 50, init_from: Path | None = None,
+          recipe: str | None = None, export_only: bool = False) -> dict[str, Any]:
     """Train (or resume) tiny-sd3 until ``minutes`` in total are spent; ``init_from`` (a saved
     tiny-sd3 folder, e.g. the shipped one) continues that model instead of starting fresh, so
-    training can go on across machines that keep no ``.zoo_ckpt``."""
+    training can go on across machines that keep no ``.zoo_ckpt``. ``export_only`` saves the
+    checkpoint's (EMA) pipeline to ``out_dir`` without training (to evaluate a run in progress)."""
     if threads:
         torch.set_num_threads(threads)
-    vae_minutes = min(4.0, 0.2 * minutes) if vae_minutes is None else vae_minutes
     ckpt_path = ckpt_dir / "ckpt.pt"
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() and not fresh else None
+    if recipe is None:
+        recipe = (ck or {}).get("recipe") or (saved_recipe(Path(init_from)) if init_from else DEFAULT_RECIPE)
+    r = recipe_of(recipe)
+    batch = batch or r["batch"]
+    vae_minutes = min(4.0, 0.2 * minutes) if vae_minutes is None else vae_minutes
     torch.manual_seed(seed)
-    pipe = build_pipeline(seed)
+    pipe = build_pipeline(seed, recipe)
     vae, tr = pipe.vae, pipe.transformer
-    diff_params = [p for m in [tr, *text_modules(pipe)] for p in m.parameters()]
-    opt_vae = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    opt = torch.optim.AdamW(diff_params, lr=3e-4, weight_decay=0.01)
+    learned = {"transformer": tr, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2, "te3": pipe.text_encoder_3}
+    diff_params = [p for m in learned.values() for p in m.parameters()]
+    opt_vae = torch.optim.AdamW(vae.parameters(), lr=r["vae_lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW(diff_params, lr=r["lr"], weight_decay=0.01)
     st: dict[str, Any] = {"phase": 0, "vae_step": 0, "step": 0, "vae_seconds": 0.0, "diff_seconds": 0.0,
                           "vae_losses": [], "losses": [], "latent_shift": 0.0, "latent_scale": 1.0}
-    if ckpt_path.exists() and not fresh:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    pool = LatentPool(r["pool"])
+    pool_path = ckpt_dir / "latent_pool.pt"
+    if ck is not None:
         for name, mod in [("vae", vae), ("transformer", tr), ("te1", pipe.text_encoder),
                           ("te2", pipe.text_encoder_2), ("te3", pipe.text_encoder_3)]:
             mod.load_state_dict(ck[name])
@@ -231,18 +377,36 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 16, see
         opt.load_state_dict(ck["opt"])
         st.update(ck["state"])
         torch.set_rng_state(ck["rng"])
-        print(f"resumed from {ckpt_path}: phase {st['phase']}, vae_step {st['vae_step']}, step {st['step']}")
+        pool.load(pool_path)
+        print(f"resumed from {ckpt_path}: recipe {recipe}, phase {st['phase']}, vae_step {st['vae_step']}, "
+              f"step {st['step']}, pool {len(pool)}")
     elif init_from is not None:
         st.update(load_saved(pipe, Path(init_from)))
         print(f"continuing {init_from}: diffusion step {st['step']}, "
               f"{(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent")
+    ema = EMA(learned, r["ema"]) if r["ema"] > 0 else None
+    if ema is not None and ck is not None and ck.get("ema"):
+        ema.shadow = ck["ema"]
 
     def checkpoint() -> None:
-        _save_ckpt(ckpt_path, {"vae": vae.state_dict(), "transformer": tr.state_dict(),
+        _save_ckpt(ckpt_path, {"recipe": recipe, "vae": vae.state_dict(), "transformer": tr.state_dict(),
                                "te1": pipe.text_encoder.state_dict(), "te2": pipe.text_encoder_2.state_dict(),
                                "te3": pipe.text_encoder_3.state_dict(), "opt_vae": opt_vae.state_dict(),
-                               "opt": opt.state_dict(), "state": st, "rng": torch.get_rng_state()})
+                               "opt": opt.state_dict(), "state": st, "rng": torch.get_rng_state(),
+                               "ema": None if ema is None else ema.shadow})
+        pool.save(pool_path)
 
+    def finish() -> dict[str, Any]:
+        if ema is not None:
+            ema.copy_to(learned)
+        return save(pipe, st, seed=seed, batch=batch, minutes=minutes, out_dir=out_dir, recipe=recipe)
+
+    if export_only:
+        if ck is None:
+            raise FileNotFoundError(f"no checkpoint to export at {ckpt_path}")
+        return finish()
+
+    size = r["image_size"]
     # ---- phase 0: the VAE as an autoencoder
     last_ck = time.time()
     if st["phase"] == 0:
@@ -250,14 +414,20 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 16, see
         run = []
         while st["vae_seconds"] < vae_minutes * 60:
             t0 = time.time()
-            x, _ = world_batch(train_seeds(st["vae_step"], batch, 0))
+            vb = r["vae_batch"] or batch
+            x, _ = world_batch(train_seeds(st["vae_step"], vb, 0), size)
+            weight = 1.0 + r["vae_object_weight"] * object_mask(x)
+            if r["vae_crop"]:
+                xw = random_crops(torch.cat([x, weight], 1), r["vae_crop"], st["vae_step"])
+                x, weight = xw[:, :3], xw[:, 3:]
             for g in opt_vae.param_groups:
-                g["lr"] = _lr(st["vae_step"], 1e-3, 100)
+                g["lr"] = _lr(st["vae_step"], r["vae_lr"], 100)
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
             mse = torch.nn.functional.mse_loss(rec, x)
             kl = post.kl().mean() / x[0].numel()
-            loss = mse + 1e-4 * kl
+            err = rec - x
+            loss = (weight * err ** 2).mean() + r["vae_l1"] * (weight * err.abs()).mean() + 1e-4 * kl
             opt_vae.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -276,7 +446,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 16, see
         # latent statistics -> scaling / shift (the pipeline decodes z / scale + shift)
         vae.eval()
         with torch.no_grad():
-            x, _ = world_batch(list(range(500_000, 500_512)))
+            x, _ = world_batch(list(range(500_000, 500_512)), size)
             z = vae.encode(x).latent_dist.mode()
         st["latent_shift"] = float(z.mean())
         st["latent_scale"] = float(1.0 / z.std())
@@ -287,26 +457,31 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 16, see
     shift, scale = st["latent_shift"], st["latent_scale"]
 
     # ---- phase 1: flow matching on the transformer + text encoders
-    tr.train()
-    for m in text_modules(pipe):
+    for m in learned.values():
         m.train()
     budget = max(0.0, minutes * 60 - st["vae_seconds"])
     run = []
     gen = torch.Generator().manual_seed(seed * 1000 + st["step"])
     while st["diff_seconds"] < budget:
         t0 = time.time()
-        x, prompts = world_batch(train_seeds(st["step"], batch, 1))
+        if r["pool"] and pool.full:
+            x0, prompts = pool.sample(batch, gen)
+        else:
+            x, prompts = world_batch(train_seeds(st["step"], batch, 1), size)
+            with torch.no_grad():
+                post = vae.encode(x).latent_dist
+                x0 = ((post.mode() if r["pool"] else post.sample(generator=gen)) - shift) * scale
+            if r["pool"]:
+                pool.add(x0, prompts)
         drop = torch.rand(batch, generator=gen) < 0.1
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        with torch.no_grad():
-            x0 = (vae.encode(x).latent_dist.sample(generator=gen) - shift) * scale
         eps = torch.randn(x0.shape, generator=gen)
         t = torch.sigmoid(torch.randn(batch, generator=gen))
         tt = t.view(-1, 1, 1, 1)
         xt = (1 - tt) * x0 + tt * eps
         pe, pooled = encode_text(pipe, prompts)
         for g in opt.param_groups:
-            g["lr"] = _lr(st["step"], 3e-4, 200)
+            g["lr"] = lr_at(st["step"], st["diff_seconds"] / max(budget, 1e-9), r)
         pred = tr(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=pe, pooled_projections=pooled,
                   return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, eps - x0)
@@ -314,35 +489,41 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 16, see
         loss.backward()
         torch.nn.utils.clip_grad_norm_(diff_params, 1.0)
         opt.step()
+        if ema is not None:
+            ema.update(learned, st["step"])
         run.append(loss.item())
         st["step"] += 1
         st["diff_seconds"] += time.time() - t0
         if st["step"] % log_every == 0:
             st["losses"].append([st["step"], float(np.mean(run))])
-            print(f"step {st['step']} loss {np.mean(run):.4f} "
+            print(f"step {st['step']} loss {np.mean(run):.4f} pool {len(pool)} "
                   f"({(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} min)", flush=True)
             run = []
         if time.time() - last_ck > ckpt_every:
             checkpoint()
             last_ck = time.time()
     checkpoint()
-    return save(pipe, st, seed=seed, batch=batch, minutes=minutes, out_dir=out_dir)
+    return finish()
 
 
-def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, minutes: float, out_dir: Path) -> dict[str, Any]:
+def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, minutes: float, out_dir: Path,
+         recipe: str = DEFAULT_RECIPE) -> dict[str, Any]:
     import diffusers
     import transformers
 
+    r = recipe_of(recipe)
     pipe.vae.register_to_config(scaling_factor=st["latent_scale"], shift_factor=st["latent_shift"])
     for m in [pipe.vae, pipe.transformer, *text_modules(pipe)]:
         m.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir)
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file() and f.name != "training.json")
+    lat = latent_size(recipe)
     info = {
-        "format": FORMAT, "trained": st["step"] > 0, "seed": seed, "batch_size": batch,
-        "budget_minutes": minutes, "image_size": IMAGE_SIZE, "latent_shape": [4, IMAGE_SIZE // 2, IMAGE_SIZE // 2],
-        "vae": {"steps": st["vae_step"], "samples_seen": st["vae_step"] * batch,
+        "format": FORMAT, "trained": st["step"] > 0, "recipe": recipe,
+        "recipe_config": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}, "seed": seed,
+        "batch_size": batch, "budget_minutes": minutes, "image_size": r["image_size"], "latent_shape": [4, lat, lat],
+        "vae": {"steps": st["vae_step"], "samples_seen": st["vae_step"] * (r["vae_batch"] or batch),
                 "minutes": round(st["vae_seconds"] / 60, 2), "mse_curve": st["vae_losses"],
                 "scaling_factor": st["latent_scale"], "shift_factor": st["latent_shift"],
                 "params": n_params(pipe.vae)},
@@ -350,11 +531,13 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, minutes: float
                       "minutes": round(st["diff_seconds"] / 60, 2), "loss_curve": st["losses"],
                       "final_loss": st["losses"][-1][1] if st["losses"] else None,
                       "objective": "rectified flow: x_t=(1-t)x0+t*eps, target eps-x0, t~logit-normal, "
-                                   "timestep=1000t, text dropout 10% (prompt -> '')"},
+                                   "timestep=1000t, text dropout 10% (prompt -> '')",
+                      "weights": f"EMA (decay {r['ema']})" if r["ema"] else "last step"},
         "params": {"transformer": n_params(pipe.transformer), "text_encoder": n_params(pipe.text_encoder),
                    "text_encoder_2": n_params(pipe.text_encoder_2), "text_encoder_3": n_params(pipe.text_encoder_3),
                    "vae": n_params(pipe.vae)},
-        "disk_bytes": size, "data": "shapes world train split, make_prompt(scene), render(scene, size=32)",
+        "disk_bytes": size, "lineage": st.get("lineage", []),
+        "data": f"shapes world train split, make_prompt(scene), render(scene, size={r['image_size']})",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
     }
@@ -367,7 +550,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=20.0, help="total training budget (VAE + diffusion)")
     ap.add_argument("--vae-minutes", type=float, default=None, help="VAE phase budget (default min(4, 0.2 x minutes))")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                    help="architecture + schedule (default: the checkpoint's, the --init-from model's, or 64px)")
+    ap.add_argument("--export", action="store_true",
+                    help="save the checkpoint's pipeline (EMA weights) to --out without training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
@@ -380,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
                          "--minutes stays the total budget, so it trains for the minutes not yet spent")
     a = ap.parse_args(argv)
     train(a.minutes, a.vae_minutes, a.batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir, a.threads, a.log_every,
-          init_from=a.init_from)
+          init_from=a.init_from, recipe=a.recipe, export_only=a.export)
 
 
 if __name__ == "__main__":

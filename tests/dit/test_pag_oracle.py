@@ -46,3 +46,35 @@ def test_joint_identity_is_not_diffusers_pag():
     with mmeff.apply(pipe, SoftPAG(layers=(1,), u=1.0, scale=2.5, mode="joint_identity")):
         ours = generate(pipe, "sd3", cfg=4.0, steps=3)
     assert (ours - reference).abs().max() > 1e-4
+
+
+def test_image_identity_equals_diffusers_sd3_pag_on_the_zoo_pipeline():
+    """The guidance comparison's ``cfg+pag`` row, checked on the model it runs on: the shipped tiny-sd3 at its
+    own resolution, diffusers' default ``pag_applied_layers`` (``blocks.1``), whole layer (every head, u=1)."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    from mmeff.eval.guidance_eval import RUNS
+    from mmeff.eval.t2i_fidelity import pipe_call_kwargs
+    from mmeff.zoo.load_pipeline import load_pipeline
+
+    pipe = load_pipeline("tiny-sd3")
+    parts = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pag = StableDiffusion3PAGPipeline(**parts)  # diffusers' default layer
+    pag.set_progress_bar_config(disable=True)
+    assert pag.pag_applied_layers == ["blocks.1"] and "blocks.1" in RUNS["cfg+pag"]
+    kw = {**pipe_call_kwargs(pipe), "prompt": "a large red square and a small blue circle on a white background",
+          "num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "pt"}
+
+    def run(p, **extra):
+        with torch.no_grad():
+            return p(**kw, **extra, generator=torch.Generator().manual_seed(7)).images
+
+    reference = run(pag, pag_scale=3.0)
+    dense = run(pipe)
+    with mmeff.apply(pipe, SoftPAG(layers=(1,), u=1.0, scale=3.0, mode="image_identity")):
+        ours = run(pipe)
+    assert (reference - dense).abs().max() > 1e-3  # PAG changes the image, so the comparison can fail
+    torch.testing.assert_close(ours, reference, rtol=2e-5, atol=2e-5)
+    with mmeff.apply(pipe, SoftPAG(layers=(1,), u=1.0, scale=3.0, mode="joint_identity")):
+        joint = run(pipe)
+    assert (joint - reference).abs().max() > 1e-4  # the cfg+pag-joint row is a different method

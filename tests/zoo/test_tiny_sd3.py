@@ -1,5 +1,5 @@
-"""The shipped tiny diffusion zoo: tiny-sd3 (real StableDiffusion3Pipeline) loads offline and generates 32x32
-images, the tiny CLIP judge prefers a render's own caption (only asserted when its training.json says it was
+"""The shipped tiny diffusion zoo: tiny-sd3 (real StableDiffusion3Pipeline) loads offline and generates images at
+its training size, the tiny CLIP judge prefers a render's own caption (only asserted when its training.json says it was
 trained), and guidance_eval writes its JSON and grid on a 2-prompt, 2-step run."""
 from __future__ import annotations
 
@@ -44,12 +44,14 @@ def test_tiny_sd3_loads_offline_and_generates(sd3):
     from diffusers import StableDiffusion3Pipeline
 
     assert isinstance(sd3, StableDiffusion3Pipeline)
-    assert sd3.vae_scale_factor == 2
+    info = json.loads((SD3_DIR / "training.json").read_text())
+    size = info["image_size"]
+    assert TINY_SD3_CALL["height"] == TINY_SD3_CALL["width"] == size  # the call defaults match the shipped model
+    assert sd3.vae_scale_factor * info["latent_shape"][1] == size
     out = sd3(prompt=make_prompt(generate_scene(1_100_000)), num_inference_steps=2, guidance_scale=3.0,
               generator=torch.Generator().manual_seed(0), output_type="np", **TINY_SD3_CALL)
-    assert out.images.shape == (1, 32, 32, 3)
+    assert out.images.shape == (1, size, size, 3)
     assert np.isfinite(out.images).all()
-    info = json.loads((SD3_DIR / "training.json").read_text())
     assert info["format"] == "mmeff.zoo.tiny-sd3/1" and "diffusion" in info
 
 
@@ -77,7 +79,7 @@ def test_judge_prefers_own_caption(judge):
 def test_guidance_eval_writes_json_and_grid(tmp_path):
     from PIL import Image
 
-    from mmeff.eval.guidance_eval import METHODS, run, table
+    from mmeff.eval.guidance_eval import METHODS, RUNS, run, table
     from mmeff.zoo.judge import Judge, build, default_config
 
     if (SD3_DIR / "model_index.json").is_file():
@@ -95,11 +97,16 @@ def test_guidance_eval_writes_json_and_grid(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["results"]) == set(METHODS)
     assert data["results"]["cfg+pag"]["config"]["mode"] == "image_identity"  # diffusers' PAG rule
+    assert data["results"]["cfg+pag-joint"]["config"]["mode"] == "joint_identity"  # same layer, not diffusers'
+    assert data["results"]["cfg+softpag"]["config"]["mode"] == "joint_identity"
+    assert data["results"]["cfg+pag"]["config"]["layers"] == data["results"]["cfg+pag-joint"]["config"]["layers"]
+    for name in METHODS:  # every row says what it runs
+        assert data["results"][name]["runs"] == RUNS[name] == data["config"]["runs"][name]
     for r in data["results"].values():
         assert np.isfinite(r["clip_score"]) and 0.0 <= r["presence_acc"] <= 1.0 and r["sec_per_image"] > 0
         # the combined objective is clip / 100 + presence, per image, so also in the mean
         assert r["objective"] == pytest.approx(r["clip_score"] / 100 + r["presence_acc"], abs=1e-6)
-    for name in ("cfg+pag", "cfg+softpag"):  # paired differences against CFG, per metric
+    for name in ("cfg+pag", "cfg+pag-joint", "cfg+softpag"):  # paired differences against CFG, per metric
         vs = data["results"][name]["vs_cfg"]
         assert set(vs) == {"clip_score", "presence", "objective"}
         assert vs["clip_score"]["mean"] == pytest.approx(
@@ -115,10 +122,11 @@ def test_guidance_eval_writes_json_and_grid(tmp_path):
 def test_training_continues_the_shipped_pipeline(tmp_path):
     """``--init-from`` starts from the saved weights and counters: a few more diffusion steps,
     the VAE and its latent statistics untouched, the report cumulative."""
-    from mmeff.zoo.train_sd3 import build_pipeline, load_saved, train
+    from mmeff.zoo.train_sd3 import build_pipeline, load_saved, saved_recipe, train
 
     before = json.loads((SD3_DIR / "training.json").read_text())
-    pipe = build_pipeline()
+    recipe = saved_recipe(SD3_DIR)
+    pipe = build_pipeline(recipe=recipe)
     state = load_saved(pipe, SD3_DIR)
     assert state["step"] == before["diffusion"]["steps"] and state["phase"] == 1
     shipped = load_offline(load_pipeline, "tiny-sd3")
@@ -131,4 +139,4 @@ def test_training_continues_the_shipped_pipeline(tmp_path):
     assert info["vae"]["steps"] == before["vae"]["steps"]
     assert info["vae"]["scaling_factor"] == before["vae"]["scaling_factor"]
     with pytest.raises(FileNotFoundError, match="training.json"):
-        load_saved(build_pipeline(), tmp_path)
+        load_saved(build_pipeline(recipe=recipe), tmp_path)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 import mmeff
-from mmeff.eval.video_fidelity import evaluate, psnr, ssim
+from mmeff.eval.video_fidelity import (
+    _sparsity,
+    default_methods,
+    evaluate,
+    psnr,
+    ssim,
+    ssim_skimage,
+    vmoba_topk,
+)
 from mmeff.video import RectifiedSpaAttn, VMoBA
 from mmeff.zoo.load_video import MODELS_DIR, TINY_WAN_CALL, load_video_pipeline
 
@@ -61,6 +69,36 @@ def test_ssim_and_psnr():
         prev_p, prev_s = p, s
     assert float(psnr(x + 0.1, x)) == pytest.approx(20.0, abs=1e-6)  # MSE 0.01
     assert float(ssim(x, 1 - x)) < 0.0  # anti-correlated
+
+
+def test_torch_ssim_equals_scikit_image():
+    """The demo's torch SSIM is the twin of the scikit-image SSIM the fidelity JSON reports."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 40, 36, generator=g)
+    for y in (x, (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1), torch.rand(x.shape, generator=g)):
+        assert float(ssim(x, y)) == pytest.approx(ssim_skimage(x, y), abs=1e-9)
+
+
+def test_vmoba_topk_follows_the_drop_but_never_routes_top1():
+    assert [vmoba_topk(d, 64) for d in (0.5, 0.75, 0.9)] == [32, 16, 6]
+    assert vmoba_topk(0.9, 4) == 2
+
+
+def test_fine_layout_skips_what_the_drop_asks_where_the_paper_layout_cannot(wan):
+    """On tiny-wan's 256-token grid, block 16 + a dense first frame + tau leave drop 0.9 near 0.5 sparsity;
+    4-token blocks with tau 0 and no dense rule get the drop's floor minus the always-kept 3-D neighbours."""
+    call = _call(steps=2, output_type="latent")
+    measured = {}
+    for layout in ("paper", "fine"):
+        conf = default_methods(block=16 if layout == "paper" else 4, warmup=0, layout=layout)["blocksparse_d90"]()
+        with mmeff.apply(wan, conf) as h:
+            wan(**{**call, "generator": torch.Generator().manual_seed(0)})
+        measured[layout] = _sparsity(h.report())["sparsity_sparse_calls"]
+    assert measured["paper"] < 0.6 < measured["fine"]
+    from mmeff.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="layout"):
+        default_methods(layout="coarse")
 
 
 def test_drop_zero_reproduces_dense_exactly(wan):

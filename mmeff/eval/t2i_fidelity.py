@@ -1,0 +1,194 @@
+"""Does a text-to-image pipeline draw what it is told? Held-out shapes-world prompts, judged two ways.
+
+``python -m mmeff.eval.t2i_fidelity --pipe tiny-sd3 --n 48 --out docs/results/tiny-sd3-prompt-fidelity.json``
+
+For ``n`` *test*-split scenes (never trained on) the pipeline draws ``make_prompt(scene)`` with generator seed =
+scene seed. Each image is scored, and so is the world's own render of the scene at the same size (the ceiling):
+
+- **shape existence** (zoo VLM, default ``tiny-qwen2-vl``): "Is there a <shape> in the image?" for all six shapes
+  (present ones should be answered "yes", absent ones "no"); accuracy over all questions, plus the yes-rate on
+  present and absent shapes, so a model that says "yes" to everything cannot look good.
+- **colours** (pixels, no model): the *background* is correct when the median colour of the outer ring of
+  pixels is nearest to the named background; a *named object colour* is present when at least
+  :func:`min_colour_pixels` pixels are within :data:`COLOUR_TOLERANCE` of that palette colour and nearer to it
+  than to any other palette or background colour. ``all_colours_ok`` = background and every named colour.
+
+Writes the JSON (config, versions, per-prompt rows, summary for generated images and renders) and
+``<out stem>_grid.png`` (generated row above the render row for every prompt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+COLOUR_TOLERANCE = 60.0
+"""Largest RGB distance (0-255 scale) at which a pixel counts as a palette colour."""
+
+
+def to_uint8(image: Any) -> np.ndarray:
+    """HWC uint8 array from a PIL image, or a float array in [0, 1], or a uint8 array."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return arr[..., :3]
+
+
+def min_colour_pixels(size: int) -> int:
+    """Pixels a named colour needs: a quarter of a small circle's area at this size (at least 3)."""
+    from ..zoo.world import SIZES
+
+    r = SIZES["small"] * size
+    return max(3, int(0.25 * np.pi * r * r))
+
+
+def colour_checks(image: Any, scene: Any) -> dict[str, Any]:
+    """Background and named-colour presence of one image against the scene it should show."""
+    from ..zoo.world import BACKGROUNDS, COLOURS
+
+    arr = to_uint8(image).astype(np.float64)
+    h, w = arr.shape[:2]
+    names = list(COLOURS) + list(BACKGROUNDS)
+    palette = np.array([COLOURS.get(n) or BACKGROUNDS[n] for n in names], dtype=np.float64)
+    ring = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3),
+                           arr[:, -2:].reshape(-1, 3)])
+    median = np.median(ring, axis=0)
+    bg_names = list(BACKGROUNDS)
+    bg_pred = bg_names[int(np.argmin([np.linalg.norm(median - np.array(BACKGROUNDS[b])) for b in bg_names]))]
+    dist = np.linalg.norm(arr.reshape(-1, 1, 3) - palette[None], axis=-1)  # [pixels, palette]
+    nearest = dist.argmin(1)
+    close = dist.min(1) <= COLOUR_TOLERANCE
+    need = min_colour_pixels(min(h, w))
+    named = sorted({o.colour for o in scene.objects})
+    counts = {c: int(((nearest == names.index(c)) & close).sum()) for c in named}
+    present = {c: counts[c] >= need for c in named}
+    return {"background": scene.background, "background_pred": bg_pred,
+            "background_ok": bg_pred == scene.background, "colours": present, "colour_pixels": counts,
+            "all_colours_ok": bg_pred == scene.background and all(present.values())}
+
+
+def existence_questions(scene: Any) -> list[tuple[str, str, str]]:
+    """``(shape, question, answer)`` for all six shapes (the world's exhaustive existence drill)."""
+    from ..zoo.world import SHAPES
+
+    present = scene.shapes()
+    return [(s, f"Is there a {s} in the image?", "yes" if s in present else "no") for s in SHAPES]
+
+
+def vlm_existence(model: Any, processor: Any, images: Sequence[Any], scenes: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per image: the VLM's answers to :func:`existence_questions` and whether each is right."""
+    from PIL import Image
+
+    from ..zoo.eval_dense import answer_shared_image, normalise
+
+    rows = []
+    for image, scene in zip(images, scenes):
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(to_uint8(image))
+        qs = existence_questions(scene)
+        preds = answer_shared_image(model, processor, pil, [q for _, q, _ in qs], max_new_tokens=3)
+        rows.append({"answers": {s: normalise(p) for (s, _, _), p in zip(qs, preds)},
+                     "correct": {s: normalise(p) == a for (s, _, a), p in zip(qs, preds)},
+                     "present": sorted(scene.shapes())})
+    return rows
+
+
+def summarise(vlm_rows: list[dict[str, Any]], colour_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate :func:`vlm_existence` and :func:`colour_checks` rows."""
+    correct = [c for r in vlm_rows for c in r["correct"].values()]
+    yes_present = [r["answers"][s] == "yes" for r in vlm_rows for s in r["answers"] if s in r["present"]]
+    yes_absent = [r["answers"][s] == "yes" for r in vlm_rows for s in r["answers"] if s not in r["present"]]
+    named = [ok for r in colour_rows for ok in r["colours"].values()]
+    return {
+        "shape_existence_acc": float(np.mean(correct)) if correct else float("nan"),
+        "yes_rate_present": float(np.mean(yes_present)) if yes_present else float("nan"),
+        "yes_rate_absent": float(np.mean(yes_absent)) if yes_absent else float("nan"),
+        "background_ok": float(np.mean([r["background_ok"] for r in colour_rows])),
+        "named_colour_present": float(np.mean(named)) if named else float("nan"),
+        "all_colours_ok": float(np.mean([r["all_colours_ok"] for r in colour_rows])),
+        "n_images": len(colour_rows), "n_questions": len(correct),
+    }
+
+
+def pipe_call_kwargs(pipe: Any) -> dict[str, Any]:
+    """Height/width the pipeline was trained at (its VAE's ``sample_size``) and the zoo's text length."""
+    from ..zoo.load_pipeline import TINY_SD3_CALL
+
+    size = int(pipe.vae.config.sample_size)
+    return {**TINY_SD3_CALL, "height": size, "width": size}
+
+
+def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, scenes: Sequence[Any], *, steps: int = 20, cfg: float = 4.0,
+             batch_size: int = 8, config: Any = None) -> dict[str, Any]:
+    """Generate the scenes' prompts and score generated images and renders (``vlm=None``: colours only)."""
+    from ..zoo.world import make_prompt, render
+    from .guidance_eval import generate
+
+    call = {**pipe_call_kwargs(pipe), "num_inference_steps": steps, "guidance_scale": cfg}
+    prompts, seeds = [make_prompt(s) for s in scenes], [s.seed for s in scenes]
+    images, spi = generate(pipe, prompts, seeds, config, call, batch_size)
+    renders = [render(s, size=call["height"]) for s in scenes]
+    out: dict[str, Any] = {"call_kwargs": call, "sec_per_image": spi, "prompts": prompts, "seeds": seeds}
+    for name, ims in (("generated", images), ("renders", renders)):
+        colours = [colour_checks(im, s) for im, s in zip(ims, scenes)]
+        vrows = vlm_existence(*vlm, ims, scenes) if vlm is not None else []
+        out[name] = {"summary": summarise(vrows, colours), "colours": colours, "vlm": vrows}
+    out["images"] = images
+    out["render_images"] = [np.asarray(r, dtype=np.float32) / 255.0 for r in renders]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..zoo.load import load
+    from ..zoo.load_pipeline import load_pipeline
+    from ..zoo.world import build_scenes
+    from .guidance_eval import save_grid, versions
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipe", default="tiny-sd3", help="zoo name or a saved pipeline folder")
+    ap.add_argument("--vlm", default="tiny-qwen2-vl")
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("runs/t2i_fidelity.json"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    pipe = load_pipeline(a.pipe)
+    model, processor = load(a.vlm)
+    scenes = build_scenes("test", a.n)
+    res = evaluate(pipe, (model, processor), scenes, steps=a.steps, cfg=a.cfg)
+    images, renders = res.pop("images"), res.pop("render_images")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    cols = min(16, a.n)
+    rows: dict[str, list[np.ndarray]] = {}
+    for i in range(0, min(a.n, 32), cols):
+        rows[f"gen {i}-{i + cols - 1}"] = images[i:i + cols]
+        rows[f"render {i}-{i + cols - 1}"] = renders[i:i + cols]
+    grid = save_grid(a.out.with_name(a.out.stem + "_grid.png"), rows, scale=2)
+    sd3_info = None
+    folder = Path(pipe.config._name_or_path) if getattr(pipe.config, "_name_or_path", None) else None
+    if folder is not None and (folder / "training.json").is_file():
+        sd3_info = json.loads((folder / "training.json").read_text())
+    report = {"format": "mmeff.t2i_fidelity/1",
+              "config": {"pipe": str(a.pipe), "vlm": a.vlm, "n": a.n, "split": "test", "steps": a.steps, "cfg": a.cfg,
+                         "colour_tolerance": COLOUR_TOLERANCE, "threads": a.threads},
+              "targets": {"shape_existence_acc": 0.85, "all_colours_ok": 0.90},
+              "pipe_training": None if sd3_info is None else {
+                  k: sd3_info.get(k) for k in ("recipe", "image_size", "latent_shape", "budget_minutes")}
+              | {"diffusion_steps": (sd3_info or {}).get("diffusion", {}).get("steps")},
+              "versions": versions(), "grid": str(grid), "seconds": round(time.time() - t0, 1), **res}
+    a.out.write_text(json.dumps(report, indent=1) + "\n")
+    for name in ("generated", "renders"):
+        print(name, json.dumps(report[name]["summary"]))
+    print(f"wrote {a.out} and {grid}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""t2i_fidelity's two judges: the pixel colour check (renders pass, a blank canvas or a wrong background fails)
+and the zoo VLM's shape-existence answers on renders (right on the world's own images)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmeff.eval.t2i_fidelity import (
+    colour_checks,
+    existence_questions,
+    min_colour_pixels,
+    summarise,
+)
+from mmeff.zoo.world import BACKGROUNDS, build_scenes, render
+
+
+def test_renders_pass_the_colour_check_at_64px():
+    scenes = build_scenes("test", 12)
+    rows = [colour_checks(render(s, size=64), s) for s in scenes]
+    assert all(r["background_ok"] for r in rows)
+    assert np.mean([r["all_colours_ok"] for r in rows]) >= 11 / 12
+
+
+def test_blank_canvas_has_the_background_but_no_object_colour():
+    scene = build_scenes("test", 1)[0]
+    blank = np.zeros((64, 64, 3), dtype=np.uint8) + np.array(BACKGROUNDS[scene.background], dtype=np.uint8)
+    r = colour_checks(blank, scene)
+    assert r["background_ok"] and not any(r["colours"].values()) and not r["all_colours_ok"]
+    other = next(b for b in BACKGROUNDS if b != scene.background)
+    wrong = np.asarray(render(scene, size=64)).copy()
+    wrong[:3], wrong[-3:], wrong[:, :3], wrong[:, -3:] = [np.array(BACKGROUNDS[other], dtype=np.uint8)] * 4
+    assert not colour_checks(wrong, scene)["background_ok"]
+
+
+def test_float_images_in_unit_range_are_read_like_uint8():
+    scene = build_scenes("test", 2)[1]
+    im = np.asarray(render(scene, size=64))
+    assert colour_checks(im.astype(np.float32) / 255.0, scene) == colour_checks(im, scene)
+    assert min_colour_pixels(64) > min_colour_pixels(32) >= 3
+
+
+def test_existence_questions_cover_all_shapes_with_the_scene_answers():
+    scene = build_scenes("test", 1)[0]
+    qs = existence_questions(scene)
+    assert len(qs) == 6 and {a for _, _, a in qs} <= {"yes", "no"}
+    assert {s for s, _, a in qs if a == "yes"} == scene.shapes()
+
+
+def test_zoo_vlm_answers_existence_on_renders():
+    from mmeff.eval.t2i_fidelity import vlm_existence
+    from mmeff.zoo.load import load
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, processor = load("tiny-qwen2-vl")
+        scenes = build_scenes("test", 3)
+        rows = vlm_existence(model, processor, [render(s, size=64) for s in scenes], scenes)
+    finally:
+        torch.set_num_threads(before)
+    summary = summarise(rows, [colour_checks(render(s, size=64), s) for s in scenes])
+    assert summary["n_questions"] == 18 and summary["shape_existence_acc"] >= 15 / 18
+    assert summary["yes_rate_absent"] < 0.5 < summary["yes_rate_present"]
