@@ -28,6 +28,7 @@ from ..core.hooks import HookSet
 from ..core.timing import MethodTimer
 from ..pruners.base import PrunerConfig
 from . import prompt_match as pm
+from . import steering_hooks as steering
 from . import token_plan as tp
 from .flops import prefill_flops
 from .generate_guard import install_generate_guard
@@ -102,34 +103,52 @@ class VLMAdapter:
         self.prompts = 0                              # prefills pruned since apply
         self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
         self._pending_drafts = 0                      # draft tokens announced by the outer forward (assisted decoding)
+        self.steering: list[Any] = []                 # runtimes of applied mitigators (their report())
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
         pruners = [m for m in methods if m.kind == "visual_token_pruner"]
-        unknown = [m for m in methods if m.kind != "visual_token_pruner"]
+        mitigators = [m for m in methods if m.kind == steering.MITIGATOR]
+        unknown = [m for m in methods if m not in pruners and m not in mitigators]
         if unknown:
             raise ConfigError(
                 f"{', '.join(m.name for m in unknown)} cannot be applied to a VLM ({self.family}); "
-                "VLM methods are visual-token pruners"
+                "VLM methods are visual-token pruners and hallucination mitigators"
             )
-        if len(pruners) != 1:
-            raise ConfigError(f"apply exactly one pruner to a VLM at a time, got {[m.name for m in pruners]}")
-        pruner = pruners[0]
-        layer = pruner.resolve_layer(self.family)
-        self._check(pruner, layer)
-        self.pruner, self.layer = pruner, layer
+        if len(pruners) > 1 or len(mitigators) > 1 or not methods:
+            raise ConfigError(
+                f"apply at most one pruner and at most one mitigator to a VLM at a time, got {[m.name for m in methods]}"
+            )
         hooks = HookSet()
         try:
-            hooks.pre_hook(self.model, self._on_outer_forward)
-            hooks.pre_hook(self.inner, self._on_inner_forward)
-            install_generate_guard(hooks, self.model, pruner)
-            if pruner.stage == "llm":
-                self._install_llm_hooks(hooks, layer)
-            hooks.on_remove(self._reset)
+            if pruners:
+                self._install_pruner(hooks, pruners[0])
+            for m in mitigators:  # after the pruner: the mitigator's hooks see only the surviving tokens
+                self.steering.append(steering.install(m, self, hooks))
         except Exception:
             hooks.remove()
             raise
         return Handle(self.model, methods, hooks, self.report)
+
+    def _install_pruner(self, hooks: HookSet, pruner: PrunerConfig) -> None:
+        layer = pruner.resolve_layer(self.family)
+        self._check(pruner, layer)
+        self.pruner, self.layer = pruner, layer
+        hooks.pre_hook(self.model, self._on_outer_forward)
+        hooks.pre_hook(self.inner, self._on_inner_forward)
+        install_generate_guard(hooks, self.model, pruner)
+        if pruner.stage == "llm":
+            self._install_llm_hooks(hooks, layer)
+        hooks.on_remove(self._reset)
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Pruner hooks stand aside (for a mitigator's extra branch through the language model)."""
+        phase, self.state.phase = self.state.phase, OFF
+        try:
+            yield
+        finally:
+            self.state.phase = phase
 
     def _check(self, pruner: PrunerConfig, layer: int) -> None:
         if layer >= self.n_layers:
@@ -699,6 +718,8 @@ class VLMAdapter:
                                "stage": pruner.stage if pruner else None, "layer": self.layer,
                                "n_layers": self.n_layers, "prompts": self.prompts,
                                "method_seconds": self.timer.total, "method_seconds_by_section": dict(self.timer.seconds)}
+        if self.steering:
+            rep["steering"] = [s.report() for s in self.steering]
         last = self.last
         if last is None:
             return rep
