@@ -194,6 +194,7 @@ class GIFTRuntime:
             return None
         return hook
 
+    @torch.no_grad()
     def _sample_saliency(self, attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          b: int) -> torch.Tensor:
         q_pos, vis = self.query[b], self.visual[b]
@@ -212,6 +213,7 @@ class GIFTRuntime:
         shift = gm.gaze_shift(probs[:, :, vis], self.informative[b])
         return gm.layer_saliency(shift)
 
+    @torch.no_grad()
     def _finish_weights(self, length: int, device: torch.device) -> None:
         bsz = len(self.shifts)
         self.log_w = torch.zeros(bsz, length, device=device)
@@ -244,10 +246,11 @@ class GIFTRuntime:
             hidden = kwargs["hidden_states"]
             q_len = hidden.shape[1]
             n = self._rows_to_steer(q_len)
-            probs, allowed = ar.last_rows_probs(module, kwargs, n, layer)
-            k_len = probs.shape[-1]
-            log_w, vis, query = (self._columns(t, k_len) for t in (self.log_w, self.visual_cols, self.query_cols))
-            bias = gm.enhancement_bias(probs, log_w, vis, query).masked_fill(~allowed, 0.0)
+            with torch.no_grad():  # the bias is a constant of the forward, like a mask
+                probs, allowed = ar.last_rows_probs(module, kwargs, n, layer)
+                k_len = probs.shape[-1]
+                log_w, vis, query = (self._columns(t, k_len) for t in (self.log_w, self.visual_cols, self.query_cols))
+                bias = gm.enhancement_bias(probs, log_w, vis, query).masked_fill(~allowed, 0.0)
             mask = ar.full_float_mask(kwargs.get("attention_mask"), q_len, k_len, hidden.dtype, hidden.device)
             mask = mask.expand(hidden.shape[0], probs.shape[1], q_len, k_len).clone()
             mask[:, :, q_len - n:, :] += bias.to(mask.dtype)

@@ -139,6 +139,7 @@ class VHRRuntime:
         n_heads = self.adapter.text_config.num_attention_heads
         return flat.reshape(flat.shape[0], n_heads, -1)
 
+    @torch.no_grad()
     def _select(self, layer: int, x: torch.Tensor) -> None:
         last = self.prompt.last_index()
         rows = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last.to(x.device)]

@@ -39,9 +39,9 @@ class WeakKnobs:
 
     n_objects: tuple[int, int] = (4, 7)   # inclusive range of objects per scene
     small_prob: float = 0.8                # chance an object is drawn small (else medium)
-    contrast: float = 0.35                 # 1 = full colour, 0 = the background colour
-    occlude: float = 0.3                   # chance an object is crossed by a background-coloured bar
-    noise: float = 12.0                    # Gaussian pixel noise (0..255 units)
+    contrast: float = 0.9                  # 1 = full colour, 0 = the background colour
+    occlude: float = 0.5                   # chance an object is crossed by a background-coloured bar
+    noise: float = 16.0                    # Gaussian pixel noise (0..255 units)
     backgrounds: tuple[str, ...] = ("gray",)
 
 
