@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small-prob", type=float, default=WeakKnobs.small_prob)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--logs", nargs="*", default=None, metavar="METHOD=JSONL",
+                   help="summarise finished per-method logs instead of running (scenes common to all of them)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     knobs = WeakKnobs(contrast=args.contrast, noise=args.noise, occlude=args.occlude, small_prob=args.small_prob)
@@ -162,9 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"model": args.model, "config": {**vars(args), "knobs": knobs.__dict__},
                                "versions": versions(), "methods": {}}
     rows_by_method: dict[str, list[dict[str, Any]]] = {}
-    for method in args.methods:
+    given = dict(item.rsplit("=", 1) for item in args.logs) if args.logs is not None else {}
+    if given:  # summarise: the scenes every log has, in seed order
+        logged = {m: {r["seed"]: r for r in _load_rows(Path(f))} for m, f in given.items()}
+        seeds = [s for s in seeds if all(s in rows for rows in logged.values())]
+        results["config"]["n_common_scenes"] = len(seeds)
+    for method in (list(given) if given else args.methods):
         log = out.with_suffix(f".{method.replace(':', '_').replace('=', '').replace(',', '_').replace('+', '__')}.jsonl")
-        rows = run_method(model, processor, method, seeds, knobs, args.caption_tokens, log)
+        if given:
+            rows = [logged[method][s] for s in seeds]
+        else:
+            rows = run_method(model, processor, method, seeds, knobs, args.caption_tokens, log)
         rows_by_method[method] = rows
         results["methods"][method] = summarise(rows, knobs)
         if method != "dense" and "dense" in rows_by_method:

@@ -112,3 +112,25 @@ def test_bench_metrics_and_sign_test():
     t = sign_test([True] * 10, [False] * 10)
     assert t["only_dense"] == 10 and abs(t["p_value"] - 2 / 2 ** 10) < 1e-12
     assert sign_test([True, False], [True, False])["p_value"] == 1.0
+
+
+def test_halluc_tasks_render_weak_scenes_and_score_like_the_world_tasks():
+    import json
+
+    from mmeff.eval import data as data_mod
+    from mmeff.eval.tasks import GROUPS, TASKS
+    from mmeff.eval.tasks import utils as tu
+    from mmeff.zoo.world import make_caption
+
+    rows = data_mod.task_rows(3, tasks=["mmeff_halluc_caption", "mmeff_halluc_pope"])
+    assert set(GROUPS["mmeff_halluc"]) == {"mmeff_halluc_caption", "mmeff_halluc_pope"}
+    assert not set(GROUPS["mmeff_halluc"]) & set(GROUPS["mmeff_world"])
+    cap = rows["mmeff_halluc_caption"][0]
+    scene = tu.scene(cap)
+    assert scene == weak_scene(cap["seed"]) and cap["answer"] == make_caption(scene)
+    (img,) = tu.doc_to_visual(cap)
+    assert img.tobytes() == render_weak(scene).convert("RGB").tobytes()
+    pope = rows["mmeff_halluc_pope"]
+    assert [r["answer"] for r in pope[:2]] == ["no", "yes"] and TASKS["mmeff_halluc_pope"].weak
+    assert json.loads(pope[0]["meta"])["shape"] not in tu.scene(pope[0]).shapes()
+    assert tu.process_results(pope[0], ["Yes"])["exact_match"] == 0.0
