@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmeff.eval.halluc_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-llava")
     p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="start this far into the weak seeds (tuning uses 10000: disjoint from the bench's scenes)")
     p.add_argument("--methods", nargs="+", default=["dense"])
     p.add_argument("--caption-tokens", type=int, default=96)
     p.add_argument("--contrast", type=float, default=WeakKnobs.contrast)
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     knobs = WeakKnobs(contrast=args.contrast, noise=args.noise, occlude=args.occlude, small_prob=args.small_prob)
     model, processor = load(args.model)
-    seeds = list(weak_seeds(args.n))
+    seeds = list(weak_seeds(args.n, args.seed_offset))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"model": args.model, "config": {**vars(args), "knobs": knobs.__dict__},
