@@ -244,6 +244,11 @@ class GIFTRuntime:
             if args:
                 kwargs = {"hidden_states": args[0], **kwargs}
             hidden = kwargs["hidden_states"]
+            if hidden.shape[0] != self.log_w.shape[0]:
+                raise IncompatibleFeatureError(
+                    f"gift: {hidden.shape[0]} rows reach layer {layer} but the prompt had {self.log_w.shape[0]}; cache can "
+                    "only be continued by the batch whose prompt filled it (run the prompt again without past_key_values)"
+                )
             q_len = hidden.shape[1]
             n = self._rows_to_steer(q_len)
             with torch.no_grad():  # the bias is a constant of the forward, like a mask

@@ -127,8 +127,8 @@ class VHRRuntime:
             scale = self.scales[layer]
             if x.shape[0] != scale.shape[0]:
                 raise IncompatibleFeatureError(
-                    f"vhr: {x.shape[0]} rows reach layer {layer} but the prompt had {scale.shape[0]}; batch "
-                    "expansion after the prompt (beam search, num_return_sequences > 1) is not supported"
+                    f"vhr: {x.shape[0]} rows reach layer {layer} but the prompt had {scale.shape[0]}; cache can "
+                    "only be continued by the batch whose prompt filled it (run the prompt again without past_key_values)"
                 )
             per_channel = scale.repeat_interleave(x.shape[-1] // scale.shape[-1], dim=-1).to(x.dtype)
             return (x * per_channel[:, None, :],)

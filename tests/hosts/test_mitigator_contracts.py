@@ -102,3 +102,4 @@ def test_clear_errors_and_nothing_half_applied(vlm):
     with mmeff.apply(model, GIFT()):
         with pytest.raises(IncompatibleFeatureError, match="left padding"):
             model(**right)
+
