@@ -246,7 +246,7 @@ class GIFTRuntime:
             hidden = kwargs["hidden_states"]
             if hidden.shape[0] != self.log_w.shape[0]:
                 raise IncompatibleFeatureError(
-                    f"gift: {hidden.shape[0]} rows reach layer {layer} but the prompt had {self.log_w.shape[0]}; cache can "
+                    f"gift: {hidden.shape[0]} rows reach layer {layer} but the prompt had {self.log_w.shape[0]}; a cache can "
                     "only be continued by the batch whose prompt filled it (run the prompt again without past_key_values)"
                 )
             q_len = hidden.shape[1]

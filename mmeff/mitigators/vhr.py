@@ -127,7 +127,7 @@ class VHRRuntime:
             scale = self.scales[layer]
             if x.shape[0] != scale.shape[0]:
                 raise IncompatibleFeatureError(
-                    f"vhr: {x.shape[0]} rows reach layer {layer} but the prompt had {scale.shape[0]}; cache can "
+                    f"vhr: {x.shape[0]} rows reach layer {layer} but the prompt had {scale.shape[0]}; a cache can "
                     "only be continued by the batch whose prompt filled it (run the prompt again without past_key_values)"
                 )
             per_channel = scale.repeat_interleave(x.shape[-1] // scale.shape[-1], dim=-1).to(x.dtype)
