@@ -105,6 +105,44 @@ def paired(dense: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str
     }
 
 
+@torch.inference_mode()
+def latency(model: Any, processor: Any, methods: Sequence[str], seeds: Sequence[int], knobs: WeakKnobs,
+            new_tokens: int = 32) -> dict[str, Any]:
+    """Seconds per caption at a *fixed* number of new tokens, methods interleaved scene by scene.
+
+    Fixed length (``min_new_tokens = max_new_tokens``) so a method that talks longer is not charged for it,
+    and interleaving so every method sees the same load on a shared machine. Returns per method the median
+    seconds and the median of its per-scene ratio to dense.
+    """
+    import statistics
+
+    import mmeff
+
+    from ..zoo.processors import chat
+
+    text = processor.apply_chat_template(chat(CAPTION_PROMPT), add_generation_prompt=True)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for seed in seeds:
+        inputs = processor(images=[render_weak(weak_scene(seed, knobs), knobs)], text=[text], return_tensors="pt")
+        for method in methods:
+            handle = None if method == "dense" else mmeff.apply(model, *method.split("+"))
+            try:
+                model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
+                t0 = time.perf_counter()
+                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                times[method].append(time.perf_counter() - t0)
+            finally:
+                if handle is not None:
+                    handle.remove()
+    out: dict[str, Any] = {"new_tokens": new_tokens, "n_scenes": len(seeds), "methods": {}}
+    for m, ts in times.items():
+        entry: dict[str, Any] = {"median_seconds": statistics.median(ts)}
+        if "dense" in times and m != "dense":
+            entry["median_ratio_to_dense"] = statistics.median(t / d for t, d in zip(ts, times["dense"]))
+        out["methods"][m] = entry
+    return out
+
+
 def _load_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -154,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small-prob", type=float, default=WeakKnobs.small_prob)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--latency", type=int, default=0, metavar="N",
+                   help="also time the methods at a fixed caption length on N scenes, interleaved")
     p.add_argument("--logs", nargs="*", default=None, metavar="METHOD=JSONL",
                    help="summarise finished per-method logs instead of running (scenes common to all of them)")
     args = p.parse_args(argv)
@@ -191,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(method, json.dumps(results["methods"][method], indent=1), flush=True)
+    if args.latency:
+        results["latency_fixed_length"] = latency(model, processor, list(results["methods"]), seeds[: args.latency], knobs)
     results["examples"] = {m: [{"seed": r["seed"], "caption": r["caption"], "hallucinated": r["hallucinated"],
                                 "reference": make_caption(weak_scene(r["seed"], knobs))} for r in rows[:5]]
                            for m, rows in rows_by_method.items()}

@@ -66,3 +66,14 @@ def test_cli_eval_and_lmms_plugin_run_pruner_plus_vhr(tmp_path, monkeypatch):
     runs = json.loads(out.read_text())["runs"]
     labels = [r["label"] for r in runs]
     assert labels == ["dense", "entropyprune:keep=64+vhr"]
+
+
+def test_bench_latency_is_measured_at_a_fixed_length_and_leaves_the_model_dense():
+    from mmeff.eval.halluc_bench import latency
+    from mmeff.zoo.world.weak import WeakKnobs, weak_seeds
+
+    model, processor = load("tiny-llava")
+    res = latency(model, processor, ["dense", "vhr", "gift"], list(weak_seeds(1)), WeakKnobs(), new_tokens=3)
+    assert set(res["methods"]) == {"dense", "vhr", "gift"} and res["new_tokens"] == 3
+    assert res["methods"]["vhr"]["median_ratio_to_dense"] > 0
+    assert not hasattr(model, "_mmeff_handle")
