@@ -5,7 +5,7 @@ Usable from a notebook and by the demo's hallucination tab::
     from mmeff.demo.halluc_compare import caption_compare
     from mmeff.demo.vlm_compare import load_model
     model, processor = load_model("tiny-llava")
-    result = caption_compare(model, processor, seed=1150003, method="vhr")
+    result = caption_compare(model, processor, seed=1150023, method="vhr")  # dense names a pink star that is not there
     print(result.markdown())
 """
 from __future__ import annotations
