@@ -13,12 +13,17 @@ from ..cli_args import positive_int
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("calibrate", help="offline calibration writing a per-model JSON (EntropyPrune ECL)")
-    p.add_argument("method", choices=["entropyprune"], help="what to calibrate")
+    p = sub.add_parser("calibrate", help="offline calibration writing a per-model JSON (EntropyPrune ECL, "
+                                         "AdaptInfer schedule)")
+    p.add_argument("method", choices=["entropyprune", "adaptinfer"], help="what to calibrate")
     p.add_argument("--model", default="tiny-llava", help="zoo name (tiny-llava, tiny-qwen2-vl) or a local/hub path")
     p.add_argument("--samples", type=positive_int, default=100, help="number of calibration images (calib split seeds)")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--out", required=True, help="JSON file to write; load it with entropyprune:calibration=FILE")
+    p.add_argument("--cuts", type=positive_int, default=3, help="adaptinfer: number of pruning layers to find")
+    p.add_argument("--top-fraction", type=float, default=0.1,
+                   help="adaptinfer: the top share of visual tokens whose set change measures the shift")
+    p.add_argument("--out", required=True, help="JSON file to write; load it with entropyprune:calibration=FILE "
+                                                "or adaptinfer:schedule=FILE")
     p.set_defaults(func=run)
 
 
@@ -39,15 +44,25 @@ def run(args: argparse.Namespace) -> int:
     from ..core.errors import MmeffError
     from ..eval.preflight import check_writable
     from ..zoo.load import load
+    from .adaptinfer_schedule import calibrate_adaptinfer
     from .ecl import calibrate_entropyprune
 
+    if not 0.0 < args.top_fraction <= 1.0:
+        print(f"mmeff calibrate: error: --top-fraction must be in (0, 1], got {args.top_fraction}", file=sys.stderr)
+        return 2
     try:
         check_writable(Path(args.out), "--out")
         model, processor = load(args.model)
-        result = calibrate_entropyprune(model, world_batches(processor, args.samples, args.batch_size), args.out,
-                                        model_name=args.model)
-    except MmeffError as e:
+        batches = world_batches(processor, args.samples, args.batch_size)
+        if args.method == "adaptinfer":
+            result = calibrate_adaptinfer(model, batches, args.out, model_name=args.model, n_cuts=args.cuts,
+                                          top_fraction=args.top_fraction)
+            keys = ("model", "layers", "cut_layers", "samples", "seconds")
+        else:
+            result = calibrate_entropyprune(model, batches, args.out, model_name=args.model)
+            keys = ("model", "ecl", "samples")
+    except (MmeffError, ValueError) as e:
         print(f"mmeff calibrate: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: result[k] for k in ("model", "ecl", "samples")}), "->", args.out)
+    print(json.dumps({k: result[k] for k in keys}), "->", args.out)
     return 0

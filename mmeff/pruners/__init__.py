@@ -2,6 +2,7 @@
 from .base import PrunerConfig, ScoreView
 from .entropyprune import EntropyPrune
 from .fastv import FastV
+from .adaptinfer import AdaptInfer
 from .random_prune import RandomPrune
 
-__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune"]
+__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune", "AdaptInfer"]
