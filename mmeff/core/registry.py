@@ -90,7 +90,7 @@ def _ensure_builtin() -> None:
     _loaded = True
     import importlib
 
-    for mod in ("mmeff.pruners", "mmeff.guidance", "mmeff.video", "mmeff.hosts"):
+    for mod in ("mmeff.pruners", "mmeff.mitigators", "mmeff.guidance", "mmeff.video", "mmeff.hosts"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # optional families may be absent in minimal installs

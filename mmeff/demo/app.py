@@ -93,6 +93,18 @@ def on_video_run(prompt: str, seed: float, method: str, steps: float) -> tuple[l
         f"sparse {pair.sparse_seconds:.2f} s (tiny model on CPU: speed is measured by `benchmarks/` on a GPU)")
 
 
+def on_halluc_run(model_name: str, method: str, seed: float) -> tuple[Any, str]:
+    """Dense vs mitigated captions of a weak scene; hallucinated objects are marked (errors shown in the page)."""
+    from .halluc_compare import caption_compare
+
+    try:
+        model, processor = load_model(model_name)
+        r = caption_compare(model, processor, int(seed), method.strip() or "vhr")
+    except Exception as exc:  # noqa: BLE001 - shown to the user instead of a gradio traceback
+        return None, f"**error:** {type(exc).__name__}: {exc}"
+    return r.image, r.markdown()
+
+
 def default_prompt(seed: int = 5) -> str:
     from ..zoo.world import generate_scene, make_prompt
 
@@ -126,6 +138,16 @@ def build_app() -> Any:
             model.change(lambda m: DEFAULT_PRUNER.get(m, "fastv:budget=64"), model, method)
             new_scene.click(on_new_scene, seed, [image, choice])
             run.click(on_vlm_run, [model, method, image, choice, free], [summary, table, kept, error])
+        with gr.Tab("Hallucination (weak-evidence scenes)"):
+            with gr.Row():
+                h_model = gr.Dropdown(VLM_MODELS, value="tiny-llava", allow_custom_value=True, label="model")
+                h_method = gr.Textbox("vhr", label="mitigator spec (vhr, gift, entropyprune:keep=64+vhr)")
+                h_seed = gr.Number(1150023, precision=0, label="weak scene seed (held-out test seeds)")
+            h_run = gr.Button("caption", variant="primary")
+            with gr.Row():
+                h_image = gr.Image(type="pil", label="weak-evidence scene")
+                h_text = gr.Markdown()
+            h_run.click(on_halluc_run, [h_model, h_method, h_seed], [h_image, h_text])
         with gr.Tab("Perturbation guidance (tiny-sd3)"):
             prompt = gr.Textbox(default_prompt(), label="prompt")
             with gr.Row():

@@ -57,13 +57,14 @@ def fingerprint(split: str, n: int, seed_offset: int) -> str:
     for src in sorted(Path(world.__file__).parent.glob("*.py")):
         h.update(src.read_bytes())
     h.update(Path(__file__).read_bytes())
+    h.update(Path(__file__).with_name("halluc_bench.py").read_bytes())  # the bench's POPE pairs
     for tmpl in sorted(TEMPLATE_DIR.glob("_mmeff_*.yaml")):
         h.update(tmpl.read_bytes())
     return h.hexdigest()[:12]
 
 
 def _matches(spec: TaskSpec, row: dict[str, Any]) -> bool:
-    return row["family"] == spec.family and (spec.pope is None or row["meta"].get("pope") == spec.pope)
+    return not spec.weak and row["family"] == spec.family and (spec.pope is None or row["meta"].get("pope") == spec.pope)
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +106,35 @@ def task_rows(n: int, split: str = DEFAULT_SPLIT, seed_offset: int = 0,
             for s in specs:
                 if len(out[s.name]) < n and _matches(s, row):
                     out[s.name].append(_flat(row))
+    for s in specs:
+        if s.weak:
+            out[s.name] = weak_rows(s, n, seed_offset)
     return out
+
+
+def weak_rows(spec: TaskSpec, n: int, seed_offset: int = 0) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a hallucination-bench task: weak-evidence scenes (held-out test seeds)."""
+    from mmeff.eval.halluc_bench import pope_pairs
+    from mmeff.zoo.world import make_caption
+    from mmeff.zoo.world.questions import CAPTION_PROMPT
+    from mmeff.zoo.world.weak import weak_scene, weak_seeds
+
+    rows: list[dict[str, Any]] = []
+    for seed in weak_seeds(n, seed_offset):
+        scene = weak_scene(seed)
+        if spec.family == "caption":
+            qas = [(CAPTION_PROMPT, make_caption(scene), {"weak": True})]
+        else:
+            qas = [(q, a, {"weak": True, "pope": "adversarial", "biased": a == "no",
+                           "shape": q.removeprefix("Is there a ").removesuffix(" in the image?")})
+                   for q, a in pope_pairs(scene)]
+        for j, (q, a, meta) in enumerate(qas):
+            row = {"id": f"weak-{seed}-{j:02d}", "seed": seed, "family": spec.family, "question": q, "answer": a,
+                   "meta": meta, "scene": scene.to_dict()}
+            rows.append(_flat(row))
+            if len(rows) == n:
+                return rows
+    return rows
 
 
 def _task_yaml(spec: TaskSpec, jsonl: Path) -> str:

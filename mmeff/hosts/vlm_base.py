@@ -33,6 +33,7 @@ from ..core.hooks import HookSet
 from ..core.timing import MethodTimer
 from ..pruners.base import PrunerConfig
 from . import prompt_match as pm
+from . import steering_hooks as steering
 from . import token_plan as tp
 from .flops import prefill_flops
 from .generate_guard import install_generate_guard
@@ -170,6 +171,7 @@ class VLMAdapter:
         self.prompts = 0                              # prefills pruned since apply
         self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
         self._pending_drafts = 0                      # draft tokens announced by the outer forward (assisted decoding)
+        self.steering: list[Any] = []                 # runtimes of applied mitigators (their report())
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
@@ -181,7 +183,8 @@ class VLMAdapter:
             )
         hooks = HookSet()
         try:
-            for kind in dict.fromkeys(m.kind for m in methods):
+            # steering last: a mitigator's hooks then see only the tokens that survive the pruner
+            for kind in sorted(dict.fromkeys(m.kind for m in methods), key=lambda k: k == steering.MITIGATOR):
                 _VLM_HANDLERS[kind](self, [m for m in methods if m.kind == kind], hooks)
             hooks.on_remove(self._reset)
         except Exception:
@@ -204,6 +207,15 @@ class VLMAdapter:
         install_generate_guard(hooks, self.model, pruner)
         if self.llm_cuts:
             self._install_llm_hooks(hooks)
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Pruner hooks stand aside (for a mitigator's extra branch through the language model)."""
+        phase, self.state.phase = self.state.phase, OFF
+        try:
+            yield
+        finally:
+            self.state.phase = phase
 
     def _check(self, pruner: PrunerConfig, layers: tuple[int, ...]) -> None:
         if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
@@ -910,6 +922,8 @@ class VLMAdapter:
                                "stage": pruner.stage if pruner else None, "layer": self.layer,
                                "n_layers": self.n_layers, "prompts": self.prompts,
                                "method_seconds": self.timer.total, "method_seconds_by_section": dict(self.timer.seconds)}
+        if self.steering:
+            rep["steering"] = [s.report() for s in self.steering]
         last = self.last
         if last is None:
             return rep

@@ -124,3 +124,19 @@ def test_video_tab_runs_vmoba_with_tiny_wans_preset(spec):
     assert mmeff.parse_method("vmoba:preset=tiny-wan,topk=2").topk == (2, 2, 2)  # one value for every layer kind
     dense, sparse, info = on_video_run("a red square on a white background", 1, spec, 2)
     assert len(dense) == len(sparse) == 4 and "PSNR" in info, info
+
+
+def test_hallucination_example_marks_the_hallucinated_objects():
+    from mmeff.demo.app import on_halluc_run
+    from mmeff.demo.halluc_compare import MARK, mark
+    from mmeff.zoo.world import Mention
+
+    text = mark("a small yellow star, a red circle and two blue squares",
+                [Mention("star", "yellow"), Mention("square", None)])
+    assert text == (f"a {MARK.format('small yellow star')}, a red circle and two {MARK.format('blue squares')}")
+    assert mark("a red circle and a blue circle", [Mention("circle", "blue")]) == \
+        f"a red circle and a {MARK.format('blue circle')}"
+    image, page = on_halluc_run("tiny-llava", "vhr", 1150003)
+    assert image is not None and "**dense**" in page and "**vhr**" in page and "true objects" in page
+    _, err = on_halluc_run("tiny-llava", "vhr:alpha=-1", 1150003)
+    assert err.startswith("**error:** ConfigError")

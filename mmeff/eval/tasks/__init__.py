@@ -33,6 +33,7 @@ class TaskSpec:
     template: str               # "pope" | "qa" | "caption"
     pope: str | None = None     # POPE negative setting for existence tasks
     primary: str = "exact_match"  # the metric used for retention plots
+    weak: bool = False          # rows from weak-evidence scenes (mmeff.zoo.world.weak), the hallucination bench
 
     @property
     def template_path(self) -> Path:
@@ -49,11 +50,14 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("mmeff_position", "position", "qa"),
     TaskSpec("mmeff_reading", "reading", "qa"),
     TaskSpec("mmeff_caption", "caption", "caption", primary="chair_i"),
+    TaskSpec("mmeff_halluc_caption", "caption", "caption", primary="chair_s", weak=True),
+    TaskSpec("mmeff_halluc_pope", "existence", "pope", pope="adversarial", weak=True),
 )}
 """Task name -> spec."""
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "mmeff_world": tuple(TASKS),
+    "mmeff_world": tuple(t for t, spec in TASKS.items() if not spec.weak),
+    "mmeff_halluc": tuple(t for t, spec in TASKS.items() if spec.weak),
     "mmeff_pope": ("mmeff_pope_random", "mmeff_pope_popular", "mmeff_pope_adversarial"),
 }
 """Group name -> member tasks."""

@@ -35,9 +35,18 @@ def scene(doc: dict[str, Any]):
     return Scene.from_dict(json.loads(doc["scene"]))
 
 
+@lru_cache(maxsize=256)
+def _render_weak(scene_json: str) -> Image.Image:
+    from mmeff.zoo.world.scene import Scene
+    from mmeff.zoo.world.weak import render_weak
+
+    return render_weak(Scene.from_dict(json.loads(scene_json))).convert("RGB")
+
+
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
-    """The rendered scene (336x336 RGB), one image per row."""
-    return [_render(doc["scene"]).copy()]
+    """The rendered scene (336x336 RGB), one image per row (weak-evidence rendering for the halluc tasks)."""
+    weak = json.loads(doc["meta"]).get("weak", False) if isinstance(doc.get("meta"), str) else False
+    return [(_render_weak if weak else _render)(doc["scene"]).copy()]
 
 
 def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
