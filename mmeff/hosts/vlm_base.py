@@ -27,6 +27,7 @@ from ..core.handle import Handle
 from ..core.hooks import HookSet
 from ..core.timing import MethodTimer
 from ..pruners.base import PrunerConfig
+from . import projector_probe
 from . import prompt_match as pm
 from . import token_plan as tp
 from .flops import prefill_flops
@@ -102,6 +103,7 @@ class VLMAdapter:
         self.prompts = 0                              # prefills pruned since apply
         self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
         self._pending_drafts = 0                      # draft tokens announced by the outer forward (assisted decoding)
+        self.projector_rows: list[projector_probe.ProjectorRows] = []  # per image, for projector-probing pruners
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
@@ -154,6 +156,7 @@ class VLMAdapter:
 
     def _reset(self) -> None:
         self.state = StepState()
+        self.projector_rows = []
 
     # ------------------------------------------------------------------ forward pre-hooks
     def _on_outer_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -400,11 +403,21 @@ class VLMAdapter:
         pruners that score features need them.
         """
         st = self.state
+        if enc.get("image") is not None and st.plan is None and "projector" in self.pruner.needs:
+            raise ConfigError(
+                f"{self.pruner.name} perturbs the projector's input, which precomputed mm_encoder_outputs do not carry; "
+                "pass pixel_values instead"
+            )
         if enc.get("image") is not None:
             feats = list(enc["image"].pooler_output)
         elif kwargs.get("pixel_values") is not None:
             with self.timer.section("features", device):
-                feats = self.image_features(kwargs)
+                feats = self._image_features_for_pruner(kwargs)
+        elif st.plan is None and "projector" in self.pruner.needs and enc.get("image") is None:
+            raise MissingImageError(
+                f"{self.pruner.name} perturbs the projector's input, but this forward has image placeholders and no "
+                "pixel_values; pass pixel_values with the prompt"
+            )
         elif st.plan is None and "features" in self.pruner.needs:
             raise MissingImageError(
                 f"{self.pruner.name} scores image features, but this forward has image placeholders and no "
@@ -423,6 +436,14 @@ class VLMAdapter:
                     raise ConfigError(f"image features ({f.shape[0]}) do not match the {e - s} placeholders of sample {b}")
             per_sample.append(mine)
         return per_sample
+
+    def _image_features_for_pruner(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """Per-image features; for projector-probing pruners also each token's projector input (one tower run)."""
+        if "projector" not in self.pruner.needs:
+            return self.image_features(kwargs)
+        feats, rows = projector_probe.features_and_rows(self, kwargs)
+        self.projector_rows = rows
+        return feats
 
     def token_types(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor | None:
         """``mm_token_type_ids`` over this forward's tokens, when the family uses them (Qwen derives them)."""
@@ -767,6 +788,16 @@ class SampleView:
         if self.feats is None:
             raise ConfigError("image features are only available to pre-LLM pruners")
         return torch.cat(self.feats, 0)
+
+    def projector_probe(self) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(rows [n_visual, d_in], valid [n_visual], projector callable) of this sample (pre-LLM, ``needs`` "projector")."""
+        if self.feats is None or not self.adapter.projector_rows:
+            raise ConfigError("the projector's input is only available to pre-LLM pruners that declare needs={'projector'}")
+        first = sum(len(s) for s in self.adapter.state.spans[:self.sample])
+        mine = self.adapter.projector_rows[first:first + len(self.spans)]
+        rows = torch.cat([r.rows for r in mine], 0)
+        valid = torch.cat([r.valid for r in mine], 0)
+        return rows, valid, projector_probe.projector_fn(self.adapter)
 
     def generator(self) -> torch.Generator:
         ids = self.adapter.state.input_ids[self.sample]
