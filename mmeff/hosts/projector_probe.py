@@ -2,24 +2,24 @@
 
 Pruners that probe the vision-language projector (ZOO-Prune perturbs its input and measures its output)
 need, per visual token the LLM would see, the vector the projector consumed and a function mapping such
-rows to projected features. The host's feature call runs with a forward hook on the projector module
-that records its input, so the vision tower runs once. Per family:
+rows to projected features. While such a pruner is applied, hooks on the projector module record its
+latest input and output (:class:`ProjectorRecorder`), so the vision tower runs once (also when ``generate()``
+encodes the images before the prefill). Per family:
 
 - LLaVA-1.5: the projector MLP's input is one CLIP patch feature per token (the order of the tokens).
-- LLaVA-NeXT: the same per crop patch; packing (unpadding, newline tokens) happens after the projector, so
-  the mapping to tokens is found by packing each row's index. Newline tokens have no projector input
+- LLaVA-NeXT: the same per crop patch; packing (unpadding, newline tokens) happens after the projector and
+  only moves its outputs, so each token is matched to the output row it copies. Newline tokens have no input
   (``valid`` is False there: their projected feature is a constant).
 - Qwen2-VL: the PatchMerger's input is the 2x2 group of ViT patches of a merged token (4 x d_v values).
 - Qwen2.5-VL: the same, but the tower works in window order and reorders the merged tokens after the
-  merger; the window index of ``transformers.vision_utils`` gives that order.
+  merger; the window index of ``transformers.vision_utils`` (for the recorded grid) gives that order.
 
 Every probe is checked once: the callable applied to the rows must reproduce the image features.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,75 +55,92 @@ def projector_fn(adapter: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return merged
 
 
-@contextlib.contextmanager
-def capture_projector_input(adapter: Any) -> Iterator[list[torch.Tensor]]:
-    """Records the projector's (first positional) input of every call inside the block."""
-    seen: list[torch.Tensor] = []
+class ProjectorRecorder:
+    """Records the projector's latest input and output (and Qwen2.5's image grid) while a pruner is applied.
 
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        seen.append(args[0].detach())
+    ``generate()`` encodes the images itself before the prefill (``mm_encoder_outputs``), so the input must be
+    caught whenever the projector runs, not only when the host asks for features.
+    """
 
-    handle = projector_module(adapter).register_forward_pre_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
+    def __init__(self, adapter: Any, hooks: Any) -> None:
+        self.adapter = adapter
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.grid: torch.Tensor | None = None
+        module = projector_module(adapter)
+        hooks.pre_hook(module, self._on_input, with_kwargs=False)
+        hooks.post_hook(module, self._on_output)
+        if adapter.family == "qwen2_5_vl":
+            hooks.pre_hook(adapter.inner.visual, self._on_visual)
+        hooks.on_remove(self.clear)
+
+    def _on_input(self, module: torch.nn.Module, args: tuple) -> None:
+        self.x = args[0].detach()
+
+    def _on_output(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.y = output.detach()
+
+    def _on_visual(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+    def clear(self) -> None:
+        self.x = self.y = self.grid = None
+
+    def rows(self, feats: list[torch.Tensor]) -> list[ProjectorRows]:
+        """Per image of ``feats`` (the features the LLM receives), the projector input of each token."""
+        if self.x is None or self.y is None:
+            raise UnsupportedModelError(f"{self.adapter.family}: the projector did not run for these image features; "
+                                        "projector-probing pruners (e.g. zooprune) need the model to encode the images")
+        family = self.adapter.family
+        if family == "llava":
+            flat = self.x.reshape(-1, self.x.shape[-1])
+            out = _split_rows(flat, feats)
+        elif family == "llava_next":
+            out = _matched_rows(self.x.reshape(-1, self.x.shape[-1]), self.y.reshape(-1, self.y.shape[-1]), feats)
+        else:
+            out = _qwen_rows(self.adapter, self.x, self.grid, feats)
+        _check(self.adapter, feats, out)
+        return out
 
 
-def features_and_rows(adapter: Any, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[ProjectorRows]]:
-    """The host's per-image features plus each image's :class:`ProjectorRows` (one vision-tower run)."""
-    with capture_projector_input(adapter) as seen:
-        feats = adapter.image_features(kwargs)
-    if len(seen) != 1:
-        raise UnsupportedModelError(f"{adapter.family}: expected one projector call per feature pass, saw {len(seen)}; "
-                                    "this pruner needs the projector's input and cannot find it in this model")
-    x = seen[0]
-    if adapter.family == "llava":
-        rows = [ProjectorRows(r, torch.ones(r.shape[0], dtype=torch.bool, device=r.device)) for r in x]
-    elif adapter.family == "llava_next":
-        rows = _next_rows(adapter, kwargs, x)
-    else:
-        rows = _qwen_rows(adapter, kwargs, x)
-    _check(adapter, feats, rows)
-    return feats, rows
+def _split_rows(flat: torch.Tensor, feats: list[torch.Tensor]) -> list[ProjectorRows]:
+    sizes = [int(f.shape[0]) for f in feats]
+    if sum(sizes) != flat.shape[0]:
+        raise UnsupportedModelError(f"{flat.shape[0]} projector rows for {sum(sizes)} image tokens; projector-probing "
+                                    "pruners need one projector row per image token")
+    return [ProjectorRows(r, torch.ones(r.shape[0], dtype=torch.bool, device=r.device)) for r in torch.split(flat, sizes)]
 
 
-def _next_rows(adapter: Any, kwargs: dict[str, Any], x: torch.Tensor) -> list[ProjectorRows]:
-    """LLaVA-NeXT: pack each projector row's index the way the features are packed (newlines -> -1)."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    inner, sizes = adapter.inner, kwargs["image_sizes"]
-    crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=inner.config.image_grid_pinpoints,
-                                       patch_size=inner.config.vision_config.image_size) for s in sizes]
-    flat = x.reshape(-1, x.shape[-1])
-    index = torch.arange(flat.shape[0], dtype=torch.float64, device=x.device).reshape(x.shape[0], x.shape[1], 1)
-    strategy = kwargs.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
-    packed, _ = inner.pack_image_features(list(torch.split(index, crops, dim=0)), sizes, strategy,
-                                          image_newline=torch.full((1,), -1.0, dtype=torch.float64, device=x.device))
+def _matched_rows(x: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> list[ProjectorRows]:
+    """LLaVA-NeXT: packing (crop layout, unpadding, newlines) only moves projector outputs, so every token's
+    feature is bit-equal to the projector output of its row; newline tokens match none (``valid`` False)."""
+    where = {}
+    for i, row in enumerate(y.cpu().numpy()):
+        where.setdefault(row.tobytes(), i)
     out = []
-    for image in packed:  # one [n_tokens, 1] index column per image
-        ids = image.squeeze(-1).round().long()
+    for f in feats:
+        ids = torch.tensor([where.get(r.tobytes(), -1) for r in f.detach().cpu().numpy()], dtype=torch.long,
+                           device=x.device)
         valid = ids >= 0
-        out.append(ProjectorRows(torch.where(valid[:, None], flat[ids.clamp_min(0)], 0.0), valid))
+        out.append(ProjectorRows(torch.where(valid[:, None], x[ids.clamp_min(0)], 0.0), valid))
     return out
 
 
-def _qwen_rows(adapter: Any, kwargs: dict[str, Any], x: torch.Tensor) -> list[ProjectorRows]:
+def _qwen_rows(adapter: Any, x: torch.Tensor, grid: torch.Tensor | None,
+               feats: list[torch.Tensor]) -> list[ProjectorRows]:
     """Qwen2-VL / 2.5-VL: one row per merged token (its 2x2 patches), in the order of the image tokens."""
     visual = adapter.inner.visual
-    unit = x.shape[-1]
     merge = visual.spatial_merge_size
-    rows = x.reshape(-1, unit * merge * merge)
-    grid = kwargs["image_grid_thw"]
-    if adapter.family == "qwen2_5_vl":
+    rows = x.reshape(-1, x.shape[-1] * merge * merge)
+    if adapter.family == "qwen2_5_vl":  # the tower works in window order and restores the order after the merger
         from transformers.vision_utils import get_vision_window_index
 
+        if grid is None:
+            raise UnsupportedModelError("qwen2_5_vl: the vision tower's grid_thw was not seen; cannot order the rows")
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=merge, window_size=visual.window_size,
                                                   patch_size=visual.patch_size, kwargs={})
         rows = rows[torch.argsort(window_index.to(rows.device))]
-    sizes = (grid.prod(-1) // merge**2).tolist()
-    return [ProjectorRows(r, torch.ones(r.shape[0], dtype=torch.bool, device=r.device))
-            for r in torch.split(rows, sizes)]
+    return _split_rows(rows, feats)
 
 
 @torch.no_grad()

@@ -104,6 +104,7 @@ class VLMAdapter:
         self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
         self._pending_drafts = 0                      # draft tokens announced by the outer forward (assisted decoding)
         self.projector_rows: list[projector_probe.ProjectorRows] = []  # per image, for projector-probing pruners
+        self.projector_recorder: projector_probe.ProjectorRecorder | None = None
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
@@ -127,6 +128,8 @@ class VLMAdapter:
             install_generate_guard(hooks, self.model, pruner)
             if pruner.stage == "llm":
                 self._install_llm_hooks(hooks, layer)
+            if "projector" in pruner.needs:
+                self.projector_recorder = projector_probe.ProjectorRecorder(self, hooks)
             hooks.on_remove(self._reset)
         except Exception:
             hooks.remove()
@@ -157,6 +160,7 @@ class VLMAdapter:
     def _reset(self) -> None:
         self.state = StepState()
         self.projector_rows = []
+        self.projector_recorder = None
 
     # ------------------------------------------------------------------ forward pre-hooks
     def _on_outer_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -403,16 +407,11 @@ class VLMAdapter:
         pruners that score features need them.
         """
         st = self.state
-        if enc.get("image") is not None and st.plan is None and "projector" in self.pruner.needs:
-            raise ConfigError(
-                f"{self.pruner.name} perturbs the projector's input, which precomputed mm_encoder_outputs do not carry; "
-                "pass pixel_values instead"
-            )
         if enc.get("image") is not None:
             feats = list(enc["image"].pooler_output)
         elif kwargs.get("pixel_values") is not None:
             with self.timer.section("features", device):
-                feats = self._image_features_for_pruner(kwargs)
+                feats = self.image_features(kwargs)
         elif st.plan is None and "projector" in self.pruner.needs and enc.get("image") is None:
             raise MissingImageError(
                 f"{self.pruner.name} perturbs the projector's input, but this forward has image placeholders and no "
@@ -435,15 +434,10 @@ class VLMAdapter:
                 if f.shape[0] != e - s:
                     raise ConfigError(f"image features ({f.shape[0]}) do not match the {e - s} placeholders of sample {b}")
             per_sample.append(mine)
+        if self.projector_recorder is not None and st.plan is None:  # projector-probing pruners (zooprune)
+            self.projector_rows = self.projector_recorder.rows(feats)
         return per_sample
 
-    def _image_features_for_pruner(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        """Per-image features; for projector-probing pruners also each token's projector input (one tower run)."""
-        if "projector" not in self.pruner.needs:
-            return self.image_features(kwargs)
-        feats, rows = projector_probe.features_and_rows(self, kwargs)
-        self.projector_rows = rows
-        return feats
 
     def token_types(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor | None:
         """``mm_token_type_ids`` over this forward's tokens, when the family uses them (Qwen derives them)."""
