@@ -15,7 +15,7 @@ from mmeff.hosts.qwen_vl import QwenVLAdapter
 from mmeff.pruners import ZOOPrune
 from mmeff.pruners.sads import minmax, sads_select
 from mmeff.pruners.zoo_sensitivity import draw_directions, projector_sensitivity
-from tests.hosts.conftest import FAMILIES, generate, inputs_for, n_hooks, vlm  # noqa: F401 (fixture)
+from tests.hosts.conftest import FAMILIES, generate, inputs_for, n_hooks
 from tests.hosts.test_vlm_contracts import _take, _uncached_reference
 
 SPEC = "zooprune:ratio=0.5,directions=6"
@@ -63,7 +63,9 @@ def test_sensitivity_is_chunk_invariant_and_matches_explicit_jacobian(vlm):
 
 
 def test_directions_unit_or_gaussian():
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    def g():
+        return torch.Generator().manual_seed(3)
+
     unit, gauss = draw_directions(g(), 8, 32, "unit"), draw_directions(g(), 8, 32, "gaussian")
     torch.testing.assert_close(unit.norm(dim=-1), torch.ones(8))
     torch.testing.assert_close(unit, gauss / gauss.norm(dim=-1, keepdim=True))
