@@ -16,19 +16,13 @@ import contextlib
 import dataclasses
 import sys
 import zlib
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..core.config import MethodConfig
-from ..core.errors import (
-    ConfigError,
-    IncompatibleFeatureError,
-    MissingImageError,
-    UnsupportedModelError,
-)
+from ..core.errors import ConfigError, IncompatibleFeatureError, MissingImageError, UnsupportedModelError
 from ..core.handle import Handle
 from ..core.hooks import HookSet
 from ..core.timing import MethodTimer
@@ -173,6 +167,7 @@ class VLMAdapter:
         """Read ``logits_to_keep``: transformers' assisted decoding scores a prompt plus n - 1 drafts with n."""
         keep = kwargs.get("logits_to_keep", 0)
         self._pending_drafts = keep - 1 if isinstance(keep, int) and keep > 1 else 0
+        return None
 
     def _on_inner_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
         if args:  # normalise a positional input_ids
@@ -297,7 +292,7 @@ class VLMAdapter:
         return st
 
     # ------------------------------------------------------------------ decisions
-    def _decide(self, view_factory: Callable[[int], SampleView], length: int, device: torch.device) -> tp.KeepPlan:
+    def _decide(self, view_factory: Callable[[int], "SampleView"], length: int, device: torch.device) -> tp.KeepPlan:
         """Ask the pruner for each sample's kept visual tokens; return the batch plan."""
         st, pruner = self.state, self.pruner
         keep_positions, dropped, kept_counts, kept_local = [], [], [], []
@@ -535,6 +530,7 @@ class VLMAdapter:
         if self.state.phase == PREFILL and self.state.plan is None:
             self.state.captured["attn"] = module
             self.state.captured["position_embeddings"] = kwargs.get("position_embeddings")
+        return None
 
     def _capture(self, name: str) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -5,4 +5,4 @@ from .fastv import FastV
 from .random_prune import RandomPrune
 from .zooprune import ZOOPrune
 
-__all__ = ["EntropyPrune", "FastV", "PrunerConfig", "RandomPrune", "ScoreView", "ZOOPrune"]
+__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune", "ZOOPrune"]

@@ -9,11 +9,8 @@ import torch
 import mmeff
 from mmeff.calibrate import calibrate_entropyprune, find_ecl
 from mmeff.pruners import EntropyPrune
-from mmeff.pruners.entropy_math import (
-    representation_entropy,
-    token_matrix_entropy,
-    token_matrix_entropy_direct,
-)
+from mmeff.pruners.entropy_math import (representation_entropy, token_matrix_entropy,
+                                        token_matrix_entropy_direct)
 from mmeff.zoo import tiny_models as tm
 
 
