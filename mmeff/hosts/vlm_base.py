@@ -412,7 +412,7 @@ class VLMAdapter:
         elif kwargs.get("pixel_values") is not None:
             with self.timer.section("features", device):
                 feats = self.image_features(kwargs)
-        elif st.plan is None and "projector" in self.pruner.needs and enc.get("image") is None:
+        elif st.plan is None and "projector" in self.pruner.needs:
             raise MissingImageError(
                 f"{self.pruner.name} perturbs the projector's input, but this forward has image placeholders and no "
                 "pixel_values; pass pixel_values with the prompt"
