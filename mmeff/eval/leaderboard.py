@@ -46,12 +46,18 @@ def leaderboard_methods() -> list[str]:
             if get_method(n).kind == "visual_token_pruner" and not n.startswith("test_")]
 
 
-def model_shape(model: str) -> tuple[str, int, int]:
-    """(host family, LLM layers, visual tokens per image) of a zoo model, from its saved config."""
+def model_folder(model: str, weights: dict[str, str] | None = None) -> Path:
+    """The folder evaluated for zoo model ``model``: the shipped one, or a candidate given by ``--weights``."""
     from ..zoo.load import zoo_path
+
+    return Path((weights or {}).get(model) or zoo_path(model))
+
+
+def model_shape(folder: Path) -> tuple[str, int, int]:
+    """(host family, LLM layers, visual tokens per image) of a zoo model folder, from its saved config."""
     from ..zoo.processors import IMAGE_SIZE, PATCH_SIZE, QWEN_MERGE
 
-    cfg = json.loads((Path(zoo_path(model)) / "config.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())
     layers = int(cfg["text_config"]["num_hidden_layers"])
     if cfg["model_type"] == "qwen2_vl":
         return "qwen2_vl", layers, (IMAGE_SIZE // PATCH_SIZE // QWEN_MERGE) ** 2
@@ -136,33 +142,32 @@ def _percentiles(vals: list[float]) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------ running
 
 
-def weights_digest(model: str) -> str:
-    """sha256 (first 16 hex) of the zoo model's weights: a cached result belongs to these weights only."""
-    from ..zoo.load import zoo_path
-
+def weights_digest(folder: Path) -> str:
+    """sha256 (first 16 hex) of a model folder's weights: a cached result belongs to these weights only."""
     h = hashlib.sha256()
-    for f in sorted(Path(zoo_path(model)).glob("*.safetensors")):
+    for f in sorted(folder.glob("*.safetensors")):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
 def run_model(model: str, n: int, threads: int, methods: list[str] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, folder: Path | None = None) -> dict[str, Any]:
     """Dense + every method at the model's budgets; per-question correctness reduced to accuracies/retention."""
     from .runner import EvalConfig, run
 
-    family, n_layers, n_visual = model_shape(model)
+    folder = folder or model_folder(model)
+    family, n_layers, n_visual = model_shape(folder)
     budgets = MODELS[model]
     names = methods if methods is not None else leaderboard_methods()
     specs = {name: method_spec(name, family, n_layers, n_visual, budgets) for name in names}
     with_small = {name: spec + ("," if ":" in spec else ":") + f"budget={min(budgets)}" for name, spec in specs.items()}
-    cfg = EvalConfig(model=model, methods=list(with_small.values()), tasks=list(TASKS), limit=n, n=n, sweep=True,
+    cfg = EvalConfig(model=str(folder), methods=list(with_small.values()), tasks=list(TASKS), limit=n, n=n, sweep=True,
                      budgets=list(budgets), log_samples=True, threads=threads, progress=False)
     payload = run(cfg, log=log)
     dense_run = payload["runs"][0]
     dense = {t: [v for _, v in sorted(_vectors(dense_run, t).items())] for t in TASKS}
     result: dict[str, Any] = {
-        "model": model, "weights_sha256_16": weights_digest(model), "budgets": list(budgets), "n_per_task": n,
+        "model": model, "weights_sha256_16": weights_digest(folder), "budgets": list(budgets), "n_per_task": n,
         "versions": payload["versions"], "machine": payload["machine"], "eval_config": payload["config"],
         "dense": {t: {"accuracy": sum(v) / len(v), "accuracy_ci95": wilson(sum(v), len(v)), "n": len(v)}
                   for t, v in dense.items()},
@@ -250,26 +255,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="questions per task (the same for every method)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="combined JSON (the PNG goes next to it)")
+    p.add_argument("--weights", action="append", default=[], metavar="MODEL=FOLDER",
+                   help="evaluate a candidate folder for a zoo model (e.g. a fine-tune before it is shipped)")
     p.add_argument("--fresh", action="store_true", help="ignore per-model results saved by an earlier run")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown or args.n < 1:
         p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}" if unknown else "--n must be >= 1")
+    try:
+        weights = dict(w.split("=", 1) for w in args.weights)
+    except ValueError:
+        p.error("--weights takes MODEL=FOLDER")
     out = Path(args.out)
     results: dict[str, dict[str, Any]] = {}
     for model in models:
         part = out.with_name(f"{out.stem}-{model}.json")
+        folder = model_folder(model, weights)
         methods = leaderboard_methods()
         if part.is_file() and not args.fresh:
             old = json.loads(part.read_text())
-            if (old.get("n_per_task") == args.n and old.get("weights_sha256_16") == weights_digest(model)
+            if (old.get("n_per_task") == args.n and old.get("weights_sha256_16") == weights_digest(folder)
                     and sorted(old.get("methods", {})) == methods):
                 print(f"[leaderboard] {model}: reusing {part}", flush=True)
                 results[model] = old
                 continue
         print(f"[leaderboard] {model}: {methods} at {MODELS[model]}, {args.n} questions per task", flush=True)
-        results[model] = run_model(model, args.n, args.threads, methods)
+        results[model] = run_model(model, args.n, args.threads, methods, folder=folder)
         rep.write_json(results[model], part)
     payload = {"models": results, "goals": goals(results), "tasks": TASKS, "methods": leaderboard_methods(),
                "command": "python -m mmeff.eval.leaderboard " + " ".join(argv if argv is not None else sys.argv[1:])}
