@@ -113,8 +113,8 @@ def paired_retention(dense: dict[str, list[bool]], method: dict[str, list[bool]]
     rng = random.Random(seed)
     out: dict[str, Any] = {"tasks": {}}
     draws: dict[str, list[float]] = {}
-    for task in dense:
-        d, m = dense[task], method[task]
+    for task, d in dense.items():
+        m = method[task]
         n = len(d)
         point = sum(m) / sum(d) if sum(d) else None
         vals = []
@@ -231,7 +231,7 @@ def plot(models: dict[str, dict[str, Any]], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.0), squeeze=False)
     for ax, (model, res) in zip(axes[0], models.items()):
-        for name, e in res["methods"].items():
+        for e in res["methods"].values():
             xs = [b for b, m in zip(e["budgets"], e["mean"]) if m is not None]
             ys = [100 * m for m in e["mean"] if m is not None]
             cis = [ci for ci, m in zip(e["mean_ci95"], e["mean"]) if m is not None]
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.write_json(payload, out)
     for model, res in results.items():
         print(f"\n{model} (mean retention, 95% CI; n={res['n_per_task']} per task)")
-        for name, e in res["methods"].items():
+        for e in res["methods"].values():
             cells = [f"{b}: " + ("-" if m is None else f"{100 * m:.1f}% [{100 * c[0]:.0f}-{100 * c[1]:.0f}]")
                      for b, m, c in zip(e["budgets"], e["mean"], e["mean_ci95"])]
             print(f"  {e['spec']:<22} " + "  ".join(cells))
