@@ -69,6 +69,8 @@ class ZOOPrune(PrunerConfig):
 
     def select(self, view: ScoreView, keep_per_image: list[int]) -> torch.Tensor:
         """Per image: SADS on the min-max sensitivity and the projected features; sorted sample-local indices."""
+        if all(k >= end - start for (start, end), k in zip(view.spans, keep_per_image)):
+            return torch.arange(view.n_visual)  # keep everything: no projector passes needed
         sens = self.sensitivity(view)
         feats = view.features()
         kept = []
