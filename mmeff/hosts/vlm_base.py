@@ -32,6 +32,7 @@ from ..core.handle import Handle
 from ..core.hooks import HookSet
 from ..core.timing import MethodTimer
 from ..pruners.base import PrunerConfig
+from . import projector_probe
 from . import prompt_match as pm
 from . import steering_hooks as steering
 from . import token_plan as tp
@@ -172,6 +173,8 @@ class VLMAdapter:
         self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
         self._pending_drafts = 0                      # draft tokens announced by the outer forward (assisted decoding)
         self.steering: list[Any] = []                 # runtimes of applied mitigators (their report())
+        self.projector_rows: list[projector_probe.ProjectorRows] = []  # per image, for projector-probing pruners
+        self.projector_recorder: projector_probe.ProjectorRecorder | None = None
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
@@ -207,6 +210,8 @@ class VLMAdapter:
         install_generate_guard(hooks, self.model, pruner)
         if self.llm_cuts:
             self._install_llm_hooks(hooks)
+        if "projector" in pruner.needs:
+            self.projector_recorder = projector_probe.ProjectorRecorder(self, hooks)
 
     @contextlib.contextmanager
     def suspended(self):
@@ -255,6 +260,8 @@ class VLMAdapter:
 
     def _reset(self) -> None:
         self.state = StepState()
+        self.projector_rows = []
+        self.projector_recorder = None
 
 
     # ------------------------------------------------------------------ forward pre-hooks
@@ -595,6 +602,11 @@ class VLMAdapter:
         elif kwargs.get("pixel_values") is not None:
             with self.timer.section("features", device):
                 feats = self.image_features(kwargs)
+        elif st.plan is None and "projector" in self.pruner.needs:
+            raise MissingImageError(
+                f"{self.pruner.name} perturbs the projector's input, but this forward has image placeholders and no "
+                "pixel_values; pass pixel_values with the prompt"
+            )
         elif st.plan is None and "features" in self.pruner.needs:
             raise MissingImageError(
                 f"{self.pruner.name} scores image features, but this forward has image placeholders and no "
@@ -612,7 +624,10 @@ class VLMAdapter:
                 if f.shape[0] != e - s:
                     raise ConfigError(f"image features ({f.shape[0]}) do not match the {e - s} placeholders of sample {b}")
             per_sample.append(mine)
+        if self.projector_recorder is not None and st.plan is None:  # projector-probing pruners (zooprune)
+            self.projector_rows = self.projector_recorder.rows(feats)
         return per_sample
+
 
     def token_types(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor | None:
         """``mm_token_type_ids`` over this forward's tokens, when the family uses them (Qwen derives them)."""
@@ -1041,6 +1056,16 @@ class SampleView:
         if self.feats is None:
             raise ConfigError("image features are only available to pre-LLM pruners")
         return torch.cat(self.feats, 0)
+
+    def projector_probe(self) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(rows [n_visual, d_in], valid [n_visual], projector callable) of this sample (pre-LLM, ``needs`` "projector")."""
+        if self.feats is None or not self.adapter.projector_rows:
+            raise ConfigError("the projector's input is only available to pre-LLM pruners that declare needs={'projector'}")
+        first = sum(len(s) for s in self.adapter.state.spans[:self.sample])
+        mine = self.adapter.projector_rows[first:first + len(self.spans)]
+        rows = torch.cat([r.rows for r in mine], 0)
+        valid = torch.cat([r.valid for r in mine], 0)
+        return rows, valid, projector_probe.projector_fn(self.adapter)
 
     def generator(self) -> torch.Generator:
         ids = self.adapter.state.input_ids[self.sample]

@@ -4,5 +4,6 @@ from .entropyprune import EntropyPrune
 from .fastv import FastV
 from .adaptinfer import AdaptInfer
 from .random_prune import RandomPrune
+from .zooprune import ZOOPrune
 
-__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune", "AdaptInfer"]
+__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune", "AdaptInfer", "ZOOPrune"]

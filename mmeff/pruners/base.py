@@ -7,6 +7,7 @@ for, and keeps the top ``keep_count`` tokens of each image, in their original or
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar, Literal, Protocol
 
 import torch
@@ -38,6 +39,9 @@ class ScoreView(Protocol):
     def text_rows_attention(self) -> torch.Tensor: ...   # [H, R, n_visual] probs of the R text rows after the image
     def hidden_states(self) -> torch.Tensor: ...         # [n_visual, D] hidden states entering layer K
     def features(self) -> torch.Tensor: ...              # [n_visual, D] projected image features (pre-LLM)
+    def projector_probe(self) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]: ...
+    #   (pre-LLM, needs "projector") per visual token the projector's input row [n_visual, d_in], a validity mask
+    #   [n_visual] (False: no projector input, e.g. LLaVA-NeXT newlines) and the row-wise projector callable
     def generator(self) -> torch.Generator: ...          # seeded RNG for stochastic pruners
 
 

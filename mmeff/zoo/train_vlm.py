@@ -45,6 +45,7 @@ end the model and processor are written with ``save_pretrained`` to ``--out`` (d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -83,6 +84,7 @@ from .referent_position_aux import (
     ReferentPositionAux,
     referent_token_ends,
 )
+from .token_drop import TokenDrop, TokenDropConfig, draw_plan
 from .vision_aux import (
     FeatureCapture,
     VisionAuxHead,
@@ -473,6 +475,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                if args.pointer_weight > 0 else None)
     gather = (PhraseGatherAux(model, args.gather_layer, tuple(args.gather_heads))
               if args.gather_weight > 0 else None)
+    drop_cfg = (TokenDropConfig(dense=args.drop_dense, pre_llm=args.drop_pre_llm, min_keep=args.drop_min_keep,
+                                max_layer=args.drop_max_layer) if args.token_drop else None)
+    token_drop = TokenDrop(model) if drop_cfg is not None else None
     params = list(model.parameters()) + list(aux_head.parameters())
     for extra in (pos_aux, ref_aux, compare):
         if extra is not None:
@@ -557,7 +562,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             seeds = [rng.randrange(lo, hi) for _ in range(args.batch)]
             inputs, targets = _split_aux(batcher.batch(seeds, rng))
             inputs = isolate_turns(model, inputs)
+            if token_drop is not None:  # random visual tokens go missing, before the LLM or at a random layer
+                token_drop.arm(draw_plan(inputs["input_ids"], batcher.image_token_id, token_drop.n_layers,
+                                         drop_cfg, rng))
             lm = model(**inputs, use_cache=False).loss
+            if token_drop is not None:
+                token_drop.disarm()
             aux, acc = aux_head.loss(capture.take(len(seeds)), targets, embed)
             loss = lm + args.aux_weight * aux
             if pos_aux is not None:
@@ -619,6 +629,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         hard.off()  # the saved model uses the stock attention
     save_ckpt()
     capture.remove()
+    if token_drop is not None:
+        token_drop.remove()
     for extra in (gather, pointer, compare, ref_aux, pos_aux):  # reverse order: two eager captures may share a layer
         if extra is not None:
             extra.remove()
@@ -651,6 +663,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                     "head": args.pointer_head} if args.pointer_weight > 0 else None),
         "phrase_gather_aux": ({"weight": args.gather_weight, "layer": args.gather_layer,
                                "heads": list(args.gather_heads)} if args.gather_weight > 0 else None),
+        "token_drop": (dict(dataclasses.asdict(drop_cfg), mechanism="uniform random subsets of the image tokens, "
+                            "key columns blocked for every query from layer K on (K=0: before the LLM), "
+                            "original positions kept: exactly mmeff's cut (tests/zoo/test_token_drop.py)")
+                       if drop_cfg is not None else None),
         "lr": args.lr,
         "lm_lr_scale": args.lm_lr_scale,
         "lm_transplanted_from": ({"path": str(args.lm_from), "layer_plan": lm_plan} if lm_plan is not None else None),
@@ -737,6 +753,15 @@ def main(argv: list[str] | None = None) -> int:
                         "and extra layers as identities; the vision tower and projector start fresh")
     p.add_argument("--lm-lr-scale", type=float, default=1.0,
                    help="learning-rate factor for the LM's parameters (e.g. 0.3 for a transplanted LM)")
+    p.add_argument("--token-drop", action="store_true",
+                   help="method-agnostic token-drop augmentation (mmeff.zoo.token_drop): per sample, a uniformly "
+                        "random subset of the image tokens is cut before the LLM or at a random layer, at a random "
+                        "budget, so the model learns to answer with tokens missing (no pruner's score is used)")
+    p.add_argument("--drop-dense", type=float, default=0.25, help="share of samples left dense under --token-drop")
+    p.add_argument("--drop-pre-llm", type=float, default=0.5, help="share of drops made before the LLM (else in it)")
+    p.add_argument("--drop-min-keep", type=float, default=0.04,
+                   help="smallest kept fraction of the image tokens (log-uniform in [this, 1])")
+    p.add_argument("--drop-max-layer", type=int, default=4, help="in-LLM drops happen at a layer in [1, this]")
     p.add_argument("--init-only", action="store_true", help="save an untrained model + processor and exit")
     args = p.parse_args(argv)
     if args.init_only:

@@ -126,7 +126,7 @@ def _layer0_rope(model):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-@pytest.mark.parametrize("spec", ["random:budget=5", "fastv:budget=10,layer=1"])
+@pytest.mark.parametrize("spec", ["random:budget=5", "fastv:budget=10,layer=1", "zooprune:budget=5,directions=4"])
 def test_qwen_decode_positions_after_pruning(vlm, family, spec):
     model = vlm(family)
     inputs = inputs_for(model, n=1)
