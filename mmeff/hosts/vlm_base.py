@@ -55,6 +55,9 @@ class StepState:
     per_forward: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     kept_per_sample: list[int] = dataclasses.field(default_factory=list)
     kept_visual_index: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample, into its visual tokens
+    vit_maps: list[list[Any]] = dataclasses.field(default_factory=list)    # per sample, per image: ViT importance
+    recycling: list[list[Any]] = dataclasses.field(default_factory=list)   # per sample, per image: merges (or None)
+    carried: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)  # per sample, per image: kept importance
 
     @property
     def prompt_len(self) -> int:
@@ -102,6 +105,7 @@ class VLMAdapter:
         self.prompts = 0                              # prefills pruned since apply
         self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
         self._pending_drafts = 0                      # draft tokens announced by the outer forward (assisted decoding)
+        self.vision_stage: Any = None                 # ViT importance maps, for pruners that need them (VFlowOpt)
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
@@ -123,6 +127,11 @@ class VLMAdapter:
             hooks.pre_hook(self.model, self._on_outer_forward)
             hooks.pre_hook(self.inner, self._on_inner_forward)
             install_generate_guard(hooks, self.model, pruner)
+            if "vit_importance" in pruner.needs:
+                from .vflowopt_stage import VisionStage
+
+                self.vision_stage = VisionStage(self, pruner)
+                self.vision_stage.install(hooks)
             if pruner.stage == "llm":
                 self._install_llm_hooks(hooks, layer)
             hooks.on_remove(self._reset)
@@ -154,6 +163,7 @@ class VLMAdapter:
 
     def _reset(self) -> None:
         self.state = StepState()
+        self.vision_stage = None
 
     # ------------------------------------------------------------------ forward pre-hooks
     def _on_outer_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -347,7 +357,10 @@ class VLMAdapter:
             kept_feats = []
             for b, spans in enumerate(st.spans):
                 kept_global = plan.index[b][~plan.filler[b]]
-                for (s, e), f in zip(spans, per_sample[b]):
+                recycling = st.recycling[b] if st.recycling else [None] * len(spans)
+                for (s, e), f, merge in zip(spans, per_sample[b], recycling):
+                    if merge is not None:  # VFlowOpt: recycled tokens replace their slots' features
+                        f = merge.apply(f)
                     sel = torch.isin(st.visual_positions[b][s:e], kept_global)
                     kept_feats.append(f[sel.to(f.device)])
             out.pop("pixel_values", None)
@@ -400,23 +413,32 @@ class VLMAdapter:
         pruners that score features need them.
         """
         st = self.state
-        if enc.get("image") is not None:
+        maps = None
+        needs_pixels = st.plan is None and "vit_importance" in self.pruner.needs
+        if enc.get("image") is not None and not needs_pixels:
             feats = list(enc["image"].pooler_output)
         elif kwargs.get("pixel_values") is not None:
             with self.timer.section("features", device):
-                feats = self.image_features(kwargs)
-        elif st.plan is None and "features" in self.pruner.needs:
+                if needs_pixels:
+                    feats, maps = self.vision_stage.features(kwargs)
+                else:
+                    feats = self.image_features(kwargs)
+        elif st.plan is None and ("features" in self.pruner.needs or needs_pixels):
             raise MissingImageError(
-                f"{self.pruner.name} scores image features, but this forward has image placeholders and no "
-                "pixel_values (transformers calls an assistant model without them); pass pixel_values, or apply "
-                "the pruner to the main model only"
+                f"{self.pruner.name} scores image {'pixels' if needs_pixels else 'features'}, but this forward has "
+                "image placeholders and no pixel_values (precomputed features, or transformers calling an assistant "
+                "model without them); pass pixel_values, or apply the pruner to the main model only"
             )
         else:
             return None
         per_sample: list[list[torch.Tensor]] = []
         i = 0
+        if maps is not None:
+            st.vit_maps = []
         for b, spans in enumerate(st.spans):
             mine = feats[i:i + len(spans)]
+            if maps is not None:
+                st.vit_maps.append(maps[i:i + len(spans)])
             i += len(spans)
             for (s, e), f in zip(spans, mine):
                 if f.shape[0] != e - s:
@@ -767,6 +789,26 @@ class SampleView:
         if self.feats is None:
             raise ConfigError("image features are only available to pre-LLM pruners")
         return torch.cat(self.feats, 0)
+
+    def vit_maps(self) -> list[Any]:
+        """Per image of this sample: the ViT importance map laid out on its visual tokens (vision stage)."""
+        maps = self.adapter.state.vit_maps
+        if not maps:
+            raise ConfigError("ViT importance maps are only available to pruners that declare 'vit_importance'")
+        return maps[self.sample]
+
+    def vflowopt_params(self, n_visual: int) -> Any:
+        """VFlowOpt's resolved hyperparameters for an image of ``n_visual`` tokens."""
+        return self.adapter.vision_stage.params(n_visual)
+
+    def set_recycling(self, merges: list[Any], carried: list[torch.Tensor]) -> None:
+        """Record this sample's per-image merges (applied to the features) and the kept tokens' importance."""
+        st = self.adapter.state
+        if not st.recycling:
+            st.recycling = [[None] * len(sp) for sp in st.spans]
+            st.carried = [[] for _ in st.spans]
+        st.recycling[self.sample] = merges
+        st.carried[self.sample] = carried
 
     def generator(self) -> torch.Generator:
         ids = self.adapter.state.input_ids[self.sample]

@@ -3,5 +3,6 @@ from .base import PrunerConfig, ScoreView
 from .entropyprune import EntropyPrune
 from .fastv import FastV
 from .random_prune import RandomPrune
+from .vflowopt import VFlowOpt
 
-__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune"]
+__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune", "VFlowOpt"]
