@@ -1,12 +1,16 @@
-"""The vision stage of a VLM host: runs the tower with a ViT probe armed and lays the importance out per image.
+"""The vision stage of a VLM host: a ViT probe around every image-feature pass, laid out per image.
 
-Created by the host for pruners that need ``vit_importance`` (VFlowOpt). The probe is armed only while the
-features of a *new* prompt are computed; a forward that continues a pruned prompt reuses the decision.
+Created by the host for pruners that need ``vit_importance`` (VFlowOpt). transformers' ``generate()`` encodes
+the images *before* the first forward (``mm_encoder_outputs``), so the stage wraps the multimodal model's
+``get_image_features`` on this instance only (undone by ``remove()``): each call arms the probe, runs the
+original method, and attaches the per-image maps to the returned output (``vflowopt_maps``), where the
+pre-LLM decision finds them, whether the features came from ``generate()`` or from the forward itself.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,6 +36,34 @@ class VisionStage:
 
     def install(self, hooks: HookSet) -> None:
         self.probe.install(hooks)
+        inner = self.adapter.inner
+        hooks.set_attr(inner, "get_image_features", self._wrap(inner.get_image_features))
+
+    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(original)
+
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            named = signature.bind_partial(*args, **kwargs).arguments
+            named.update(named.pop("kwargs", {}))
+            self.probe.arm()
+            try:
+                out = original(*args, **kwargs)
+                results = list(self.probe.results)
+            finally:
+                self.probe.disarm()
+            if results and not isinstance(out, tuple):
+                relevance = torch.cat(results)
+                with self.adapter.timer.section("vit_importance", relevance.device):
+                    out.vflowopt_maps = self._maps(named, relevance)
+            return out
+
+        get_image_features.__wrapped__ = original  # type: ignore[attr-defined]
+        return get_image_features
+
+    def _maps(self, kwargs: dict[str, Any], relevance: torch.Tensor) -> list[ImageMap]:
+        p = self.pruner
+        return self._layout(self.adapter.model, self.adapter.family, kwargs, relevance, self.alpha_v,
+                            p.pixel_mean, p.pixel_std)
 
     def params(self, n_visual: int) -> VFlowOptParams:
         """Resolved hyperparameters for an image of ``n_visual`` tokens (cached per size)."""
@@ -39,16 +71,3 @@ class VisionStage:
             self._params[n_visual] = self.pruner.params(n_visual, self.adapter.n_layers, self.model_dir, self.with_cuts)
         return self._params[n_visual]
 
-    def features(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[ImageMap]]:
-        """The projected features of every image and its importance map (one tower pass)."""
-        self.probe.arm()
-        try:
-            feats = self.adapter.image_features(kwargs)
-            results = list(self.probe.results)
-        finally:
-            self.probe.disarm()
-        relevance = torch.cat(results)
-        p = self.pruner
-        maps = self._layout(self.adapter.model, self.adapter.family, kwargs, relevance, self.alpha_v,
-                            p.pixel_mean, p.pixel_std)
-        return feats, maps

@@ -71,9 +71,13 @@ class VLMAdapter:
     model_classes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ family-specific
+    def encode_images(self, kwargs: dict[str, Any]) -> Any:
+        """The model's ``get_image_features`` output for this forward's images (``pooler_output``: per image)."""
+        raise NotImplementedError  # abstract: provided by llava.py / qwen_vl.py
+
     def image_features(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
         """Per-image projected features [N_i, D] for this forward's images."""
-        raise NotImplementedError  # abstract: provided by llava.py / qwen_vl.py
+        return list(self.encode_images(kwargs).pooler_output)
 
     def full_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
         """Position ids of the unpruned sequence when the caller passed none."""
@@ -415,14 +419,14 @@ class VLMAdapter:
         st = self.state
         maps = None
         needs_pixels = st.plan is None and "vit_importance" in self.pruner.needs
-        if enc.get("image") is not None and not needs_pixels:
+        if enc.get("image") is not None and (not needs_pixels or hasattr(enc["image"], "vflowopt_maps")):
             feats = list(enc["image"].pooler_output)
+            maps = getattr(enc["image"], "vflowopt_maps", None) if needs_pixels else None
         elif kwargs.get("pixel_values") is not None:
             with self.timer.section("features", device):
-                if needs_pixels:
-                    feats, maps = self.vision_stage.features(kwargs)
-                else:
-                    feats = self.image_features(kwargs)
+                out = self.encode_images(kwargs)
+            feats = list(out.pooler_output)
+            maps = getattr(out, "vflowopt_maps", None) if needs_pixels else None
         elif st.plan is None and ("features" in self.pruner.needs or needs_pixels):
             raise MissingImageError(
                 f"{self.pruner.name} scores image {'pixels' if needs_pixels else 'features'}, but this forward has "

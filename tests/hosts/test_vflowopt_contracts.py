@@ -1,0 +1,132 @@
+"""VFlowOpt keeps the host contracts on all four families (tiny random models, CPU)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mmeff
+from mmeff import BudgetError, MissingImageError
+from mmeff.core.errors import ConfigError
+from mmeff.pruners import VFlowOpt
+
+from .conftest import FAMILIES, generate, inputs_for, n_hooks
+from .test_vlm_contracts import _take, _uncached_reference
+
+# small cells so that the tiny grids (4x4 .. 8x8 tokens) really recycle; entropy on, a low global threshold
+PRUNING = dict(ratio=0.5, vit_m=2.0, alpha_v=0.5, vit_t=1.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_is_dense_and_remove_restores(vlm, family):
+    model = vlm(family)
+    inputs = inputs_for(model, n=2)
+    ref_tokens, ref_logits = generate(model, inputs)
+    with mmeff.apply(model, VFlowOpt(ratio=1.0, vit_m=2.0, alpha_v=0.5)):
+        tokens, logits = generate(model, inputs)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+    h = mmeff.apply(model, VFlowOpt(**PRUNING))
+    _, pruned_logits = generate(model, inputs)
+    assert not torch.equal(pruned_logits, ref_logits)
+    assert h.report()["method"] == "vflowopt"
+    h.remove()
+    assert n_hooks(model) == 0
+    tokens, logits = generate(model, inputs)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recycling_changes_the_kept_features(vlm, family):
+    """Recycling is real: the same kept set without merging (huge cells are one group per region) differs."""
+    model = vlm(family)
+    inputs = inputs_for(model, n=1)
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["inputs_embeds"].clone()), with_kwargs=True)
+    try:
+        with mmeff.apply(model, VFlowOpt(**PRUNING)) as h:
+            model(**inputs)
+            rep = h.report()
+    finally:
+        hook.remove()
+    kept = rep["kept_visual_index"][0]
+    n_vis = rep["visual_tokens_per_sample"][0]
+    assert 0 < len(kept) < n_vis
+    image = int(model.config.image_token_id)
+    plain = model.model.get_input_embeddings()(inputs["input_ids"])
+    feats = _dense_features(model, inputs)
+    embeds = seen[0][0]
+    # the kept slots appear in order where the image was; at least one of them holds a merged (new) vector
+    pos = (inputs["input_ids"][0] == image).nonzero().flatten()
+    first = int(pos[0])
+    got = embeds[first:first + len(kept)]
+    same = [torch.equal(got[j], feats[i]) for j, i in enumerate(kept)]
+    assert not all(same), "no kept token carries a recycled feature"
+    assert any(same), "every kept token changed"
+    assert plain.shape[1] > embeds.shape[0]
+
+
+def _dense_features(model, inputs):
+    name = type(model).__name__
+    if name.startswith("Qwen"):
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    else:
+        kw = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+        out = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True, **kw)
+    return torch.cat(list(out.pooler_output))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_with_padding_equals_single(vlm, family):
+    model = vlm(family)
+    batch = inputs_for(model, n=3)
+    with mmeff.apply(model, VFlowOpt(**PRUNING)):
+        tokens, logits = generate(model, batch)
+        for i in range(3):
+            one = _take(inputs_for(model, n=3), i, model)
+            t1, l1 = generate(model, one)
+            n_new = t1.shape[1] - one["input_ids"].shape[1]
+            assert torch.equal(tokens[i, -n_new:], t1[0, -n_new:]), f"sample {i} differs"
+            torch.testing.assert_close(logits[i], l1[0], atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generate_equals_uncached_reference(vlm, family):
+    model = vlm(family)
+    inputs = inputs_for(model, n=2)
+    method = VFlowOpt(**PRUNING)
+    with mmeff.apply(model, method):
+        tokens, logits = generate(model, inputs, n=5)
+    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 5)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+
+
+def test_clear_errors(vlm, tmp_path):
+    model = vlm("llava")
+    inputs = inputs_for(model, n=1)
+    with pytest.raises(BudgetError, match="larger than the 16 visual tokens"):
+        mmeff.apply(model, VFlowOpt(budget=17))
+    assert n_hooks(model) == 0
+    with pytest.raises(ConfigError, match="calibration file .* not found"):
+        VFlowOpt(budget=8, calibration=str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": "vflowopt"}))
+    with pytest.raises(ConfigError, match="not a vflowopt calibration file"):
+        mmeff.apply(model, VFlowOpt(budget=8, calibration=str(bad)))
+    assert n_hooks(model) == 0
+    with pytest.raises(ConfigError, match="vit_layer=5 does not exist"):
+        mmeff.apply(model, VFlowOpt(budget=8, vit_layer=5))
+    assert n_hooks(model) == 0
+    with pytest.raises(ConfigError, match="keep="):
+        VFlowOpt(keep=8)
+    # features encoded before apply() carry no ViT importance: refused, not silently unpruned
+    enc = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+    no_pixels = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    with mmeff.apply(model, VFlowOpt(budget=8)):
+        with pytest.raises(MissingImageError, match="pixels"):
+            model(**no_pixels, mm_encoder_outputs={"image": enc})
+        # encoded while applied (as generate() does), they carry the maps and prune
+        enc = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+        assert model(**no_pixels, mm_encoder_outputs={"image": enc}).logits.shape[1] < inputs["input_ids"].shape[1]
