@@ -9,7 +9,6 @@ pre-LLM decision finds them, whether the features came from ``generate()`` or fr
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -23,14 +22,11 @@ from .vit_probe import make_probe
 class VisionStage:
     """Importance maps of a forward's images, in the order of each image's placeholder tokens."""
 
-    def __init__(self, adapter: Any, pruner: VFlowOpt, with_cuts: bool = False) -> None:
+    def __init__(self, adapter: Any, pruner: VFlowOpt) -> None:
         self.adapter = adapter
-        self.pruner = pruner
-        self.with_cuts = with_cuts
-        source = getattr(adapter.model.config, "_name_or_path", None)
-        self.model_dir = source if source and Path(source).is_dir() else None
-        self.alpha_v = pruner.hyper("alpha_v", self.model_dir)
-        self.probe = make_probe(adapter.model, adapter.family, pruner.vit_layer, pruner.hyper("vit_t", self.model_dir))
+        self.pruner = pruner  # already bound to the model's calibration (VFlowOpt.bound_to)
+        self.alpha_v = pruner.hyper("alpha_v")
+        self.probe = make_probe(adapter.model, adapter.family, pruner.vit_layer, pruner.hyper("vit_t"))
         self._layout = llava_maps if adapter.family in ("llava", "llava_next") else qwen_maps
         self._params: dict[int, VFlowOptParams] = {}
 
@@ -68,6 +64,6 @@ class VisionStage:
     def params(self, n_visual: int) -> VFlowOptParams:
         """Resolved hyperparameters for an image of ``n_visual`` tokens (cached per size)."""
         if n_visual not in self._params:
-            self._params[n_visual] = self.pruner.params(n_visual, self.adapter.n_layers, self.model_dir, self.with_cuts)
+            self._params[n_visual] = self.pruner.params(n_visual, self.adapter.n_layers)
         return self._params[n_visual]
 

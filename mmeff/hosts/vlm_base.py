@@ -123,6 +123,8 @@ class VLMAdapter:
         if len(pruners) != 1:
             raise ConfigError(f"apply exactly one pruner to a VLM at a time, got {[m.name for m in pruners]}")
         pruner = pruners[0]
+        if "vit_importance" in pruner.needs:
+            pruner = pruner.bound_to(self.model)  # a zoo model's own calibration (VFlowOpt)
         layer = pruner.resolve_layer(self.family)
         self._check(pruner, layer)
         self.pruner, self.layer = pruner, layer

@@ -63,6 +63,7 @@ class VFlowOpt(PrunerConfig):
     name: ClassVar[str] = "vflowopt"
     stage: ClassVar[Stage] = "pre_llm"
     needs: ClassVar[frozenset[str]] = frozenset({"vit_importance"})
+    runs_llm_cuts: ClassVar[bool] = False  # the host runs only the pre-LLM stage until it has chains of cuts
 
     vit_layer: int | None = None
     vit_t: float | None = None
@@ -94,11 +95,18 @@ class VFlowOpt(PrunerConfig):
                     "`mmeff calibrate vflowopt --model M --budget B --out FILE`, or leave calibration unset")
 
     # ------------------------------------------------------------------ hyperparameters
-    def calibration_data(self, model_dir: str | None) -> tuple[dict[str, Any] | None, str]:
-        """(calibrated values, where from): the given file, else a zoo model's ``vflowopt.json``, else None."""
-        path = Path(self.calibration) if self.calibration else (Path(model_dir) / ZOO_FILE if model_dir else None)
-        if path is None or not path.is_file():
+    def bound_to(self, model: Any) -> "VFlowOpt":
+        """This config with the model's own calibration (a zoo model's ``vflowopt.json``) when none was given."""
+        source = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if self.calibration is not None or not source or not (Path(source) / ZOO_FILE).is_file():
+            return self
+        return dataclasses.replace(self, calibration=str(Path(source) / ZOO_FILE))
+
+    def calibration_data(self) -> tuple[dict[str, Any] | None, str]:
+        """(calibrated values, where from): the calibration file when given, else None (the released config)."""
+        if self.calibration is None:
             return None, "released 25% config"
+        path = Path(self.calibration)
         try:
             data = json.loads(path.read_text())
             return data["params"] | {"budget_fraction": data["budget_fraction"]}, str(path)
@@ -106,12 +114,12 @@ class VFlowOpt(PrunerConfig):
             raise ConfigError(f"vflowopt: {path} is not a vflowopt calibration file ({exc}); rerun "
                               "`mmeff calibrate vflowopt`") from exc
 
-    def hyper(self, key: str, model_dir: str | None) -> float:
+    def hyper(self, key: str) -> float:
         """One of vit_t / vit_m / alpha_v: the option given, else the calibration, else the released value."""
         given = getattr(self, key)
         if given is not None:
             return float(given)
-        cal, _ = self.calibration_data(model_dir)
+        cal, _ = self.calibration_data()
         return float({**RELEASED, **(cal or {})}[key])
 
     def default_llm_layers(self, n_layers: int) -> tuple[int, ...]:
@@ -123,13 +131,13 @@ class VFlowOpt(PrunerConfig):
         first, second = max(1, round(n_layers / 3)), max(2, round(2 * n_layers / 3))
         return (first, second) if second < n_layers and first < second else (first,)
 
-    def params(self, n_visual: int, n_layers: int, model_dir: str | None, with_cuts: bool) -> VFlowOptParams:
+    def params(self, n_visual: int, n_layers: int) -> VFlowOptParams:
         """Resolve every hyperparameter for an image of ``n_visual`` tokens (see the module docstring)."""
-        cal, source = self.calibration_data(model_dir)
+        cal, source = self.calibration_data()
         base = {**RELEASED, **(cal or {})}
         pick = lambda key: getattr(self, key) if getattr(self, key) is not None else float(base[key])
         fraction = (self.budget / n_visual) if self.budget is not None else float(self.ratio)
-        layers = self.default_llm_layers(n_layers) if with_cuts else ()
+        layers = self.default_llm_layers(n_layers) if self.runs_llm_cuts else ()
         if not layers:
             ratio_v = self.ratio_v if self.ratio_v is not None else min(1.0, fraction)
             return VFlowOptParams(pick("vit_t"), pick("vit_m"), pick("alpha_v"), ratio_v, (), (), source)

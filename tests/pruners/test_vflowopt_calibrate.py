@@ -30,7 +30,7 @@ def test_calibrate_writes_json_resumes_and_the_method_reads_it(tmp_path, monkeyp
     second = json.loads(out.read_text())
     assert second["trials"] == 3 and second["objective_mean_cosine"] >= first["objective_mean_cosine"]
     p = second["params"]
-    got = VFlowOpt(budget=64, calibration=str(out)).params(576, 12, None, with_cuts=bool(second["llm_layers"]))
+    got = VFlowOpt(budget=64, calibration=str(out)).params(576, 12)
     assert (got.vit_t, got.vit_m, got.alpha_v, got.ratio_v) == pytest.approx(
         (p["vit_t"], p["vit_m"], p["alpha_v"], p["ratio_v"]))
     assert got.source == str(out)
