@@ -27,6 +27,8 @@ def add_parser(sub: Any) -> None:
                    help="vflowopt: layer-averaged visual tokens per image to calibrate for (required)")
     p.add_argument("--trials", type=positive_int, default=100, help="vflowopt: finished BO trials to reach")
     p.add_argument("--seed", type=int, default=0, help="vflowopt: TPE sampler seed")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="vflowopt: stop starting new trials after this many seconds (the study stays resumable)")
     p.add_argument("--storage", default=None,
                    help="vflowopt: optuna SQLite file holding the study (default: --out with .db); rerun to resume")
     p.set_defaults(func=run)
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             storage = args.storage or str(Path(args.out).with_suffix(".db"))
             result = calibrate_vflowopt(model, question_batches(processor, args.samples, args.batch_size), args.budget,
                                         trials=args.trials, storage=storage, seed=args.seed, out_path=args.out,
+                                        timeout=args.timeout,
                                         model_name=args.model)
             keys = ("model", "budget", "params", "objective_mean_cosine", "trials", "samples")
         else:

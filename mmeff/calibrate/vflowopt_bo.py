@@ -54,8 +54,8 @@ def feasible_ratios(u_v: float, u_1: float, fraction: float, layers: tuple[int, 
 
 def calibrate_vflowopt(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], budget: float, *,
                        trials: int, storage: str | Path, seed: int = 0, out_path: str | Path | None = None,
-                       model_name: str = "", progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the study until it holds ``trials`` finished trials; write and return the result."""
+                       model_name: str = "", progress: bool = True, timeout: float | None = None) -> dict[str, Any]:
+    """Run (or resume) the study until it holds ``trials`` finished trials (or ``timeout`` seconds pass)."""
     import optuna
 
     import mmeff
@@ -94,13 +94,14 @@ def calibrate_vflowopt(model: torch.nn.Module, batches: Iterable[dict[str, torch
     start = time.perf_counter()
     if trials > done:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(objective, n_trials=trials - done, show_progress_bar=progress)
+        study.optimize(objective, n_trials=trials - done, timeout=timeout, show_progress_bar=progress)
     best = study.best_trial
     params = _best_params(best, budget, n_visual, layers, n_layers)
     result = {
         "method": "vflowopt", "model": model_name or type(model).__name__, "budget": budget,
         "budget_fraction": fraction, "n_visual": n_visual, "llm_layers": list(layers), "params": params,
         "objective_mean_cosine": best.value, "trials": len(study.trials), "best_trial": best.number,
+        "split": "calib",
         "samples": int(dense.shape[0]), "seed": seed, "seconds_this_run": time.perf_counter() - start,
         "seconds_all_trials": sum((t.duration.total_seconds() for t in study.trials if t.duration), 0.0),
         "versions": _versions(),

@@ -57,7 +57,6 @@ class StepState:
     kept_visual_index: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample, into its visual tokens
     vit_maps: list[list[Any]] = dataclasses.field(default_factory=list)    # per sample, per image: ViT importance
     recycling: list[list[Any]] = dataclasses.field(default_factory=list)   # per sample, per image: merges (or None)
-    carried: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)  # per sample, per image: kept importance
 
     @property
     def prompt_len(self) -> int:
@@ -807,14 +806,12 @@ class SampleView:
         """VFlowOpt's resolved hyperparameters for an image of ``n_visual`` tokens."""
         return self.adapter.vision_stage.params(n_visual)
 
-    def set_recycling(self, merges: list[Any], carried: list[torch.Tensor]) -> None:
-        """Record this sample's per-image merges (applied to the features) and the kept tokens' importance."""
+    def set_recycling(self, merges: list[Any]) -> None:
+        """Record this sample's per-image merges, applied to the features before ``inputs_embeds`` (VFlowOpt)."""
         st = self.adapter.state
         if not st.recycling:
             st.recycling = [[None] * len(sp) for sp in st.spans]
-            st.carried = [[] for _ in st.spans]
         st.recycling[self.sample] = merges
-        st.carried[self.sample] = carried
 
     def generator(self) -> torch.Generator:
         ids = self.adapter.state.input_ids[self.sample]

@@ -32,6 +32,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The released LLaVA-OV-7B config for 25% retention (vit_r=0.2651, llm_r=[0.9833, 0.8773] at layers 9/18 of 28).
 RELEASED = {"vit_t": 34.76, "vit_m": 15.58, "alpha_v": 0.0, "ratio_1": 0.9833, "ratio_2": 0.8773}
 ZOO_FILE = "vflowopt.json"
+CARRY = "vit_importance"  # the per-token value the LLM cuts rank by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,8 @@ class VFlowOpt(PrunerConfig):
         path = Path(self.calibration)
         try:
             data = json.loads(path.read_text())
-            return data["params"] | {"budget_fraction": data["budget_fraction"]}, str(path)
+            return data["params"] | {"budget_fraction": data["budget_fraction"],
+                                     "llm_layers": data.get("llm_layers", [])}, str(path)
         except (ValueError, KeyError) as exc:
             raise ConfigError(f"vflowopt: {path} is not a vflowopt calibration file ({exc}); rerun "
                               "`mmeff calibrate vflowopt`") from exc
@@ -138,13 +140,14 @@ class VFlowOpt(PrunerConfig):
         pick = lambda key: getattr(self, key) if getattr(self, key) is not None else float(base[key])
         fraction = (self.budget / n_visual) if self.budget is not None else float(self.ratio)
         layers = self.default_llm_layers(n_layers) if self.runs_llm_cuts else ()
-        if not layers:
+        if not layers:  # everything before the LLM: the budget is the pre-LLM keep ratio
             ratio_v = self.ratio_v if self.ratio_v is not None else min(1.0, fraction)
             return VFlowOptParams(pick("vit_t"), pick("vit_m"), pick("alpha_v"), ratio_v, (), (), source)
         budget = fraction * n_visual
         ratio_1 = pick("ratio_1")
         middle = (ratio_1,) * (len(layers) - 1)
-        calibrated_budget = cal is not None and abs(float(cal["budget_fraction"]) - fraction) < 1e-9
+        calibrated_budget = (cal is not None and abs(float(cal["budget_fraction"]) - fraction) < 1e-9
+                             and tuple(cal.get("llm_layers", ())) == layers and "ratio_2" in cal)
         if self.ratio_v is not None or calibrated_budget:
             ratio_v = self.ratio_v if self.ratio_v is not None else float(base["ratio_v"])
             last = solve_last_ratio(budget, n_visual, ratio_v, middle, layers, n_layers)
@@ -153,20 +156,43 @@ class VFlowOpt(PrunerConfig):
             ratio_v = solve_ratio_v(budget, n_visual, (*middle, last), layers, n_layers)
         return VFlowOptParams(pick("vit_t"), pick("vit_m"), pick("alpha_v"), ratio_v, layers, (*middle, last), source)
 
-    # ------------------------------------------------------------------ the pre-LLM decision
+    # ------------------------------------------------------------------ the plan: pre-LLM cut, then LLM cuts
+    def plan_layers(self, family: str, n_layers: int) -> tuple[int, ...]:
+        """0 (before the LLM), then the LLM cut layers when the host runs chains of cuts."""
+        return (0, *(self.default_llm_layers(n_layers) if self.runs_llm_cuts else ()))
+
+    def keep_schedule(self, n_visual: int, n_layers: int, layers: tuple[int, ...]) -> list[int]:
+        """Nominal tokens kept after each cut: round(N r_v), then each LLM cut keeps its ratio of the previous.
+
+        The pre-LLM cut's actual count follows the released recycling rule (a few tokens either way); the LLM
+        cuts use these nominal counts (static shapes), capped by what the previous cut really kept.
+        """
+        self.keep_count(n_visual, n_layers, 0)  # budget above the image's tokens: BudgetError
+        p = self.params(n_visual, n_layers)
+        counts = [min(n_visual, round(n_visual * p.ratio_v))]
+        for r in p.llm_ratios[:len(layers) - 1]:
+            counts.append(round(counts[-1] * r))
+        return counts
+
     def score(self, view: ScoreView) -> torch.Tensor:
-        return torch.cat([m.importance for m in view.vit_maps()])
+        """Cut 0: the ViT importance map; later cuts: the same importance, carried with the kept tokens."""
+        if getattr(view, "cut", 0) == 0:
+            return torch.cat([m.importance for m in view.vit_maps()])
+        return view.carry[CARRY]
 
     def select(self, view: ScoreView, keep_per_image: list[int]) -> torch.Tensor:
-        """Kept sample-local indices; the per-image recycling is handed to the host through the view."""
-        kept, merges, carried = [], [], []
-        for (start, end), image in zip(view.spans, view.vit_maps()):
+        """Cut 0: prune + recycle per image (merges handed to the host); later cuts: top-k by ViT importance."""
+        if getattr(view, "cut", 0) != 0:
+            return super().select(view, keep_per_image)
+        kept, merges, maps = [], [], view.vit_maps()
+        for (start, end), image in zip(view.spans, maps):
             n = end - start
             p = view.vflowopt_params(n)
             keep = min(n, round(n * p.ratio_v))
             local, recycle = prune_and_recycle(image.importance, image.coords, image.region, keep, p.vit_m)
             kept.append(local + start)
             merges.append(recycle)
-            carried.append(image.importance[local])
-        view.set_recycling(merges, carried)
+        view.set_recycling(merges)
+        if hasattr(view, "carry"):  # the chain host gathers it through the later cuts
+            view.carry[CARRY] = torch.cat([m.importance for m in maps])
         return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
