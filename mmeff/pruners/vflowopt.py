@@ -58,6 +58,8 @@ class VFlowOpt(PrunerConfig):
     alpha_v: weight of the softmaxed patch entropy. ratio_v: pre-LLM keep ratio. ratio_1: first LLM cut's ratio.
     llm_layers: the LLM cut layers (None: round(L/3), round(2L/3)).
     calibration: JSON from ``mmeff calibrate vflowopt`` (a missing file is an error).
+    count: "exact" (the pre-LLM cut keeps exactly round(N * ratio_v) tokens, recycled ones included) or "released"
+           (the released pool size, which can overshoot the budget by a few tokens; see vflowopt_select).
     pixel_mean / pixel_std: the processor's normalisation, undone before the patch entropy (CLIP's by default).
     """
 
@@ -74,6 +76,7 @@ class VFlowOpt(PrunerConfig):
     ratio_1: float | None = None
     llm_layers: tuple[int, ...] | None = None
     calibration: str | None = None
+    count: str = "exact"
     pixel_mean: tuple[float, ...] = CLIP_MEAN
     pixel_std: tuple[float, ...] = CLIP_STD
 
@@ -86,6 +89,8 @@ class VFlowOpt(PrunerConfig):
         for key in ("ratio_v", "ratio_1"):
             v = getattr(self, key)
             require(v is None or 0.0 < v <= 1.0, f"vflowopt: {key} must be in (0, 1], got {v}")
+        require(self.count in ("exact", "released"),
+                f"vflowopt: count must be 'exact' or 'released', got {self.count!r}")
         require(self.llm_layers is None or list(self.llm_layers) == sorted(set(self.llm_layers)),
                 f"vflowopt: llm_layers must be increasing, got {self.llm_layers}")
         require(len(self.pixel_mean) == len(self.pixel_std) and all(s > 0 for s in self.pixel_std),
@@ -189,7 +194,8 @@ class VFlowOpt(PrunerConfig):
             n = end - start
             p = view.vflowopt_params(n)
             keep = min(n, round(n * p.ratio_v))
-            local, recycle = prune_and_recycle(image.importance, image.coords, image.region, keep, p.vit_m)
+            local, recycle = prune_and_recycle(image.importance, image.coords, image.region, keep, p.vit_m,
+                                               self.count)
             kept.append(local + start)
             merges.append(recycle)
         view.set_recycling(merges)

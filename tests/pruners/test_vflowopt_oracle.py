@@ -70,11 +70,22 @@ def _capture_input(module):
     return seen, module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def oracle_select(imp: np.ndarray, coords: np.ndarray, keep: int, m: float, feats: np.ndarray):
-    """Released rule, with loops: returns kept indices (sorted) and the features after recycling."""
+def _cells(idx, coords, m):
+    return {(math.floor(coords[i][0] / m), math.floor(coords[i][1] / m)) for i in idx}
+
+
+def oracle_select(imp: np.ndarray, coords: np.ndarray, keep: int, m: float, feats: np.ndarray, count: str):
+    """Released rule (or its exact-count variant), with loops: kept indices (sorted) and recycled features."""
     n = len(imp)
     reduce = n - keep
-    pool = list(np.argsort(imp, kind="stable")[:min(n, reduce + int(n / (m * m)))])
+    ranked = list(np.argsort(imp, kind="stable"))
+    if count == "released":
+        size = min(n, reduce + int(n / (m * m)))
+    else:  # grow the pool until what is left plus one token per cell is exactly the budget
+        size = reduce
+        while n - size + len(_cells(ranked[:size], coords, m)) > keep:
+            size += 1
+    pool = ranked[:size]
     kept = set(range(n)) - set(pool)
     groups: dict = {}
     for i in pool:
@@ -101,8 +112,8 @@ def _method_run(model, inputs, method):
     return rep, seen[0]
 
 
-@pytest.mark.parametrize("t,m,alpha", [(1.5, 5.0, 0.7), (0.0, 7.5, -0.3)])
-def test_llava_importance_and_selection_match_the_oracle(t, m, alpha):
+@pytest.mark.parametrize("t,m,alpha,count", [(1.5, 5.0, 0.7, "released"), (0.0, 7.5, -0.3, "exact")])
+def test_llava_importance_and_selection_match_the_oracle(t, m, alpha, count):
     model, processor = _zoo("tiny-llava")
     scenes = build_scenes("calib", 2)
     images = [render(s) for s in scenes]
@@ -124,7 +135,7 @@ def test_llava_importance_and_selection_match_the_oracle(t, m, alpha):
     vc = model.config.vision_config
     side, patch = vc.image_size // vc.patch_size, vc.patch_size
     budget = 64
-    rep, embeds = _method_run(model, inputs, VFlowOpt(budget=budget, vit_t=t, vit_m=m, alpha_v=alpha))
+    rep, embeds = _method_run(model, inputs, VFlowOpt(budget=budget, vit_t=t, vit_m=m, alpha_v=alpha, count=count))
     image_id = int(model.config.image_token_id)
     n = side * side
     for b, image in enumerate(images):
@@ -135,15 +146,17 @@ def test_llava_importance_and_selection_match_the_oracle(t, m, alpha):
         imp = rel + alpha * _softmax(ent)
         coords = np.array([(i // side, i % side) for i in range(n)])
         f = feats[b * n:(b + 1) * n].numpy()
-        kept, recycled = oracle_select(imp, coords, round(n * budget / n), m, f)
+        kept, recycled = oracle_select(imp, coords, round(n * budget / n), m, f, count)
+        assert count == "released" or len(kept) == budget
         assert rep["kept_visual_index"][b] == kept
         first = int((inputs["input_ids"][b] == image_id).nonzero()[0])  # kept tokens start where the image did
         got = embeds[b, first:first + len(kept)].numpy()
         np.testing.assert_allclose(got, recycled[kept], atol=2e-5, rtol=1e-4)
 
 
-def test_qwen_importance_and_selection_match_the_oracle():
-    t, m, alpha = 0.5, 3.0, 0.5
+@pytest.mark.parametrize("count", ["released", "exact"])
+def test_qwen_importance_and_selection_match_the_oracle(count):
+    t, m, alpha = 0.5, 2.5, 0.5
     model, processor = _zoo("tiny-qwen2-vl")
     images = [render(s) for s in build_scenes("calib", 1)]
     inputs = _inputs(processor, images)
@@ -179,7 +192,7 @@ def test_qwen_importance_and_selection_match_the_oracle():
     n = hm * wm
     coords = np.array([(i // wm, i % wm) for i in range(n)])
     budget = 32
-    method = VFlowOpt(budget=budget, vit_t=t, vit_m=m, alpha_v=alpha)
+    method = VFlowOpt(budget=budget, vit_t=t, vit_m=m, alpha_v=alpha, count=count)
     with torch.no_grad(), mmeff.apply(model, method):
         maps = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                               return_dict=True).vflowopt_maps
@@ -188,7 +201,8 @@ def test_qwen_importance_and_selection_match_the_oracle():
     # up to float noise (~1e-9) and the order among equal-entropy tokens is a float tie. The maps must agree to
     # that noise; the selection is then checked on the method's own map (identical values, so ties break alike).
     np.testing.assert_allclose(mine, imp, atol=1e-6, rtol=0)
-    kept, recycled = oracle_select(mine.astype(np.float64), coords, round(n * budget / n), m, feats.numpy())
+    kept, recycled = oracle_select(mine.astype(np.float64), coords, round(n * budget / n), m, feats.numpy(), count)
+    assert (len(kept) == budget) == (count == "exact")  # the released count overshoots (m=2.5 on 12x12)
     rep, embeds = _method_run(model, inputs, method)
     assert rep["kept_visual_index"][0] == kept
     first = int((inputs["input_ids"][0] == int(model.config.image_token_id)).nonzero()[0])
