@@ -148,6 +148,9 @@ class VFlowOpt(PrunerConfig):
         if not layers:  # everything before the LLM: the budget is the pre-LLM keep ratio
             ratio_v = self.ratio_v if self.ratio_v is not None else min(1.0, fraction)
             return VFlowOptParams(pick("vit_t"), pick("vit_m"), pick("alpha_v"), ratio_v, (), (), source)
+        if fraction >= 1.0:  # the whole image's tokens: every stage keeps everything
+            return VFlowOptParams(pick("vit_t"), pick("vit_m"), pick("alpha_v"), 1.0, layers, (1.0,) * len(layers),
+                                  source)
         budget = fraction * n_visual
         ratio_1 = pick("ratio_1")
         middle = (ratio_1,) * (len(layers) - 1)
@@ -166,7 +169,7 @@ class VFlowOpt(PrunerConfig):
         """0 (before the LLM), then the LLM cut layers when the host runs chains of cuts."""
         return (0, *(self.default_llm_layers(n_layers) if self.runs_llm_cuts else ()))
 
-    def keep_schedule(self, n_visual: int, n_layers: int, layers: tuple[int, ...]) -> list[int]:
+    def keep_schedule(self, n_visual: int, n_layers: int, layers: tuple[int, ...], family: str = "") -> list[int]:
         """Nominal tokens kept after each cut: round(N r_v), then each LLM cut keeps its ratio of the previous.
 
         The pre-LLM cut's actual count follows the released recycling rule (a few tokens either way); the LLM

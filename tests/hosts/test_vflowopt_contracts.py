@@ -38,14 +38,14 @@ def test_keep_all_is_dense_and_remove_restores(vlm, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recycling_changes_the_kept_features(vlm, family):
-    """Recycling is real: the same kept set without merging (huge cells are one group per region) differs."""
+    """Recycling is real: some kept tokens enter the LLM with merged features, the others with their own."""
     model = vlm(family)
     inputs = inputs_for(model, n=1)
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda m, a, k: seen.append(k["inputs_embeds"].clone()), with_kwargs=True)
     try:
-        with mmeff.apply(model, VFlowOpt(**PRUNING)) as h:
+        with mmeff.apply(model, VFlowOpt(**PRUNING, llm_layers=())) as h:  # the pre-LLM cut alone
             model(**inputs)
             rep = h.report()
     finally:

@@ -135,7 +135,8 @@ def test_llava_importance_and_selection_match_the_oracle(t, m, alpha, count):
     vc = model.config.vision_config
     side, patch = vc.image_size // vc.patch_size, vc.patch_size
     budget = 64
-    rep, embeds = _method_run(model, inputs, VFlowOpt(budget=budget, vit_t=t, vit_m=m, alpha_v=alpha, count=count))
+    rep, embeds = _method_run(model, inputs, VFlowOpt(budget=budget, vit_t=t, vit_m=m, alpha_v=alpha, count=count,
+                                                      llm_layers=()))  # the pre-LLM cut alone
     image_id = int(model.config.image_token_id)
     n = side * side
     for b, image in enumerate(images):
@@ -192,7 +193,7 @@ def test_qwen_importance_and_selection_match_the_oracle(count):
     n = hm * wm
     coords = np.array([(i // wm, i % wm) for i in range(n)])
     budget = 32
-    method = VFlowOpt(budget=budget, vit_t=t, vit_m=m, alpha_v=alpha, count=count)
+    method = VFlowOpt(budget=budget, vit_t=t, vit_m=m, alpha_v=alpha, count=count, llm_layers=())
     with torch.no_grad(), mmeff.apply(model, method):
         maps = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                               return_dict=True).vflowopt_maps
