@@ -229,3 +229,38 @@ def remap_2d_mask(mask2d: torch.Tensor, plan: KeepPlan) -> torch.Tensor:
     n_tail = cols.shape[1] - plan.new_length
     filler = torch.cat([plan.filler, plan.filler.new_zeros(plan.filler.shape[0], n_tail)], dim=1)
     return out.masked_fill(filler, 0)
+
+
+# ---------------------------------------------------------------------------------------------- chains of cuts
+@dataclasses.dataclass
+class Cut:
+    """One in-LLM cut of a chain: from LLM layer ``layer`` on, the sequence is ``plan``.
+
+    plan:  kept slots in the coordinates of the LLM's *input* sequence (masks, RoPE tables and positions are
+           gathered from the LLM-level tensors with it, at every layer of the stage and at decode)
+    local: the same slots as indices into the *previous* stage's sequence (the hidden states entering
+           ``layer`` are gathered with it); for the first cut without a pre-LLM stage it is ``plan`` itself
+    """
+
+    layer: int
+    plan: KeepPlan
+    local: KeepPlan
+    replace: list[tuple[int, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+    # (sample, slots, hidden values): merged tokens whose hidden state entering ``layer`` is replaced
+
+    def extended(self, llm_length: int, prev_length: int) -> "Cut":
+        """This cut over a forward longer than the prompt (continuation tokens are kept at every stage)."""
+        plan = extend_plan(self.plan, llm_length)
+        local = plan if self.local is self.plan else extend_plan(self.local, prev_length)
+        return Cut(self.layer, plan, local, self.replace)
+
+
+def compose(prev: KeepPlan | None, local: KeepPlan) -> KeepPlan:
+    """The plan of a stage whose slots are ``local`` indices into the previous stage ``prev`` (None: identity).
+
+    Fillers point at position 0 (as in :func:`build_plan`); dropped counts add up.
+    """
+    if prev is None:
+        return local
+    index = torch.gather(prev.index, 1, local.index).masked_fill(local.filler, 0)
+    return KeepPlan(index, local.filler, prev.length, prev.dropped + local.dropped, local.fillers_present)

@@ -1,4 +1,4 @@
-"""Generic VLM host adapter: cuts visual tokens before the LLM or inside it at layer K.
+"""Generic VLM host adapter: cuts visual tokens before the LLM and/or inside it at a chain of layers K1 < K2 < ...
 
 Everything is done with per-instance forward hooks on the model's own modules:
 - a pre-hook on the multimodal model (``model.model``) sees ``input_ids`` and tells prefill from decode;
@@ -9,6 +9,11 @@ Everything is done with per-instance forward hooks on the model's own modules:
 The decision belongs to the prompt (docs/generation-contract.md): a forward that continues the last pruned
 prompt (a reused cache, ``use_cache=False`` steps, assisted-decoding drafts) reuses its decision, which is made
 on the prompt tokens alone. Family subclasses (llava.py, qwen_vl.py) only say where things are.
+
+One plan per batch (docs/vlm-plan.md): an optional pre-LLM stage, then a chain of in-LLM cuts (``token_plan.Cut``),
+each keeping a subset of the previous stage's tokens, ragged per sample. Every cut is expressed in the coordinates
+of the LLM's input sequence, so masks, RoPE tables / M-RoPE positions and each layer's KV length follow from the
+cut that governs that layer. FastV, EntropyPrune and random are the one-cut case.
 """
 from __future__ import annotations
 
@@ -48,8 +53,13 @@ class StepState:
     images: list[tuple[str, Any]] = dataclasses.field(default_factory=list)  # the prompt's image inputs
     visual_positions: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample, global
     spans: list[list[tuple[int, int]]] = dataclasses.field(default_factory=list)     # per sample, local
-    plan: tp.KeepPlan | None = None                # the prompt's decision (length L)
-    forward_plan: tp.KeepPlan | None = None        # that decision over this prefill forward (L + later tokens)
+    plan: tp.KeepPlan | None = None                # the prompt's first decision (pre-LLM plan, else the first cut)
+    forward_plan: tp.KeepPlan | None = None        # the pre-LLM decision over this prefill forward (L + later tokens)
+    cuts: list[tp.Cut] = dataclasses.field(default_factory=list)          # the prompt's in-LLM cuts decided so far
+    forward_cuts: list[tp.Cut] = dataclasses.field(default_factory=list)  # the same over this prefill forward
+    coords: "StageCoords | None" = None            # where the next cut's tokens are (scoring coordinates)
+    kept_per_cut: list[list[int]] = dataclasses.field(default_factory=list)  # per decided cut, per sample
+    pending_replace: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
     forward_attn2d: torch.Tensor | None = None     # this prefill forward's 2-D padding mask
     captured: dict[str, Any] = dataclasses.field(default_factory=dict)
     per_forward: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
@@ -61,6 +71,60 @@ class StepState:
     @property
     def prompt_len(self) -> int:
         return int(self.input_ids.shape[1])
+
+
+@dataclasses.dataclass
+class StageCoords:
+    """The tokens a cut chooses from, in the coordinates of the sequence it sees (the prompt for the first cut).
+
+    length:  prompt slots of that sequence (continuation tokens come after them)
+    visual:  per sample, the slots of its surviving visual tokens (sorted)
+    spans:   per sample, per image [start, end) into ``visual`` (an image may have no token left)
+    attn2d:  [B, length] 1 for real tokens (padding and fillers 0), or None when every slot is real
+    filler:  [B, length] filler slots of an earlier cut, or None
+    real:    per sample, non-filler slots (host ints)
+    text_rows: per sample, slots of the text tokens after the first image (None: derive from the prompt)
+    orig_visual: per sample, each surviving visual token's index among the prompt's visual tokens
+    carry:   per sample, the method's per-token values (aligned with ``visual``), gathered at each cut
+    """
+
+    length: int
+    visual: list[torch.Tensor]
+    spans: list[list[tuple[int, int]]]
+    attn2d: torch.Tensor | None
+    filler: torch.Tensor | None
+    real: list[int]
+    text_rows: list[torch.Tensor] | None = None
+    orig_visual: list[torch.Tensor] | None = None
+    carry: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- registries
+ScoreFn = Callable[["SampleView"], torch.Tensor]
+_SCORES: dict[str, ScoreFn] = {}
+Handler = Callable[["VLMAdapter", list[MethodConfig], HookSet], None]
+_VLM_HANDLERS: dict[str, Handler] = {}
+
+
+def register_vlm_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a quantity a pruner can ask its view for (``view.get(name)``), computed from what the host captured.
+
+    The function gets the :class:`SampleView` of one sample at one cut and returns a tensor over that sample's
+    surviving visual tokens (or whatever the method documents). Built-ins: ``last_query_attention``,
+    ``query_states``, ``key_states``, ``text_rows_attention``, ``hidden_states``, ``features``.
+    """
+    def deco(fn: ScoreFn) -> ScoreFn:
+        _SCORES[name] = fn
+        return fn
+    return deco
+
+
+def register_vlm_handler(kind: str) -> Callable[[Handler], Handler]:
+    """Register how methods of one ``kind`` install on a VLM (mirrors ``register_dit_handler``)."""
+    def deco(fn: Handler) -> Handler:
+        _VLM_HANDLERS[kind] = fn
+        return fn
+    return deco
 
 
 class VLMAdapter:
@@ -104,7 +168,11 @@ class VLMAdapter:
         self.timer = MethodTimer()
         self.state = StepState()
         self.pruner: PrunerConfig | None = None
-        self.layer = 0
+        self.layer = 0                                # the first in-LLM cut (0: pre-LLM only)
+        self.plan_layers: tuple[int, ...] = ()        # every cut of the method: 0 = pre-LLM, K >= 1 = LLM layer K
+        self.has_pre = False
+        self.llm_cuts: tuple[int, ...] = ()
+        self._stage_of: list[int] = []                # per LLM layer: index of the cut governing it (-1: none)
         self.prompts = 0                              # prefills pruned since apply
         self.last: dict[str, Any] | None = None      # what the latest prefill kept (only the latest: no growth)
         self._pending_drafts = 0                      # draft tokens announced by the outer forward (assisted decoding)
@@ -112,45 +180,57 @@ class VLMAdapter:
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
-        pruners = [m for m in methods if m.kind == "visual_token_pruner"]
-        unknown = [m for m in methods if m.kind != "visual_token_pruner"]
+        unknown = [m for m in methods if m.kind not in _VLM_HANDLERS]
         if unknown:
             raise ConfigError(
                 f"{', '.join(m.name for m in unknown)} cannot be applied to a VLM ({self.family}); "
-                "VLM methods are visual-token pruners"
+                f"VLM methods are of kinds {sorted(_VLM_HANDLERS)}"
             )
-        if len(pruners) != 1:
-            raise ConfigError(f"apply exactly one pruner to a VLM at a time, got {[m.name for m in pruners]}")
-        pruner = pruners[0]
-        if "vit_importance" in pruner.needs:
-            pruner = pruner.bound_to(self.model)  # a zoo model's own calibration (VFlowOpt)
-        layer = pruner.resolve_layer(self.family)
-        self._check(pruner, layer)
-        self.pruner, self.layer = pruner, layer
         hooks = HookSet()
         try:
-            hooks.pre_hook(self.model, self._on_outer_forward)
-            hooks.pre_hook(self.inner, self._on_inner_forward)
-            install_generate_guard(hooks, self.model, pruner)
-            if "vit_importance" in pruner.needs:
-                from .vflowopt_stage import VisionStage
-
-                self.vision_stage = VisionStage(self, pruner)
-                self.vision_stage.install(hooks)
-            if pruner.stage == "llm":
-                self._install_llm_hooks(hooks, layer)
+            for kind in dict.fromkeys(m.kind for m in methods):
+                _VLM_HANDLERS[kind](self, [m for m in methods if m.kind == kind], hooks)
             hooks.on_remove(self._reset)
         except Exception:
             hooks.remove()
+            self._reset()
             raise
         return Handle(self.model, methods, hooks, self.report)
 
-    def _check(self, pruner: PrunerConfig, layer: int) -> None:
+    def install_pruner(self, pruner: PrunerConfig, hooks: HookSet) -> None:
+        """Check the pruner's whole plan against this model, then hook it in (nothing is installed on an error)."""
+        if "vit_importance" in pruner.needs:
+            pruner = pruner.bound_to(self.model)  # a zoo model's own calibration (VFlowOpt)
+        layers = tuple(pruner.plan_layers(self.family, self.n_layers))
+        self._check(pruner, layers)
+        self.pruner, self.plan_layers = pruner, layers
+        self.has_pre = layers[0] == 0
+        self.llm_cuts = tuple(k for k in layers if k >= 1)
+        self.layer = self.llm_cuts[0] if self.llm_cuts else 0
+        self._stage_of = [sum(k <= i for k in self.llm_cuts) - 1 for i in range(self.n_layers)]
+        hooks.pre_hook(self.model, self._on_outer_forward)
+        hooks.pre_hook(self.inner, self._on_inner_forward)
+        install_generate_guard(hooks, self.model, pruner)
+        if "vit_importance" in pruner.needs:
+            from .vflowopt_stage import VisionStage
+
+            self.vision_stage = VisionStage(self, pruner)
+            self.vision_stage.install(hooks)
+        if self.llm_cuts:
+            self._install_llm_hooks(hooks)
+
+    def _check(self, pruner: PrunerConfig, layers: tuple[int, ...]) -> None:
+        if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ConfigError(f"{pruner.name}: the cut layers must be strictly increasing, got {list(layers)}")
+        layer = layers[-1]
         if layer >= self.n_layers:
             raise ConfigError(f"{pruner.name}: layer {layer} does not exist; {self.family} has {self.n_layers} LLM layers")
-        if pruner.stage == "llm":
-            if layer < 1:
-                raise ConfigError(f"{pruner.name} scores with layer K-1, so layer must be >= 1 (got {layer})")
+        if pruner.stage == "llm" and layers[0] < 1:
+            raise ConfigError(f"{pruner.name} scores with layer K-1, so layer must be >= 1 (got {layers[0]})")
+        if pruner.stage == "pre_llm" and layers[0] != 0:
+            raise ConfigError(f"{pruner.name} declares a pre-LLM stage, so its first cut must be at layer 0, "
+                              f"got {list(layers)}")
+        if any(k >= 1 for k in layers):
             impl = self.text_config._attn_implementation
             if impl not in ("sdpa", "eager"):
                 raise UnsupportedModelError(
@@ -162,13 +242,23 @@ class VLMAdapter:
                 f"{pruner.name}: positions='reindex' is not defined for M-RoPE models ({self.family}); "
                 "use positions='original'"
             )
+        if pruner.positions == "reindex" and layers[0] == 0 and len(layers) > 1:
+            raise ConfigError(f"{pruner.name}: positions='reindex' is not supported for a plan that cuts both before "
+                              "and inside the LLM; use positions='original'")
         n = self.expected_visual_tokens()
         if n is not None:
-            pruner.keep_count(n, self.n_layers, layer)  # raises BudgetError early
+            self._schedule(pruner, n, layers)  # raises BudgetError early
+
+    def _schedule(self, pruner: PrunerConfig, n_visual: int, layers: tuple[int, ...]) -> list[int]:
+        keep = list(pruner.keep_schedule(n_visual, self.n_layers, layers, family=self.family))
+        if len(keep) != len(layers) or any(k < 0 for k in keep):
+            raise ConfigError(f"{pruner.name}: keep_schedule gave {keep} for the {len(layers)} cuts {list(layers)}")
+        return keep
 
     def _reset(self) -> None:
         self.state = StepState()
         self.vision_stage = None
+
 
     # ------------------------------------------------------------------ forward pre-hooks
     def _on_outer_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -202,7 +292,7 @@ class VLMAdapter:
             )
         st.phase = DECODE
         st.per_forward.clear()
-        if self.pruner.stage == "pre_llm":
+        if self.has_pre:
             return (), self._pre_llm_decode_inputs(kwargs, past_len)
         self._refuse_new_images(kwargs, ids)
         return None
@@ -234,7 +324,7 @@ class VLMAdapter:
                     "(cache_implementation='static') or the default dynamic cache"
                 )
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, dict) or (self.pruner.stage == "pre_llm" and mask is not None and mask.dim() != 2):
+        if isinstance(mask, dict) or (self.has_pre and mask is not None and mask.dim() != 2):
             raise IncompatibleFeatureError(
                 f"{name}: precomputed {'per-layer' if isinstance(mask, dict) else '4-D'} attention masks are not "
                 "supported under pruning; pass the 2-D padding mask (attention_mask of shape [batch, length])"
@@ -267,16 +357,17 @@ class VLMAdapter:
         mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         images = pm.image_inputs(kwargs)
         st = self.state
-        if st.plan is not None and pm.continues_prompt(st.input_ids, st.attn2d, st.images, input_ids, mask2d, images):
+        decided = st.plan is not None and len(st.cuts) == len(self.llm_cuts)
+        if decided and pm.continues_prompt(st.input_ids, st.attn2d, st.images, input_ids, mask2d, images):
             st.phase = PREFILL
             st.per_forward.clear()
             st.captured.clear()
-            st.forward_plan = tp.extend_plan(st.plan, input_ids.shape[1])
+            self._extend_forward(input_ids.shape[1])
             st.forward_attn2d = mask2d
         else:
             self.state = st = self._new_prompt(input_ids, mask2d, images, drafts)
             self.prompts += 1  # counted here, eagerly: a counter read inside a compiled graph would recompile it
-        if self.pruner.stage == "pre_llm":
+        if self.has_pre:
             return (), self._pre_llm_prefill_inputs(kwargs, input_ids)
         return (), kwargs
 
@@ -297,52 +388,140 @@ class VLMAdapter:
             pos = torch.nonzero(visual[b]).flatten()
             st.visual_positions.append(pos)
             st.spans.append(_runs(pos))
+        st.coords = StageCoords(length, st.visual_positions, st.spans, st.attn2d, None, [length] * prompt.shape[0],
+                                carry=[{} for _ in range(prompt.shape[0])])
         return st
 
+    def _extend_forward(self, length: int) -> None:
+        """The prompt's decisions over a forward of ``length`` tokens that continues it."""
+        st = self.state
+        llm_len = length
+        if self.has_pre:
+            st.forward_plan = tp.extend_plan(st.plan, length)
+            llm_len = st.forward_plan.new_length
+        prev_len, st.forward_cuts = llm_len, []
+        for cut in st.cuts:
+            st.forward_cuts.append(cut.extended(llm_len, prev_len))
+            prev_len = st.forward_cuts[-1].plan.new_length
+
     # ------------------------------------------------------------------ decisions
-    def _decide(self, view_factory: Callable[[int], "SampleView"], length: int, device: torch.device) -> tp.KeepPlan:
-        """Ask the pruner for each sample's kept visual tokens; return the batch plan."""
+    def _decide(self, view_factory: Callable[[int], "SampleView"], cut: int,
+                device: torch.device) -> tuple[tp.KeepPlan, list[torch.Tensor], list[list[int]]]:
+        """Ask the pruner for each sample's kept visual tokens at cut ``cut`` of its plan.
+
+        Returns the plan in the coordinates of the sequence the cut sees (``state.coords``), each sample's kept
+        indices into its surviving visual tokens, and the kept count per image.
+        """
         st, pruner = self.state, self.pruner
-        keep_positions, dropped, kept_counts, kept_local = [], [], [], []
+        coords = st.coords
+        length = coords.length
+        keep_positions, dropped, kept_counts, kept_local, kept_images = [], [], [], [], []
         # Traced by torch.compile in the in-LLM path: every shape here follows from host ints (spans, budgets),
         # so the kept positions are taken with a sort of static size, never a boolean index (and no timer sync).
         timing = contextlib.nullcontext() if torch.compiler.is_compiling() else self.timer.section("select", device)
         with timing:
-            for b, vis in enumerate(st.visual_positions):
+            for b, vis in enumerate(coords.visual):
                 all_pos = torch.arange(length, device=device)
-                if vis.numel() == 0:
+                n_vis = int(vis.numel())
+                if n_vis == 0 and coords.filler is None:
                     keep_positions.append(all_pos)
                     dropped.append(0)
                     kept_counts.append(0)
                     kept_local.append(torch.zeros(0, dtype=torch.long))
+                    kept_images.append([0] * len(coords.spans[b]))
                     continue
-                spans = st.spans[b]
-                keep = [pruner.keep_count(e - s, self.n_layers, self.layer) for s, e in spans]
-                local = pruner.select(view_factory(b), keep)
+                spans = coords.spans[b]
+                prompt_spans = st.spans[b]
+                keep = [min(self._schedule(pruner, pe - ps, self.plan_layers)[cut], e - s)
+                        for (s, e), (ps, pe) in zip(spans, prompt_spans)]
+                local = pruner.select(view_factory(b), keep) if n_vis else torch.zeros(0, dtype=torch.long)
                 is_vis = torch.zeros(length, dtype=torch.bool, device=device)
                 is_vis[vis] = True
                 kept_vis = vis[local.to(device)]
                 keep_mask = ~is_vis
+                if coords.filler is not None:
+                    keep_mask &= ~coords.filler[b]
                 keep_mask[kept_vis] = True
-                n_keep = length - int(vis.numel()) + int(kept_vis.numel())
+                n_keep = coords.real[b] - n_vis + int(kept_vis.numel())
                 keep_positions.append(torch.where(keep_mask, all_pos, all_pos + length).sort().values[:n_keep])
-                dropped.append(int(vis.numel() - kept_vis.numel()))
+                dropped.append(n_vis - int(kept_vis.numel()))
                 kept_counts.append(int(kept_vis.numel()))
                 kept_local.append(local)  # read on the host only when report() asks (no GPU sync here)
+                if self.plan_layers[cut] == 0:  # pre-LLM (eager): what was kept, as a recycling rule may differ
+                    kept_images.append([int(((local >= s) & (local < e)).sum()) for s, e in spans])
+                else:
+                    kept_images.append([min(k, e - s) for k, (s, e) in zip(keep, spans)])
         st.kept_per_sample = kept_counts
+        st.kept_per_cut.append(kept_counts)
+        plan = tp.build_plan(keep_positions, length, dropped)
+        return plan, kept_local, kept_images
+
+    def _after_cut(self, local: tp.KeepPlan, kept_local: list[torch.Tensor], kept_images: list[list[int]],
+                   layer: int, more: bool) -> None:
+        """Record what the cut kept; when ``more`` cuts follow, move the scoring coordinates onto its sequence."""
+        st = self.state
+        coords = st.coords
         # A decision traced into a compiled graph keeps no index tensors: under CUDA graphs they would be
         # overwritten by the next replay (report() then lists no kept_visual_index; the counts stay).
-        st.kept_visual_index = [] if torch.compiler.is_compiling() else kept_local
-        plan = tp.build_plan(keep_positions, length, dropped)
-        self._record(plan)
-        return plan
+        compiling = torch.compiler.is_compiling()
+        orig = coords.orig_visual
+        if compiling:
+            st.kept_visual_index = []
+        elif orig is None:
+            st.kept_visual_index = kept_local
+        else:
+            st.kept_visual_index = [o[k.to(o.device)] for o, k in zip(orig, kept_local)]
+        if more:
+            st.coords = self._next_coords(coords, local, kept_local, kept_images)
+        self._record(layer, local)
 
-    def _record(self, plan: tp.KeepPlan) -> None:
+    def _replacements(self, local: tp.KeepPlan) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Merged tokens asked for by ``view.replace_hidden``, moved onto the slots of the cut's sequence."""
+        st = self.state
+        out = []
+        for b, (idx, values) in sorted(st.pending_replace.items()):
+            old = st.coords.visual[b][idx.to(st.coords.visual[b].device)]
+            n_fill = int(local.new_length - (~local.filler[b]).sum()) if local.has_fillers else 0
+            out.append((b, torch.searchsorted(local.index[b, n_fill:], old) + n_fill, values.detach()))
+        st.pending_replace = {}
+        return out
+
+    def _next_coords(self, coords: StageCoords, local: tp.KeepPlan, kept_local: list[torch.Tensor],
+                     kept_images: list[list[int]]) -> StageCoords:
+        """Coordinates of the sequence a cut leaves: kept slots packed to the right of left fillers."""
+        visual, spans, rows, orig, carry, real = [], [], [], [], [], []
+        new_len = local.new_length
+        for b, vis in enumerate(coords.visual):
+            n_keep = coords.real[b] - int(vis.numel()) + int(kept_local[b].numel())
+            n_fill = new_len - n_keep
+            slots = local.index[b, n_fill:]
+            k = kept_local[b].to(vis.device)
+            visual.append(torch.searchsorted(slots, vis[k]) + n_fill)
+            rows.append(torch.searchsorted(slots, self.text_row_positions(b)) + n_fill)
+            bounds = [0]
+            for n in kept_images[b]:
+                bounds.append(bounds[-1] + n)
+            spans.append(list(zip(bounds[:-1], bounds[1:])))
+            base = coords.orig_visual[b] if coords.orig_visual is not None else torch.arange(int(vis.numel()), device=vis.device)
+            orig.append(base[k.to(base.device)])
+            carry.append({name: val[k.to(val.device)] for name, val in coords.carry[b].items()})
+            real.append(n_keep)
+        attn2d = coords.attn2d
+        if attn2d is not None or local.has_fillers:
+            base2d = attn2d if attn2d is not None else torch.ones(local.index.shape[0], coords.length, dtype=torch.long,
+                                                                  device=local.index.device)
+            attn2d = tp.gather_seq(base2d, local).masked_fill(local.filler, 0)
+        return StageCoords(new_len, visual, spans, attn2d, local.filler if local.has_fillers else None, real,
+                           rows, orig, carry)
+
+    def _record(self, layer: int, plan: tp.KeepPlan) -> None:
         st = self.state
         n_vis = [int(v.numel()) for v in st.visual_positions]
+        done = ([0] if self.has_pre else []) + list(self.llm_cuts)
         self.last = {
-            "visual": n_vis, "kept": list(st.kept_per_sample), "length": plan.length,
-            "new_length": plan.new_length, "layer": self.layer if self.pruner.stage == "llm" else 0,
+            "visual": n_vis, "kept": list(st.kept_per_sample), "length": st.prompt_len,
+            "new_length": plan.new_length, "layer": layer,
+            "layers": done[:len(st.kept_per_cut)], "kept_per_cut": [list(k) for k in st.kept_per_cut],
             "kept_visual_index": list(st.kept_visual_index),
         }
 
@@ -354,7 +533,9 @@ class VLMAdapter:
         if st.plan is None:
             views = (lambda b: SampleView(self, b, feats=per_sample[b])) if per_sample is not None else \
                 (lambda b: SampleView(self, b))
-            st.plan = self._decide(views, st.prompt_len, input_ids.device)
+            plan, kept_local, kept_images = self._decide(views, 0, input_ids.device)
+            st.plan = plan
+            self._after_cut(plan, kept_local, kept_images, 0, bool(self.llm_cuts))
             st.forward_plan = tp.extend_plan(st.plan, input_ids.shape[1])
         plan = st.forward_plan
         out = dict(kwargs)
@@ -530,47 +711,70 @@ class VLMAdapter:
         return base - plan.dropped.view(-1, 1)
 
     # ------------------------------------------------------------------ in-LLM path
-    def _install_llm_hooks(self, hooks: HookSet, layer: int) -> None:
-        prev = self.layers[layer - 1].self_attn
-        hooks.pre_hook(prev, self._capture_attn_inputs)
-        hooks.post_hook(prev.q_proj, self._capture("q"))
-        hooks.post_hook(prev.k_proj, self._capture("k"))
-        for i in range(layer, self.n_layers):
+    def _install_llm_hooks(self, hooks: HookSet) -> None:
+        for j, layer in enumerate(self.llm_cuts):
+            prev = self.layers[layer - 1].self_attn
+            hooks.pre_hook(prev, self._capture_attn_inputs(j))
+            hooks.post_hook(prev.q_proj, self._capture("q", j))
+            hooks.post_hook(prev.k_proj, self._capture("k", j))
+        for i in range(self.layer, self.n_layers):
             hooks.pre_hook(self.layers[i], self._layer_hook(i))
 
-    def _capture_attn_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
-        if self.state.phase == PREFILL and self.state.plan is None:
-            self.state.captured["attn"] = module
-            self.state.captured["position_embeddings"] = kwargs.get("position_embeddings")
-        return None
+    def _capturing(self, cut: int) -> bool:
+        """Layer K-1 of cut ``cut`` captures its inputs only while that cut is still to be decided."""
+        st = self.state
+        return st.phase == PREFILL and len(st.cuts) == cut
 
-    def _capture(self, name: str) -> Callable:
+    def _capture_attn_inputs(self, cut: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+            if self._capturing(cut):
+                self.state.captured["attn"] = module
+                self.state.captured["position_embeddings"] = kwargs.get("position_embeddings")
+            return None
+        return hook
+
+    def _capture(self, name: str, cut: int) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self.state.phase == PREFILL and self.state.plan is None:
+            if self._capturing(cut):
                 self.state.captured[name] = output.detach()
         return hook
 
     def _layer_hook(self, index: int) -> Callable:
+        stage = self._stage_of[index]
+        at_cut = self.llm_cuts[stage] == index
+
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
             st = self.state
             if st.phase == PREFILL:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                if index == self.layer and st.plan is None:
-                    self._decide_in_llm(hidden)
-                plan = st.forward_plan
-                if plan is None or plan.is_identity:
+                if at_cut and len(st.cuts) == stage:
+                    self._decide_in_llm(stage, args[0] if args else kwargs["hidden_states"])
+                if stage >= len(st.forward_cuts):
                     return None
-                return self._prefill_layer_inputs(index, args, kwargs, plan)
-            if st.phase == DECODE and st.plan is not None and not st.plan.is_identity:
-                return self._decode_layer_inputs(index, args, kwargs, st.plan)
+                cut = st.forward_cuts[stage]
+                if cut.plan.is_identity:
+                    return None
+                return self._prefill_layer_inputs(index, args, kwargs, cut, stage, at_cut)
+            if st.phase == DECODE and stage < len(st.cuts) and not st.cuts[stage].plan.is_identity:
+                return self._decode_layer_inputs(index, args, kwargs, st.cuts[stage].plan, stage)
             return None
         return hook
 
-    def _decide_in_llm(self, hidden: torch.Tensor) -> None:
-        """The in-LLM decision at layer K; static shapes, so ``torch.compile`` traces it into the prefill graph."""
+    def _decide_in_llm(self, stage: int, hidden: torch.Tensor) -> None:
+        """The decision of in-LLM cut ``stage``; static shapes, so ``torch.compile`` traces it into the prefill graph."""
         st = self.state
-        st.plan = self._decide(lambda b: SampleView(self, b, hidden=hidden), st.prompt_len, hidden.device)
-        st.forward_plan = tp.extend_plan(st.plan, hidden.shape[1])
+        layer = self.llm_cuts[stage]
+        cut_index = stage + int(self.has_pre)
+        local, kept_local, kept_images = self._decide(
+            lambda b: SampleView(self, b, hidden=hidden, cut=cut_index, layer=layer), cut_index, hidden.device)
+        prev = st.cuts[-1].plan if st.cuts else None
+        plan = tp.compose(prev, local)
+        cut = tp.Cut(layer, plan, local, self._replacements(local))
+        st.cuts.append(cut)
+        llm_len = st.forward_cuts[0].plan.length if st.forward_cuts else hidden.shape[1]
+        st.forward_cuts.append(cut.extended(llm_len, hidden.shape[1]))
+        if not self.has_pre and stage == 0:
+            st.plan = plan
+        self._after_cut(local, kept_local, kept_images, layer, stage + 1 < len(self.llm_cuts))
         st.captured.clear()
 
     def _mask_format(self, mask: torch.Tensor | None) -> tuple[bool, torch.dtype]:
@@ -579,35 +783,42 @@ class VLMAdapter:
         as_bool = self.text_config._attn_implementation != "eager"
         return as_bool, self.lm.dtype if not as_bool else torch.bool
 
-    def _cached(self, obj: Any, fn: Callable[[Any], Any]) -> Any:
-        """Per-forward cache keyed by object identity (one gather per forward, not per layer)."""
+    def _cached(self, obj: Any, fn: Callable[[Any], Any], stage: int = 0) -> Any:
+        """Per-forward cache keyed by object identity and stage (one gather per forward and cut, not per layer)."""
         if obj is None or torch.compiler.is_compiling():  # compiled: the graph computes it once per layer
             return fn(obj)
-        hit = self.state.per_forward.get(id(obj))
+        key = (id(obj), stage)
+        hit = self.state.per_forward.get(key)
         if hit is not None and hit[0] is obj:
             return hit[1]
         val = fn(obj)
-        self.state.per_forward[id(obj)] = (obj, val)
+        self.state.per_forward[key] = (obj, val)
         return val
 
-    def _prefill_layer_inputs(self, index: int, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
+    def _prefill_layer_inputs(self, index: int, args: tuple, kwargs: dict[str, Any], cut: tp.Cut, stage: int,
+                              at_cut: bool):
+        plan = cut.plan
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] == plan.length:
-            hidden = tp.gather_seq(hidden, plan)
+        if at_cut:
+            hidden = tp.gather_seq(hidden, cut.local)
+            if cut.replace:
+                hidden = hidden.clone()
+                for b, slots, values in cut.replace:
+                    hidden[b, slots.to(hidden.device)] = values.to(hidden.dtype)
         past = kwargs.get("past_key_values")
         kv_slots = past.get_mask_sizes(hidden.shape[1], index)[0] if past is not None else hidden.shape[1]
         out = dict(kwargs)
         out.pop("hidden_states", None)
         pe = kwargs.get("position_embeddings")
         if pe is not None:
-            out["position_embeddings"] = self._cached(pe, lambda p: self._prefill_rope(p, plan, hidden))
+            out["position_embeddings"] = self._cached(pe, lambda p: self._prefill_rope(p, plan, hidden), stage)
         pos = kwargs.get("position_ids")
         if isinstance(pos, torch.Tensor) and pos.shape[-1] == plan.length:
-            out["position_ids"] = self._cached(pos, lambda p: tp.gather_positions(p, plan))
+            out["position_ids"] = self._cached(pos, lambda p: tp.gather_positions(p, plan), stage)
         mask = kwargs.get("attention_mask")
         as_bool, dtype = self._mask_format(mask)
         make = lambda m: tp.prefill_mask(m, plan, as_bool=as_bool, dtype=dtype, kv_slots=kv_slots)
-        out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
+        out["attention_mask"] = self._cached(mask, make, stage) if mask is not None else make(None)
         return (hidden,), out
 
     def _prefill_rope(self, pe: tuple[torch.Tensor, torch.Tensor], plan: tp.KeepPlan, hidden: torch.Tensor):
@@ -619,7 +830,7 @@ class VLMAdapter:
             return self.lm.rotary_emb(hidden, position_ids=new_pos)
         return tuple(tp.gather_seq(t, plan) for t in pe)
 
-    def _decode_layer_inputs(self, index: int, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan):
+    def _decode_layer_inputs(self, index: int, args: tuple, kwargs: dict[str, Any], plan: tp.KeepPlan, stage: int):
         hidden = args[0] if args else kwargs["hidden_states"]
         q = hidden.shape[1]
         mask = kwargs.get("attention_mask")
@@ -635,7 +846,7 @@ class VLMAdapter:
         out = dict(kwargs)
         make = lambda m: tp.decode_mask(m, plan, q_len=q, kv_slots=kv_slots, causal_offset=filled,
                                         as_bool=as_bool, dtype=dtype, static_slots=static)
-        out["attention_mask"] = self._cached(mask, make) if mask is not None else make(None)
+        out["attention_mask"] = self._cached(mask, make, stage) if mask is not None else make(None)
         if self.pruner.positions == "reindex":
             pe = kwargs.get("position_embeddings")
             pos = kwargs.get("position_ids")
@@ -651,7 +862,7 @@ class VLMAdapter:
             return cap["qk"]
         attn = cap["attn"]
         head_dim = attn.head_dim
-        n = self.state.prompt_len  # the decision reads the prompt only (assisted decoding appends drafts)
+        n = self.state.coords.length  # the decision reads the prompt only (assisted decoding appends drafts)
         q = cap["q"][:, :n]
         k = cap["k"][:, :n]
         bsz, length = q.shape[:2]
@@ -675,7 +886,7 @@ class VLMAdapter:
             return cap["last_attn"]
         q, k = self.rotated_qk()
         bsz, _, length, _ = q.shape
-        am = self.state.attn2d
+        am = self.state.coords.attn2d
         if am is not None and am.shape[-1] == length:
             last = (am.long() * torch.arange(length, device=q.device)).argmax(-1)
             valid = am.bool()
@@ -701,13 +912,16 @@ class VLMAdapter:
         logits = torch.einsum("hrd,hld->hrl", q[sample][:, rows].float(), k[sample].float()) * st.captured["attn"].scaling
         cols = torch.arange(length, device=q.device)
         allowed = cols[None, :] <= rows[:, None]
-        if st.attn2d is not None and st.attn2d.shape[-1] == length:
-            allowed = allowed & st.attn2d[sample].bool()[None, :]
+        am = st.coords.attn2d
+        if am is not None and am.shape[-1] == length:
+            allowed = allowed & am[sample].bool()[None, :]
         return logits.masked_fill(~allowed[None], float("-inf")).softmax(-1)
 
     def text_row_positions(self, sample: int) -> torch.Tensor:
-        """Positions of the non-padding text tokens after the sample's first image span."""
+        """Positions of the non-padding text tokens after the sample's first image span (in the cut's coordinates)."""
         st = self.state
+        if st.coords is not None and st.coords.text_rows is not None:
+            return st.coords.text_rows[sample]
         vis = st.visual_positions[sample]
         length = st.input_ids.shape[1]
         start = int(vis[st.spans[sample][0][1] - 1]) + 1 if vis.numel() else 0
@@ -730,22 +944,35 @@ class VLMAdapter:
         if last is None:
             return rep
         n_vis = sum(last["visual"]) / max(1, len(last["visual"]))
-        kept = sum(last["kept"]) / max(1, len(last["kept"]))
-        k = last["layer"]
-        per_layer = [n_vis if i < k else kept for i in range(self.n_layers)]
+        per_layer = [n_vis] * self.n_layers
+        for layer, kept_cut in zip(last["layers"], last["kept_per_cut"]):
+            mean = sum(kept_cut) / max(1, len(kept_cut))
+            per_layer[layer:] = [mean] * (self.n_layers - layer)
+        # the papers' "equal token" count (SparseVLM, AdaptInfer): the layer before a cut counts its *output*
+        equal_token = per_layer[1:] + per_layer[-1:]
         text = last["length"] - n_vis
         dense = prefill_flops(self.text_config, [last["length"]] * self.n_layers)
         pruned = prefill_flops(self.text_config, [text + n for n in per_layer])
         rep.update({
+            "cut_layers": list(last["layers"]),
             "visual_tokens_per_layer": per_layer,
             "visual_tokens_input": per_layer[0],
             "equivalent_budget": sum(per_layer) / self.n_layers,
+            "equal_token_budget": sum(equal_token) / self.n_layers,
+            "kept_per_cut_per_sample": last["kept_per_cut"],
             "visual_tokens_per_sample": last["visual"],
             "kept_after_layer_per_sample": last["kept"],
             "kept_visual_index": [sorted(int(i) for i in t.tolist()) for t in last["kept_visual_index"]],
             "prefill_tflops": {"dense": dense / 1e12, "pruned": pruned / 1e12, "ratio": pruned / dense},
         })
         return rep
+
+
+@register_vlm_handler("visual_token_pruner")
+def _install_pruners(adapter: VLMAdapter, pruners: list[MethodConfig], hooks: HookSet) -> None:
+    if len(pruners) != 1:
+        raise ConfigError(f"apply exactly one pruner to a VLM at a time, got {[m.name for m in pruners]}")
+    adapter.install_pruner(pruners[0], hooks)  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass
@@ -756,10 +983,13 @@ class SampleView:
     sample: int
     hidden: torch.Tensor | None = None
     feats: list[torch.Tensor] | None = None
+    cut: int = 0
+    layer: int = 0
 
     @property
     def _vis(self) -> torch.Tensor:
-        return self.adapter.state.visual_positions[self.sample]
+        """Slots of the sample's surviving visual tokens in the sequence this cut sees."""
+        return self.adapter.state.coords.visual[self.sample]
 
     @property
     def n_visual(self) -> int:
@@ -767,7 +997,40 @@ class SampleView:
 
     @property
     def spans(self) -> list[tuple[int, int]]:
-        return self.adapter.state.spans[self.sample]
+        return self.adapter.state.coords.spans[self.sample]
+
+    @property
+    def carry(self) -> dict[str, torch.Tensor]:
+        """Per-token values [n_visual] the method stores here; the host gathers them through every later cut."""
+        return self.adapter.state.coords.carry[self.sample]
+
+    @property
+    def text_positions(self) -> torch.Tensor:
+        """Slots of the text tokens after the first image (the rows ``text_rows_attention`` computes)."""
+        return self.adapter.text_row_positions(self.sample)
+
+    @property
+    def visual_positions(self) -> torch.Tensor:
+        """Slots of the surviving visual tokens (columns of ``text_rows_full_attention``)."""
+        return self._vis
+
+    def get(self, name: str) -> torch.Tensor:
+        """A registered quantity (:func:`register_vlm_score`) for this sample at this cut."""
+        fn = _SCORES.get(name)
+        if fn is None:
+            raise ConfigError(f"no VLM score {name!r} is registered; known: {sorted(_SCORES)}")
+        return fn(self)
+
+    def replace_hidden(self, local: torch.Tensor, values: torch.Tensor) -> None:
+        """In-LLM cuts: the kept tokens ``local`` (indices into this view's visual tokens) enter the next layer with
+        hidden states ``values`` [n, D] instead of their own (token merging / recycling)."""
+        if self.hidden is None:
+            raise ConfigError("replace_hidden is only available to in-LLM cuts")
+        self.adapter.state.pending_replace[self.sample] = (local, values)
+
+    def text_rows_full_attention(self) -> torch.Tensor:
+        """[H, R, L] attention of the R text rows over the whole sequence this cut sees (rows only, no L x L)."""
+        return self.adapter.text_rows_attention(self.sample)
 
     def last_query_attention(self) -> torch.Tensor:
         return self.adapter.last_query_attention()[self.sample][:, self._vis]
@@ -821,6 +1084,11 @@ class SampleView:
         digest = zlib.crc32(ids.cpu().numpy().tobytes())
         seed = getattr(self.adapter.pruner, "seed", 0)
         return torch.Generator().manual_seed((seed * 1_000_003 + digest) % (2 ** 63))
+
+
+for _name in ("last_query_attention", "query_states", "key_states", "text_rows_attention", "hidden_states",
+              "features", "text_rows_full_attention"):
+    register_vlm_score(_name)(getattr(SampleView, _name))
 
 
 def _runs(pos: torch.Tensor) -> list[tuple[int, int]]:

@@ -26,6 +26,11 @@ class ScoreView(Protocol):
     sample: int
     n_visual: int
     spans: list[tuple[int, int]]          # per image: [start, end) in sample-local visual-token indices
+    cut: int                              # which cut of the method's plan is being decided (0 = the first)
+    layer: int                            # the layer the cut applies to (0 = before the LLM)
+    carry: dict[str, torch.Tensor]        # per-token values [n_visual] the host carries through later cuts
+
+    def get(self, name: str) -> torch.Tensor: ...        # a quantity from the score registry (register_vlm_score)
 
     def last_query_attention(self) -> torch.Tensor: ...  # [H, n_visual] probs of the last real query (layer K-1)
     def query_states(self) -> torch.Tensor: ...          # [n_visual, H, d] post-RoPE queries of layer K-1
@@ -79,6 +84,22 @@ class PrunerConfig(MethodConfig):
             require(self.layer in (None, 0), f"{self.name} prunes before the LLM; layer must be 0 or unset")
 
     # --- per-model defaults -------------------------------------------------------------
+    def plan_layers(self, family: str, n_layers: int) -> tuple[int, ...]:
+        """Where the method cuts, strictly increasing: 0 = before the LLM, K >= 1 = the input of LLM layer K.
+
+        One-cut pruners (FastV, EntropyPrune, random) return ``(resolve_layer(family),)``; progressive ones
+        return a chain, e.g. AdaptInfer ``(2, 11, 21)``. Cut ``j`` at K >= 1 is scored with layer K-1 and keeps
+        a subset of what cut ``j-1`` kept (docs/vlm-plan.md).
+        """
+        return (self.resolve_layer(family),)
+
+    def keep_schedule(self, n_visual: int, n_layers: int, layers: tuple[int, ...], family: str = "") -> list[int]:
+        """Visual tokens of one image (of ``n_visual`` in the prompt) kept after each cut of ``layers``.
+
+        Non-increasing; the host caps each entry at what the previous cut kept. One cut: :meth:`keep_count`.
+        """
+        return [self.keep_count(n_visual, n_layers, layers[0])]
+
     def default_layer(self, family: str) -> int:
         """Pruning layer K when ``layer`` is unset. Override per method."""
         return 0 if self.stage == "pre_llm" else 2

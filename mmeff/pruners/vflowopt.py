@@ -66,7 +66,7 @@ class VFlowOpt(PrunerConfig):
     name: ClassVar[str] = "vflowopt"
     stage: ClassVar[Stage] = "pre_llm"
     needs: ClassVar[frozenset[str]] = frozenset({"vit_importance"})
-    runs_llm_cuts: ClassVar[bool] = False  # the host runs only the pre-LLM stage until it has chains of cuts
+    runs_llm_cuts: ClassVar[bool] = True  # the chain-of-cuts host runs the LLM cuts (False: pre-LLM only)
 
     vit_layer: int | None = None
     vit_t: float | None = None

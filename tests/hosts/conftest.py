@@ -79,3 +79,44 @@ class FixedKeepLLM(PrunerConfig):
 class FixedKeepPre(FixedKeepLLM):
     name: ClassVar[str] = "test_fixed_pre"
     stage: ClassVar[str] = "pre_llm"
+
+
+CHAIN_SEEN: list = []  # (cut, sample, carried original indices, spans) per score() call of the chain pruners
+
+
+@register_method
+@dataclasses.dataclass(frozen=True)
+class ChainLLM(PrunerConfig):
+    """Test pruner with a chain of in-LLM cuts: keeps ``fractions`` of each image after each of ``cuts``.
+
+    The score depends on the cut (attention of the stage's last query plus a carried per-token value), so a
+    wrong coordinate system after a cut changes the decision; ``view.carry["orig"]`` follows the tokens.
+    """
+
+    name: ClassVar[str] = "test_chain_llm"
+    cuts: tuple[int, ...] = (1, 2, 3)
+    fractions: tuple[float, ...] = (0.6, 0.4, 0.2)
+
+    def plan_layers(self, family: str, n_layers: int) -> tuple[int, ...]:
+        return self.cuts
+
+    def keep_schedule(self, n_visual: int, n_layers: int, layers: tuple[int, ...], family: str = "") -> list[int]:
+        return [int(f * n_visual + 1e-9) for f in self.fractions]
+
+    def score(self, view: ScoreView) -> torch.Tensor:
+        if "orig" not in view.carry:
+            view.carry["orig"] = torch.arange(view.n_visual, dtype=torch.float32)
+        carried = view.carry["orig"].to(torch.float32).cpu()
+        CHAIN_SEEN.append((view.cut, view.sample, carried.long().tolist(), list(view.spans)))
+        order = carried if view.cut % 2 else -carried
+        if view.layer == 0:
+            return order
+        return order / (1 + carried.numel()) + view.last_query_attention().float().mean(0).cpu()
+
+
+@register_method
+@dataclasses.dataclass(frozen=True)
+class ChainPre(ChainLLM):
+    name: ClassVar[str] = "test_chain_pre"
+    stage: ClassVar[str] = "pre_llm"
+    cuts: tuple[int, ...] = (0, 2, 3)

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import mmeff
-from mmeff import BudgetError, MissingImageError
+from mmeff import BudgetError, MissingImageError, UnsupportedModelError
+from mmeff.zoo import tiny_models as tm
 from mmeff.core.errors import ConfigError
 from mmeff.pruners import VFlowOpt
+from mmeff.pruners.vflowopt_select import prune_and_recycle
 
 from .conftest import FAMILIES, generate, inputs_for, n_hooks
 from .test_vlm_contracts import _take, _uncached_reference
@@ -121,6 +123,14 @@ def test_clear_errors(vlm, tmp_path):
     assert n_hooks(model) == 0
     with pytest.raises(ConfigError, match="keep="):
         VFlowOpt(keep=8)
+    flash = tm.tiny_llava()
+    flash.model.language_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UnsupportedModelError, match="sdpa"):
+        mmeff.apply(flash, VFlowOpt(budget=8))  # its LLM cuts need SDPA or eager attention
+    assert n_hooks(flash) == 0
+    with pytest.raises(BudgetError, match="cannot be met"):
+        mmeff.apply(model, VFlowOpt(budget=8, ratio_v=1.0, ratio_1=1.0))  # the first stages alone exceed it
+    assert n_hooks(model) == 0
     # features encoded before apply() carry no ViT importance: refused, not silently unpruned
     enc = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
     no_pixels = {k: v for k, v in inputs.items() if k != "pixel_values"}
@@ -130,3 +140,38 @@ def test_clear_errors(vlm, tmp_path):
         # encoded while applied (as generate() does), they carry the maps and prune
         enc = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
         assert model(**no_pixels, mm_encoder_outputs={"image": enc}).logits.shape[1] < inputs["input_ids"].shape[1]
+
+
+def _image_maps(model, inputs):
+    if type(model).__name__.startswith("Qwen"):
+        return model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                              return_dict=True).vflowopt_maps
+    kw = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+    return model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True, **kw).vflowopt_maps
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llm_cuts_keep_the_most_important_of_what_the_vision_stage_kept(vlm, family):
+    """The two LLM cuts rank by the ViT importance carried from the vision stage (nested top-k of one score)."""
+    model = vlm(family)
+    inputs = inputs_for(model, n=2)
+    method = VFlowOpt(ratio=0.5, vit_m=2.0, alpha_v=0.5, vit_t=1.0, ratio_v=0.8, ratio_1=0.7)
+    with torch.no_grad(), mmeff.apply(model, method) as h:
+        maps = _image_maps(model, inputs)
+        model(**inputs)
+        rep = h.report()
+    assert rep["cut_layers"] == [0, 1, 3]  # 4 LLM layers: round(L/3), round(2L/3)
+    counts = rep["kept_per_cut_per_sample"]
+    for b, image in enumerate(maps):
+        n = image.importance.numel()
+        first, _ = prune_and_recycle(image.importance, image.coords, image.region, round(n * 0.8), 2.0)
+        assert counts[0][b] == first.numel() == round(n * 0.8)
+        assert counts[1][b] == round(first.numel() * 0.7)
+        carried = image.importance[first]
+        kept = torch.tensor(rep["kept_visual_index"][b], dtype=torch.long)
+        assert set(kept.tolist()) <= set(first.tolist())
+        # equal up to ties (LLaVA-NeXT's newline tokens all have importance 1): the same importance values
+        expected = torch.topk(carried, counts[2][b]).values
+        assert torch.equal(image.importance[kept].sort().values, expected.sort().values)
+    assert rep["equivalent_budget"] == pytest.approx(sum(
+        (n1 * 1 + n2 * 2 + n3 * 1) / 4 for n1, n2, n3 in zip(*counts)) / len(maps), abs=1e-6)

@@ -30,9 +30,16 @@ def test_calibrate_writes_json_resumes_and_the_method_reads_it(tmp_path, monkeyp
     second = json.loads(out.read_text())
     assert second["trials"] == 3 and second["objective_mean_cosine"] >= first["objective_mean_cosine"]
     p = second["params"]
+    assert second["llm_layers"] == [4, 8]  # tiny-llava: 12 LLM layers, cuts at L/3 and 2L/3
+    assert average_budget(576, p["ratio_v"], (p["ratio_1"], p["ratio_2"]), (4, 8), 12) == pytest.approx(64)
     got = VFlowOpt(budget=64, calibration=str(out)).params(576, 12)
     assert (got.vit_t, got.vit_m, got.alpha_v, got.ratio_v) == pytest.approx(
         (p["vit_t"], p["vit_m"], p["alpha_v"], p["ratio_v"]))
+    assert got.llm_layers == (4, 8) and got.llm_ratios == pytest.approx((p["ratio_1"], p["ratio_2"]))
+    # at another budget the calibrated LLM ratios stay and ratio_v is solved
+    other = VFlowOpt(budget=128, calibration=str(out)).params(576, 12)
+    assert other.llm_ratios == pytest.approx((p["ratio_1"], p["ratio_2"]))
+    assert average_budget(576, other.ratio_v, other.llm_ratios, (4, 8), 12) == pytest.approx(128)
     assert got.source == str(out)
     assert main(["calibrate", "vflowopt", "--model", "tiny-llava", "--out", str(tmp_path / "x.json")]) == 2
     assert "--budget" in capsys.readouterr().err
