@@ -175,3 +175,28 @@ def test_llm_cuts_keep_the_most_important_of_what_the_vision_stage_kept(vlm, fam
         assert torch.equal(image.importance[kept].sort().values, expected.sort().values)
     assert rep["equivalent_budget"] == pytest.approx(sum(
         (n1 * 1 + n2 * 2 + n3 * 1) / 4 for n1, n2, n3 in zip(*counts)) / len(maps), abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_released_count_flows_through_the_llm_cuts(vlm, family):
+    """count='released' keeps more than round(N r_v) before the LLM; the LLM cuts then work on what was kept."""
+    model = vlm(family)
+    inputs = inputs_for(model, n=2)
+    method = VFlowOpt(ratio=0.5, vit_m=1.5, alpha_v=0.5, vit_t=1.0, ratio_v=0.6, ratio_1=0.7, count="released")
+    with torch.no_grad(), mmeff.apply(model, method) as h:
+        maps = _image_maps(model, inputs)
+        tokens, logits = generate(model, inputs, n=4)
+        rep = h.report()
+    counts = rep["kept_per_cut_per_sample"]
+    for b, image in enumerate(maps):
+        first, _ = prune_and_recycle(image.importance, image.coords, image.region,
+                                     round(image.importance.numel() * 0.6), 1.5, "released")
+        assert counts[0][b] == first.numel() > round(image.importance.numel() * 0.6)
+        kept = torch.tensor(rep["kept_visual_index"][b], dtype=torch.long)
+        assert set(kept.tolist()) <= set(first.tolist())
+        # the cuts rank *every* token the pre-LLM cut kept (also those beyond round(N r_v))
+        expected = torch.topk(image.importance[first], counts[2][b]).values
+        assert torch.equal(image.importance[kept].sort().values, expected.sort().values)
+    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 4)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
