@@ -1,7 +1,7 @@
-"""``mmeff calibrate entropyprune|vflowopt``: offline calibrations on shapes-world scenes (calib split).
+"""``mmeff calibrate entropyprune|adaptinfer|vflowopt``: offline calibrations on shapes-world scenes (calib split).
 
-entropyprune: the Entropy Collapse Layer. vflowopt: Bayesian optimisation of VFlowOpt's hyperparameters at
-one budget (resumable through an optuna SQLite study next to --out).
+entropyprune: the Entropy Collapse Layer. adaptinfer: the pruning schedule. vflowopt: Bayesian optimisation of
+VFlowOpt's hyperparameters at one budget (resumable through an optuna SQLite study next to --out).
 """
 from __future__ import annotations
 
@@ -17,12 +17,17 @@ from ..cli_args import positive_int
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("calibrate", help="offline calibration writing a per-model JSON (EntropyPrune ECL, VFlowOpt BO)")
-    p.add_argument("method", choices=["entropyprune", "vflowopt"], help="what to calibrate")
+    p = sub.add_parser("calibrate", help="offline calibration writing a per-model JSON (EntropyPrune ECL, "
+                                         "AdaptInfer schedule, VFlowOpt BO)")
+    p.add_argument("method", choices=["entropyprune", "adaptinfer", "vflowopt"], help="what to calibrate")
     p.add_argument("--model", default="tiny-llava", help="zoo name (tiny-llava, tiny-qwen2-vl) or a local/hub path")
     p.add_argument("--samples", type=positive_int, default=100, help="number of calibration images (calib split seeds)")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--out", required=True, help="JSON file to write; load it with <method>:calibration=FILE")
+    p.add_argument("--cuts", type=positive_int, default=3, help="adaptinfer: number of pruning layers to find")
+    p.add_argument("--top-fraction", type=float, default=0.1,
+                   help="adaptinfer: the top share of visual tokens whose set change measures the shift")
+    p.add_argument("--out", required=True, help="JSON file to write; load it with entropyprune:calibration=FILE "
+                                                "or adaptinfer:schedule=FILE or vflowopt:calibration=FILE")
     p.add_argument("--budget", type=float, default=None,
                    help="vflowopt: layer-averaged visual tokens per image to calibrate for (required)")
     p.add_argument("--trials", type=positive_int, default=100, help="vflowopt: finished BO trials to reach")
@@ -70,8 +75,12 @@ def run(args: argparse.Namespace) -> int:
     from ..core.errors import ConfigError, MmeffError
     from ..eval.preflight import check_writable
     from ..zoo.load import load
+    from .adaptinfer_schedule import calibrate_adaptinfer
     from .ecl import calibrate_entropyprune
 
+    if not 0.0 < args.top_fraction <= 1.0:
+        print(f"mmeff calibrate: error: --top-fraction must be in (0, 1], got {args.top_fraction}", file=sys.stderr)
+        return 2
     try:
         check_writable(Path(args.out), "--out")
         if args.method == "vflowopt" and args.budget is None:
@@ -83,14 +92,19 @@ def run(args: argparse.Namespace) -> int:
             storage = args.storage or str(Path(args.out).with_suffix(".db"))
             result = calibrate_vflowopt(model, question_batches(processor, args.samples, args.batch_size), args.budget,
                                         trials=args.trials, storage=storage, seed=args.seed, out_path=args.out,
-                                        timeout=args.timeout,
-                                        model_name=args.model)
-            keys = ("model", "budget", "params", "objective_mean_cosine", "trials", "samples")
+                                        timeout=args.timeout, model_name=args.model)
+            print(json.dumps({k: result[k] for k in ("model", "budget", "params", "objective_mean_cosine", "trials",
+                                                     "samples")}), "->", args.out)
+            return 0
+        batches = world_batches(processor, args.samples, args.batch_size)
+        if args.method == "adaptinfer":
+            result = calibrate_adaptinfer(model, batches, args.out, model_name=args.model, n_cuts=args.cuts,
+                                          top_fraction=args.top_fraction)
+            keys = ("model", "layers", "cut_layers", "samples", "seconds")
         else:
-            result = calibrate_entropyprune(model, world_batches(processor, args.samples, args.batch_size), args.out,
-                                            model_name=args.model)
+            result = calibrate_entropyprune(model, batches, args.out, model_name=args.model)
             keys = ("model", "ecl", "samples")
-    except MmeffError as e:
+    except (MmeffError, ValueError) as e:
         print(f"mmeff calibrate: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: result[k] for k in keys}), "->", args.out)

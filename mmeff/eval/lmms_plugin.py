@@ -401,19 +401,24 @@ class MmeffLMM(lmms):
         am = inputs.get("attention_mask")
         lengths = am.sum(1).tolist() if am is not None else [ids.shape[1]] * bsz
         vis = (ids == self.image_token_id).sum(1).tolist() if self.image_token_id is not None else [0] * bsz
-        kept, layer, method_seconds = list(vis), 0, 0.0
+        cuts: list[int] = []                  # the plan's cut layers (0 = before the LLM) and kept counts per cut
+        kept_cuts: list[list[int]] = []
+        method_seconds = 0.0
         if self.handle is not None:
             rep = self.handle.report()
             prompts = int(rep.get("prompts", 0) or 0)
             if prompts > self._prompts_seen and "visual_tokens_per_sample" in rep:
                 vis = list(rep["visual_tokens_per_sample"])
-                kept = list(rep["kept_after_layer_per_sample"])
-                layer = int(rep.get("layer") or 0) if rep.get("stage") == "llm" else 0
+                cuts = list(rep["cut_layers"])
+                kept_cuts = [list(k) for k in rep["kept_per_cut_per_sample"]]
             self._prompts_seen = prompts
             total = float(rep.get("method_seconds", 0.0) or 0.0)
             method_seconds, self._method_seconds_seen = max(0.0, total - self._method_seconds_seen), total
         for b, (task, doc_id) in enumerate(meta):
-            per_layer = [vis[b] if i < layer else kept[b] for i in range(self.n_layers)]
+            per_layer = [vis[b]] * self.n_layers
+            for layer, kept in zip(cuts, kept_cuts):
+                per_layer[layer:] = [kept[b]] * (self.n_layers - layer)
+            equal_token = per_layer[1:] + per_layer[-1:]  # the papers' count: a layer before a cut counts its output
             text = lengths[b] - vis[b]
             dense = prefill_flops(self.text_config, [lengths[b]] * self.n_layers)
             pruned = prefill_flops(self.text_config, [text + t for t in per_layer])
@@ -421,6 +426,7 @@ class MmeffLMM(lmms):
                 "task": task, "doc_id": int(doc_id), "method": self.label,
                 "visual_tokens": int(vis[b]), "visual_tokens_in": float(per_layer[0]),
                 "equivalent_budget": sum(per_layer) / self.n_layers,
+                "equal_token_budget": sum(equal_token) / self.n_layers,
                 "prefill_tflops": pruned / 1e12, "prefill_tflops_dense": dense / 1e12,
                 "seconds": seconds / bsz, "method_seconds": method_seconds / bsz,
             })
@@ -440,6 +446,7 @@ class MmeffLMM(lmms):
             "visual_tokens": mean("visual_tokens"),
             "visual_tokens_in": mean("visual_tokens_in"),
             "equivalent_budget": mean("equivalent_budget"),
+            "equal_token_budget": mean("equal_token_budget"),
             "prefill_tflops": mean("prefill_tflops"),
             "prefill_tflops_dense": mean("prefill_tflops_dense"),
             "seconds": sum(r["seconds"] for r in recs),

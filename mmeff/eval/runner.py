@@ -168,9 +168,10 @@ def _collect(res: dict[str, Any], lm: Any, log_samples: bool) -> dict[str, Any]:
         elif effs:  # a group: request-weighted means, summed times
             n = sum(e["requests"] for e in effs)
             eff = {"requests": n}
-            for k in ("visual_tokens", "visual_tokens_in", "equivalent_budget", "prefill_tflops", "prefill_tflops_dense",
-                      "seconds_per_request"):
-                eff[k] = sum(e[k] * e["requests"] for e in effs) / n
+            for k in ("visual_tokens", "visual_tokens_in", "equivalent_budget", "equal_token_budget", "prefill_tflops",
+                      "prefill_tflops_dense", "seconds_per_request"):
+                if all(k in e for e in effs):
+                    eff[k] = sum(e[k] * e["requests"] for e in effs) / n
             for k in ("seconds", "method_seconds"):
                 eff[k] = sum(e[k] for e in effs)
         else:

@@ -2,7 +2,8 @@
 from .base import PrunerConfig, ScoreView
 from .entropyprune import EntropyPrune
 from .fastv import FastV
+from .adaptinfer import AdaptInfer
 from .random_prune import RandomPrune
 from .vflowopt import VFlowOpt
 
-__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune", "VFlowOpt"]
+__all__ = ["PrunerConfig", "ScoreView", "FastV", "RandomPrune", "EntropyPrune", "AdaptInfer", "VFlowOpt"]
