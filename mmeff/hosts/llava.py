@@ -16,15 +16,14 @@ class LlavaAdapter(VLMAdapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
 
-    def image_features(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        out = self.inner.get_image_features(
+    def encode_images(self, kwargs: dict[str, Any]) -> Any:
+        return self.inner.get_image_features(
             pixel_values=kwargs["pixel_values"],
             vision_feature_layer=kwargs.get("vision_feature_layer"),
             vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
             image_sizes=kwargs.get("image_sizes"),
             return_dict=True,
         )
-        return list(out.pooler_output)
 
     def full_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
         # What LlamaModel itself uses when no positions are given on a fresh prompt.

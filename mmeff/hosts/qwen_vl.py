@@ -18,9 +18,8 @@ class QwenVLAdapter(VLMAdapter):
     model_classes = ("Qwen2VLForConditionalGeneration",)
     uses_mrope = True
 
-    def image_features(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        out = self.inner.get_image_features(kwargs["pixel_values"], kwargs.get("image_grid_thw"), return_dict=True)
-        return list(out.pooler_output)
+    def encode_images(self, kwargs: dict[str, Any]) -> Any:
+        return self.inner.get_image_features(kwargs["pixel_values"], kwargs.get("image_grid_thw"), return_dict=True)
 
     def full_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
         """3-D M-RoPE positions of the *unpruned* sequence (they need the full grid); also sets ``rope_deltas``.

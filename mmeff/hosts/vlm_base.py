@@ -67,6 +67,8 @@ class StepState:
     per_forward: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     kept_per_sample: list[int] = dataclasses.field(default_factory=list)
     kept_visual_index: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per sample, into its visual tokens
+    vit_maps: list[list[Any]] = dataclasses.field(default_factory=list)    # per sample, per image: ViT importance
+    recycling: list[list[Any]] = dataclasses.field(default_factory=list)   # per sample, per image: merges (or None)
 
     @property
     def prompt_len(self) -> int:
@@ -134,9 +136,13 @@ class VLMAdapter:
     model_classes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ family-specific
+    def encode_images(self, kwargs: dict[str, Any]) -> Any:
+        """The model's ``get_image_features`` output for this forward's images (``pooler_output``: per image)."""
+        raise NotImplementedError  # abstract: provided by llava.py / qwen_vl.py
+
     def image_features(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
         """Per-image projected features [N_i, D] for this forward's images."""
-        raise NotImplementedError  # abstract: provided by llava.py / qwen_vl.py
+        return list(self.encode_images(kwargs).pooler_output)
 
     def full_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
         """Position ids of the unpruned sequence when the caller passed none."""
@@ -175,6 +181,7 @@ class VLMAdapter:
         self.steering: list[Any] = []                 # runtimes of applied mitigators (their report())
         self.projector_rows: list[projector_probe.ProjectorRows] = []  # per image, for projector-probing pruners
         self.projector_recorder: projector_probe.ProjectorRecorder | None = None
+        self.vision_stage: Any = None                 # ViT importance maps, for pruners that need them (VFlowOpt)
 
     # ------------------------------------------------------------------ apply
     def apply(self, methods: list[MethodConfig]) -> Handle:
@@ -198,6 +205,8 @@ class VLMAdapter:
 
     def install_pruner(self, pruner: PrunerConfig, hooks: HookSet) -> None:
         """Check the pruner's whole plan against this model, then hook it in (nothing is installed on an error)."""
+        if "vit_importance" in pruner.needs:
+            pruner = pruner.bound_to(self.model)  # a zoo model's own calibration (VFlowOpt)
         layers = tuple(pruner.plan_layers(self.family, self.n_layers))
         self._check(pruner, layers)
         self.pruner, self.plan_layers = pruner, layers
@@ -208,6 +217,11 @@ class VLMAdapter:
         hooks.pre_hook(self.model, self._on_outer_forward)
         hooks.pre_hook(self.inner, self._on_inner_forward)
         install_generate_guard(hooks, self.model, pruner)
+        if "vit_importance" in pruner.needs:
+            from .vflowopt_stage import VisionStage
+
+            self.vision_stage = VisionStage(self, pruner)
+            self.vision_stage.install(hooks)
         if self.llm_cuts:
             self._install_llm_hooks(hooks)
         if "projector" in pruner.needs:
@@ -262,6 +276,7 @@ class VLMAdapter:
         self.state = StepState()
         self.projector_rows = []
         self.projector_recorder = None
+        self.vision_stage = None
 
 
     # ------------------------------------------------------------------ forward pre-hooks
@@ -451,7 +466,10 @@ class VLMAdapter:
                 dropped.append(n_vis - int(kept_vis.numel()))
                 kept_counts.append(int(kept_vis.numel()))
                 kept_local.append(local)  # read on the host only when report() asks (no GPU sync here)
-                kept_images.append([min(k, e - s) for k, (s, e) in zip(keep, spans)])
+                if self.plan_layers[cut] == 0:  # pre-LLM (eager): what was kept, as a recycling rule may differ
+                    kept_images.append([int(((local >= s) & (local < e)).sum()) for s, e in spans])
+                else:
+                    kept_images.append([min(k, e - s) for k, (s, e) in zip(keep, spans)])
         st.kept_per_sample = kept_counts
         st.kept_per_cut.append(kept_counts)
         plan = tp.build_plan(keep_positions, length, dropped)
@@ -544,7 +562,10 @@ class VLMAdapter:
             kept_feats = []
             for b, spans in enumerate(st.spans):
                 kept_global = plan.index[b][~plan.filler[b]]
-                for (s, e), f in zip(spans, per_sample[b]):
+                recycling = st.recycling[b] if st.recycling else [None] * len(spans)
+                for (s, e), f, merge in zip(spans, per_sample[b], recycling):
+                    if merge is not None:  # VFlowOpt: recycled tokens replace their slots' features
+                        f = merge.apply(f)
                     sel = torch.isin(st.visual_positions[b][s:e], kept_global)
                     kept_feats.append(f[sel.to(f.device)])
             out.pop("pixel_values", None)
@@ -597,28 +618,37 @@ class VLMAdapter:
         pruners that score features need them.
         """
         st = self.state
-        if enc.get("image") is not None:
+        maps = None
+        needs_pixels = st.plan is None and "vit_importance" in self.pruner.needs
+        if enc.get("image") is not None and (not needs_pixels or hasattr(enc["image"], "vflowopt_maps")):
             feats = list(enc["image"].pooler_output)
+            maps = getattr(enc["image"], "vflowopt_maps", None) if needs_pixels else None
         elif kwargs.get("pixel_values") is not None:
             with self.timer.section("features", device):
-                feats = self.image_features(kwargs)
+                out = self.encode_images(kwargs)
+            feats = list(out.pooler_output)
+            maps = getattr(out, "vflowopt_maps", None) if needs_pixels else None
         elif st.plan is None and "projector" in self.pruner.needs:
             raise MissingImageError(
                 f"{self.pruner.name} perturbs the projector's input, but this forward has image placeholders and no "
                 "pixel_values; pass pixel_values with the prompt"
             )
-        elif st.plan is None and "features" in self.pruner.needs:
+        elif st.plan is None and ("features" in self.pruner.needs or needs_pixels):
             raise MissingImageError(
-                f"{self.pruner.name} scores image features, but this forward has image placeholders and no "
-                "pixel_values (transformers calls an assistant model without them); pass pixel_values, or apply "
-                "the pruner to the main model only"
+                f"{self.pruner.name} scores image {'pixels' if needs_pixels else 'features'}, but this forward has "
+                "image placeholders and no pixel_values (precomputed features, or transformers calling an assistant "
+                "model without them); pass pixel_values, or apply the pruner to the main model only"
             )
         else:
             return None
         per_sample: list[list[torch.Tensor]] = []
         i = 0
+        if maps is not None:
+            st.vit_maps = []
         for b, spans in enumerate(st.spans):
             mine = feats[i:i + len(spans)]
+            if maps is not None:
+                st.vit_maps.append(maps[i:i + len(spans)])
             i += len(spans)
             for (s, e), f in zip(spans, mine):
                 if f.shape[0] != e - s:
@@ -1066,6 +1096,24 @@ class SampleView:
         rows = torch.cat([r.rows for r in mine], 0)
         valid = torch.cat([r.valid for r in mine], 0)
         return rows, valid, projector_probe.projector_fn(self.adapter)
+
+    def vit_maps(self) -> list[Any]:
+        """Per image of this sample: the ViT importance map laid out on its visual tokens (vision stage)."""
+        maps = self.adapter.state.vit_maps
+        if not maps:
+            raise ConfigError("ViT importance maps are only available to pruners that declare 'vit_importance'")
+        return maps[self.sample]
+
+    def vflowopt_params(self, n_visual: int) -> Any:
+        """VFlowOpt's resolved hyperparameters for an image of ``n_visual`` tokens."""
+        return self.adapter.vision_stage.params(n_visual)
+
+    def set_recycling(self, merges: list[Any]) -> None:
+        """Record this sample's per-image merges, applied to the features before ``inputs_embeds`` (VFlowOpt)."""
+        st = self.adapter.state
+        if not st.recycling:
+            st.recycling = [[None] * len(sp) for sp in st.spans]
+        st.recycling[self.sample] = merges
 
     def generator(self) -> torch.Generator:
         ids = self.adapter.state.input_ids[self.sample]
