@@ -32,6 +32,7 @@ from typing import Any
 
 from ..core.errors import BudgetError
 from ..core.registry import get_method, method_names
+from ..pruners.base import PrunerConfig
 from . import report as rep
 
 MODELS: dict[str, tuple[int, ...]] = {"tiny-llava": (192, 128, 64), "tiny-qwen2-vl": (128, 64, 32)}
@@ -67,8 +68,8 @@ def model_shape(folder: Path) -> tuple[str, int, int]:
 def method_spec(name: str, family: str, n_layers: int, n_visual: int, budgets: tuple[int, ...]) -> str:
     """``name``, or ``name:layer=K`` when the method's default layer cannot meet the smallest budget."""
     cls = get_method(name)
-    if cls.stage != "llm":
-        return name
+    if cls.stage != "llm" or cls.plan_layers is not PrunerConfig.plan_layers:
+        return name  # pre-LLM, or a multi-cut method with its own schedule (AdaptInfer, VFlowOpt)
     small = min(budgets)
     default = cls(budget=small).resolve_layer(family)
     for layer in range(default, 0, -1):

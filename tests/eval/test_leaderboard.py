@@ -8,6 +8,7 @@ from typing import ClassVar
 import pytest
 
 from mmeff.core import registry
+from mmeff.core.registry import get_method
 from mmeff.eval import leaderboard as lb
 from mmeff.pruners.base import PrunerConfig
 
@@ -30,6 +31,11 @@ def test_in_llm_layer_falls_back_only_when_the_budget_cannot_be_met():
     assert lb.method_spec("fastv", "llava", 12, 576, (192, 128, 96)) == "fastv"  # K=2 meets 96 on 12 layers
     assert lb.method_spec("fastv", "llava", 12, 576, (192, 128, 64)) == "fastv:layer=1"  # but not 64
     assert lb.method_spec("zooprune", "qwen2_vl", 8, 144, (128, 64, 32)) == "zooprune"  # pre-LLM: no layer
+    # multi-cut methods own their schedule: no layer= (AdaptInfer refuses it), and the spec builds
+    for name in ("adaptinfer", "vflowopt"):
+        spec = lb.method_spec(name, "llava", 12, 576, (192, 128, 64))
+        assert spec == name
+        get_method(name)(budget=64)
 
 
 def test_wilson_and_paired_bootstrap():
