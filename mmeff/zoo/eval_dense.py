@@ -21,7 +21,6 @@ The JSON goes to ``eval_dense.json`` next to the model (zoo name or local folder
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time

@@ -11,7 +11,7 @@ from mmeff import BudgetError, ConfigError, UnsupportedModelError
 from mmeff.pruners import AdaptInfer
 
 from .conftest import FAMILIES, build, generate, inputs_for, n_hooks
-from .test_vlm_contracts import _take, _uncached_reference
+from .contract_checks import assert_cached_equals_slow_twin, take_sample
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -40,7 +40,7 @@ def test_padded_batch_equals_each_alone(vlm, family, recycle):
         tokens, logits = generate(model, batch, n=4)
         kept = handle.report()["kept_visual_index"]
         for i in range(3):
-            t1, l1 = generate(model, _take(inputs_for(model, n=3), i, model), n=4)
+            t1, l1 = generate(model, take_sample(inputs_for(model, n=3), i, model), n=4)
             assert handle.report()["kept_visual_index"][0] == kept[i]
             assert torch.equal(tokens[i, -4:], t1[0, -4:]), f"sample {i} differs"
             torch.testing.assert_close(logits[i], l1[0], atol=5e-5, rtol=1e-4)
@@ -51,11 +51,7 @@ def test_cached_generation_equals_slow_twin(vlm, family):
     model = vlm(family)
     inputs = inputs_for(model, n=2)
     for method in (AdaptInfer(ratio=0.4), AdaptInfer(ratio=0.4, recycle=True, recycle_ratio=0.6)):
-        with mmeff.apply(model, method):
-            tokens, logits = generate(model, inputs, n=4)
-        ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 4)
-        assert torch.equal(tokens, ref_tokens)
-        torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+        assert_cached_equals_slow_twin(model, inputs, method, 4)
 
 
 def test_reindexed_positions_cached_equals_slow_twin(vlm):
@@ -63,11 +59,7 @@ def test_reindexed_positions_cached_equals_slow_twin(vlm):
     model = vlm("llava")
     inputs = inputs_for(model, n=2)
     method = AdaptInfer(ratio=0.4, positions="reindex")
-    with mmeff.apply(model, method):
-        tokens, logits = generate(model, inputs, n=4)
-    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 4)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    _, logits = assert_cached_equals_slow_twin(model, inputs, method, 4)
     with mmeff.apply(model, AdaptInfer(ratio=0.4)):
         assert not torch.equal(generate(model, inputs, n=4)[1], logits)
 

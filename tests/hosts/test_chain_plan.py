@@ -13,7 +13,7 @@ from mmeff import ConfigError
 
 from . import conftest
 from .conftest import FAMILIES, ChainLLM, ChainPre, generate, inputs_for, n_hooks
-from .test_vlm_contracts import _take, _uncached_reference
+from .contract_checks import assert_cached_equals_slow_twin, take_sample
 
 METHODS = {"llm": lambda: ChainLLM(ratio=0.5), "pre": lambda: ChainPre(ratio=0.5)}
 
@@ -41,22 +41,14 @@ def test_chain_cached_equals_uncached(vlm, family, kind):
     model = vlm(family)
     inputs = inputs_for(model, n=2)
     method = METHODS[kind]()
-    with mmeff.apply(model, method):
-        tokens, logits = generate(model, inputs, n=4)
-    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 4)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    assert_cached_equals_slow_twin(model, inputs, method, 4)
 
 
 def test_chain_cached_equals_uncached_eager(vlm):
     model = vlm("llava", "eager")
     inputs = inputs_for(model, n=2)
     method = ChainLLM(ratio=0.5)
-    with mmeff.apply(model, method):
-        tokens, logits = generate(model, inputs, n=4)
-    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 4)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    assert_cached_equals_slow_twin(model, inputs, method, 4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,7 +60,7 @@ def test_chain_batch_equals_single(vlm, family, kind):
         tokens, logits = generate(model, batch, n=4)
         kept_batch = handle.report()["kept_visual_index"]
         for i in range(3):
-            one = _take(inputs_for(model, n=3), i, model)
+            one = take_sample(inputs_for(model, n=3), i, model)
             t1, l1 = generate(model, one, n=4)
             assert handle.report()["kept_visual_index"][0] == kept_batch[i]
             assert torch.equal(tokens[i, -4:], t1[0, -4:]), f"sample {i} differs"

@@ -9,7 +9,7 @@ from mmeff import ConfigError, IncompatibleFeatureError, MissingImageError
 from mmeff.mitigators import GIFT, VHR
 
 from .conftest import FAMILIES, generate, inputs_for, n_hooks
-from .test_vlm_contracts import _take, _uncached_reference
+from .contract_checks import assert_batch_equals_single, uncached_reference
 
 NO_OP = {"vhr": VHR(alpha=1.0), "gift": GIFT(alpha=0.0)}
 ACTIVE = {"vhr": VHR(alpha=2.0), "gift": GIFT(alpha=5.0)}
@@ -37,15 +37,7 @@ def test_no_op_setting_is_dense_and_remove_restores(vlm, family, name):
 @pytest.mark.parametrize("name", ["vhr", "gift"])
 def test_batch_with_padding_equals_each_sample_alone(vlm, family, name):
     model = vlm(family)
-    batch = inputs_for(model, n=3)
-    with mmeff.apply(model, ACTIVE[name]):
-        tokens, logits = generate(model, batch)
-        for i in range(3):
-            one = _take(inputs_for(model, n=3), i, model)
-            t1, l1 = generate(model, one)
-            n_new = t1.shape[1] - one["input_ids"].shape[1]
-            assert torch.equal(tokens[i, -n_new:], t1[0, -n_new:]), f"sample {i} differs"
-            torch.testing.assert_close(logits[i], l1[0], atol=5e-5, rtol=1e-4)
+    assert_batch_equals_single(model, ACTIVE[name])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,7 +48,7 @@ def test_cached_generation_equals_slow_twin(vlm, family, name):
     inputs = inputs_for(model, n=2)
     with mmeff.apply(model, ACTIVE[name]):
         tokens, logits = generate(model, inputs, n=5)
-    ref_tokens, ref_logits = _uncached_reference(model, inputs, ACTIVE[name], 5)
+    ref_tokens, ref_logits = uncached_reference(model, inputs, ACTIVE[name], 5)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
 

@@ -14,7 +14,7 @@ from mmeff.pruners import VFlowOpt
 from mmeff.pruners.vflowopt_select import prune_and_recycle
 
 from .conftest import FAMILIES, generate, inputs_for, n_hooks
-from .test_vlm_contracts import _take, _uncached_reference
+from .contract_checks import assert_batch_equals_single, assert_cached_equals_slow_twin, uncached_reference
 
 # small cells so that the tiny grids (4x4 .. 8x8 tokens) really recycle; entropy on, a low global threshold
 PRUNING = dict(ratio=0.5, vit_m=2.0, alpha_v=0.5, vit_t=1.0)
@@ -82,15 +82,7 @@ def _dense_features(model, inputs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_with_padding_equals_single(vlm, family):
     model = vlm(family)
-    batch = inputs_for(model, n=3)
-    with mmeff.apply(model, VFlowOpt(**PRUNING)):
-        tokens, logits = generate(model, batch)
-        for i in range(3):
-            one = _take(inputs_for(model, n=3), i, model)
-            t1, l1 = generate(model, one)
-            n_new = t1.shape[1] - one["input_ids"].shape[1]
-            assert torch.equal(tokens[i, -n_new:], t1[0, -n_new:]), f"sample {i} differs"
-            torch.testing.assert_close(logits[i], l1[0], atol=5e-5, rtol=1e-4)
+    assert_batch_equals_single(model, VFlowOpt(**PRUNING))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -98,11 +90,7 @@ def test_cached_generate_equals_uncached_reference(vlm, family):
     model = vlm(family)
     inputs = inputs_for(model, n=2)
     method = VFlowOpt(**PRUNING)
-    with mmeff.apply(model, method):
-        tokens, logits = generate(model, inputs, n=5)
-    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 5)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    assert_cached_equals_slow_twin(model, inputs, method, 5)
 
 
 def test_clear_errors(vlm, tmp_path):
@@ -197,6 +185,6 @@ def test_released_count_flows_through_the_llm_cuts(vlm, family):
         # the cuts rank *every* token the pre-LLM cut kept (also those beyond round(N r_v))
         expected = torch.topk(image.importance[first], counts[2][b]).values
         assert torch.equal(image.importance[kept].sort().values, expected.sort().values)
-    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 4)
+    ref_tokens, ref_logits = uncached_reference(model, inputs, method, 4)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)

@@ -9,6 +9,7 @@ from mmeff import AlreadyAppliedError, BudgetError, MissingImageError, Unsupport
 from mmeff.pruners import EntropyPrune, FastV, RandomPrune
 
 from .conftest import FAMILIES, FixedKeepLLM, FixedKeepPre, generate, inputs_for, n_hooks
+from .contract_checks import assert_batch_equals_single, assert_cached_equals_slow_twin, take_sample, uncached_reference
 
 KEEP_ALL = {
     "fastv": lambda n: FastV(ratio=1.0, layer=1),
@@ -38,28 +39,6 @@ def test_keep_everything_is_exact_and_remove_restores(vlm, family, attn):
     assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
 
 
-def _uncached_reference(model, inputs, method, n_new: int):
-    """Greedy decoding that re-runs the whole prefix every step (no cache) under the same decision."""
-    seq, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    tt = inputs.get("mm_token_type_ids")
-    logits_all = []
-    with mmeff.apply(model, method):
-        for _ in range(n_new):
-            kw = dict(extra)
-            if tt is not None:
-                kw["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(tt.shape[0], seq.shape[1] - tt.shape[1])], 1)
-            if not type(model).__name__.startswith("Qwen"):
-                kw["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
-            out = model(input_ids=seq, attention_mask=mask, use_cache=False, **kw)
-            step = out.logits[:, -1]
-            logits_all.append(step)
-            nxt = step.argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return seq, torch.stack(logits_all, 1)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("stage", ["llm", "pre_llm"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -70,50 +49,14 @@ def test_cached_generate_equals_uncached_reference(vlm, family, stage, attn):
     method = cls(budget=5, layer=1 if stage == "llm" else None, indices=(0, 3, 4, 9, 15))
     if family == "llava_next":  # variable token counts: keep by ratio of each image
         method = cls(ratio=0.6, layer=1 if stage == "llm" else None, indices=(0, 3, 4, 9, 15, 20))
-    with mmeff.apply(model, method):
-        tokens, logits = generate(model, inputs, n=5)
-    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 5)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    assert_cached_equals_slow_twin(model, inputs, method, 5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("spec", ["fastv:ratio=0.4,layer=1", "entropyprune:ratio=0.6,layer=1", "random:ratio=0.3"])
 def test_batch_with_padding_equals_single(vlm, family, spec):
     model = vlm(family)
-    batch = inputs_for(model, n=3)
-    with mmeff.apply(model, spec):
-        tokens, logits = generate(model, batch)
-        for i in range(3):
-            single = inputs_for(model, n=3)  # same images, then take sample i alone without padding
-            one = _take(single, i, model)
-            t1, l1 = generate(model, one)
-            n_new = t1.shape[1] - one["input_ids"].shape[1]
-            assert torch.equal(tokens[i, -n_new:], t1[0, -n_new:]), f"sample {i} differs"
-            torch.testing.assert_close(logits[i], l1[0], atol=5e-5, rtol=1e-4)
-
-
-def _take(batch, i, model):
-    """Sample i of a padded batch, padding removed (images included)."""
-    keep = batch["attention_mask"][i].bool()
-    out = {"input_ids": batch["input_ids"][i:i + 1, keep], "attention_mask": batch["attention_mask"][i:i + 1, keep]}
-    if "mm_token_type_ids" in batch:
-        out["mm_token_type_ids"] = batch["mm_token_type_ids"][i:i + 1, keep]
-    name = type(model).__name__
-    if name.startswith("Qwen"):
-        grid = batch["image_grid_thw"]
-        per = [int(g.prod()) for g in grid]
-        start = sum(per[:i])
-        out["pixel_values"] = batch["pixel_values"][start:start + per[i]]
-        out["image_grid_thw"] = grid[i:i + 1]
-    else:
-        out["pixel_values"] = batch["pixel_values"][i:i + 1]
-        if "image_sizes" in batch:
-            out["image_sizes"] = batch["image_sizes"][i:i + 1]
-            from mmeff.zoo.tiny_models import _llava_next_patches
-            hgt, wid = batch["image_sizes"][i].tolist()
-            out["pixel_values"] = out["pixel_values"][:, :_llava_next_patches(model, hgt, wid)]
-    return out
+    assert_batch_equals_single(model, spec)
 
 
 def _layer0_rope(model):
@@ -259,7 +202,7 @@ def test_reindex_positions_cached_equals_uncached(vlm, attn):
 def _uncached_reference_reindex(model, inputs, method, n_new):
     # Under reindex, positions of later tokens are contiguous after the removed ones: the uncached run
     # under the same handle with generate-style positions gives the reference.
-    return _uncached_reference(model, inputs, method, n_new)
+    return uncached_reference(model, inputs, method, n_new)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -273,7 +216,7 @@ def test_right_padding_forward_equals_single(vlm, family, spec):
         out = model(**batch)
         new_len = out.logits.shape[1]
         for i in range(3):
-            solo = model(**_take(batch, i, model)).logits[0, -1]
+            solo = model(**take_sample(batch, i, model)).logits[0, -1]
             torch.testing.assert_close(out.logits[i, new_len - 1 - int(pads[i])], solo, atol=5e-5, rtol=1e-4)
 
 

@@ -16,7 +16,7 @@ from mmeff.pruners import ZOOPrune
 from mmeff.pruners.sads import minmax, sads_select
 from mmeff.pruners.zoo_sensitivity import draw_directions, projector_sensitivity
 from tests.hosts.conftest import FAMILIES, generate, inputs_for, n_hooks
-from tests.hosts.test_vlm_contracts import _take, _uncached_reference
+from tests.hosts.contract_checks import assert_cached_equals_slow_twin, take_sample
 
 SPEC = "zooprune:ratio=0.5,directions=6"
 
@@ -108,7 +108,7 @@ def test_left_padded_batch_equals_each_alone(vlm, family):
         tokens, logits = generate(model, batch)
         kept = [list(k) for k in h.report()["kept_visual_index"]]
         for i in range(3):
-            one = _take(inputs_for(model, n=3), i, model)
+            one = take_sample(inputs_for(model, n=3), i, model)
             t1, l1 = generate(model, one)
             assert [list(k) for k in h.report()["kept_visual_index"]] == [kept[i]], f"sample {i}: other tokens"
             n_new = t1.shape[1] - one["input_ids"].shape[1]
@@ -121,11 +121,7 @@ def test_cached_generate_equals_uncached_twin(vlm, family):
     model = vlm(family)
     inputs = inputs_for(model, n=2)
     method = mmeff.parse_method(SPEC)
-    with mmeff.apply(model, method):
-        tokens, logits = generate(model, inputs, n=5)
-    ref_tokens, ref_logits = _uncached_reference(model, inputs, method, 5)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    assert_cached_equals_slow_twin(model, inputs, method, 5)
 
 
 def test_seeded_reproducible_and_estimators_agree(vlm):
