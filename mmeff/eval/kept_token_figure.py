@@ -39,12 +39,21 @@ def collect(model: Any, processor: Any, seed: int, methods: list[str], budgets: 
                           "correct": r.correct(r.pruned_answer), "map": r.kept_maps[0],
                           "kept_visual_index": r.report["kept_visual_index"][0],
                           "kept_after_layer": r.report["kept_after_layer_per_sample"][0],
-                          "layer": r.report["layer"]})
+                          "layer": r.report["layer"], "cut_layers": r.report.get("cut_layers", [r.report["layer"]]),
+                          "kept_per_cut": [int(k[0]) for k in r.report.get("kept_per_cut_per_sample", [])]})
     return {"image": image, "question": qa.question, "answer": qa.answer, "dense_answer": dense, "cells": cells}
 
 
 def _short(text: str, n: int = 28) -> str:
     return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _kept_label(cell: dict[str, Any]) -> str:
+    """"keeps N from layer K" for one cut; "keeps a/b/c at layers 0/4/8" for a chain (the map shows the last)."""
+    layers, kept = cell.get("cut_layers") or [cell["layer"]], cell.get("kept_per_cut") or []
+    if len(layers) > 1 and len(kept) == len(layers):
+        return f"keeps {'/'.join(map(str, kept))} at layers {'/'.join(map(str, layers))}"
+    return f"keeps {cell['kept_after_layer']} from layer {cell['layer']}"
 
 
 def draw(result: dict[str, Any], methods: list[str], budgets: list[int], path: Path, title: str) -> None:
@@ -66,8 +75,7 @@ def draw(result: dict[str, Any], methods: list[str], budgets: list[int], path: P
             c = by_key[(spec, b)]
             axes[i][j].imshow(c["map"])
             mark = "" if c["correct"] is None else (" (ok)" if c["correct"] else " (wrong)")
-            axes[i][j].set_title(f"budget {b}: keeps {c['kept_after_layer']} from layer {c['layer']}\n"
-                                 f"{_short(c['answer'])}{mark}", fontsize=7)
+            axes[i][j].set_title(f"budget {b}: {_kept_label(c)}\n{_short(c['answer'])}{mark}", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

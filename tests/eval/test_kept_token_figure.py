@@ -20,3 +20,12 @@ def test_figure_and_json(tmp_path):
     assert [len(c["kept_visual_index"]) for c in random_cells] == [100, 60]  # pre-LLM: the budget is the count
     assert all(max(c["kept_visual_index"]) < 144 for c in doc["cells"])
     assert doc["config"]["budgets"] == [100, 60] and "torch" in doc["versions"]
+
+
+def test_chain_methods_are_labelled_with_every_cut():
+    from mmeff.eval.kept_token_figure import _kept_label
+
+    chain = {"layer": 4, "kept_after_layer": 19, "cut_layers": [0, 4, 8], "kept_per_cut": [116, 57, 19]}
+    assert _kept_label(chain) == "keeps 116/57/19 at layers 0/4/8"
+    one_cut = {"layer": 1, "kept_after_layer": 17, "cut_layers": [1], "kept_per_cut": [17]}
+    assert _kept_label(one_cut) == "keeps 17 from layer 1"
