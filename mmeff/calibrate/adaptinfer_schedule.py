@@ -11,8 +11,6 @@ outputs are the dense ones and no L x L attention map is built.
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
@@ -22,6 +20,7 @@ from tqdm import tqdm
 
 from ..pruners import adaptinfer_math as am
 from ..pruners.base import PrunerConfig, ScoreView
+from . import record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +100,6 @@ def calibrate_adaptinfer(model: torch.nn.Module, batches: Iterable[dict[str, tor
                          out_path: str | Path | None = None, *, model_name: str = "", n_cuts: int = 3,
                          top_fraction: float = 0.1, progress: bool = True) -> dict[str, Any]:
     """Find the pruning layers and (optionally) write the JSON that ``AdaptInfer(schedule=...)`` reads."""
-    import transformers
-
-    from .. import __version__
 
     batches = list(batches)
     start = time.perf_counter()
@@ -115,13 +111,9 @@ def calibrate_adaptinfer(model: torch.nn.Module, batches: Iterable[dict[str, tor
         "layers": layers, "cut_layers": [l + 1 for l in layers], "metric": f"1 - Jaccard(top {top_fraction:g})",
         **curves, "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
         "seconds": round(time.perf_counter() - start, 2), "torch_threads": torch.get_num_threads(),
-        "versions": {"mmeff": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": record.versions(),
     }
-    if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-    return result
+    return record.save(result, out_path)
 
 
 __all__ = ["calibrate_adaptinfer", "inflection_layers", "layer_shifts"]

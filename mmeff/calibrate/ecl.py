@@ -7,8 +7,6 @@ prunes right before it, scoring with the queries of layer K-1.
 """
 from __future__ import annotations
 
-import json
-import platform
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..pruners.entropy_math import representation_entropy
+from . import record
 
 
 @torch.no_grad()
@@ -53,19 +52,12 @@ def calibrate_entropyprune(model: torch.nn.Module, batches: Iterable[dict[str, t
                            out_path: str | Path | None = None, *, model_name: str = "",
                            progress: bool = True) -> dict[str, Any]:
     """Run the ECL search and (optionally) write the JSON that ``EntropyPrune(calibration=...)`` loads."""
-    import transformers
-
-    from .. import __version__
 
     batches = list(batches)
     ent = layer_entropies(model, batches, progress=progress)
     result = {
         "method": "entropyprune", "model": model_name or type(model).__name__, "ecl": find_ecl(ent),
         "layer_entropy": ent, "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
-        "versions": {"mmeff": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": record.versions(),
     }
-    if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-    return result
+    return record.save(result, out_path)

@@ -11,8 +11,6 @@ ratio_v), so no trial is wasted on a schedule that cannot meet the budget.
 """
 from __future__ import annotations
 
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,6 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import ConfigError
+from . import record
 
 
 def last_token_states(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -59,6 +58,7 @@ def calibrate_vflowopt(model: torch.nn.Module, batches: Iterable[dict[str, torch
     import optuna
 
     import mmeff
+
     from ..pruners.vflowopt import VFlowOpt
 
     batches = list(batches)
@@ -104,12 +104,9 @@ def calibrate_vflowopt(model: torch.nn.Module, batches: Iterable[dict[str, torch
         "split": "calib",
         "samples": int(dense.shape[0]), "seed": seed, "seconds_this_run": time.perf_counter() - start,
         "seconds_all_trials": sum((t.duration.total_seconds() for t in study.trials if t.duration), 0.0),
-        "versions": _versions(),
+        "versions": record.versions("optuna"),
     }
-    if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=2))
-    return result
+    return record.save(result, out_path)
 
 
 def _best_params(best: Any, budget: float, n_visual: int, layers: tuple[int, ...], n_layers: int) -> dict[str, float]:
@@ -148,11 +145,3 @@ def _sqlite_url(storage: str | Path) -> str:
     return f"sqlite:///{Path(s).resolve()}"
 
 
-def _versions() -> dict[str, str]:
-    import optuna
-    import transformers
-
-    from .. import __version__
-
-    return {"mmeff": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "optuna": optuna.__version__, "python": platform.python_version()}
