@@ -84,7 +84,7 @@ from .referent_position_aux import (
     ReferentPositionAux,
     referent_token_ends,
 )
-from .token_drop import TokenDrop, TokenDropConfig, draw_plan
+from .token_drop import PATTERNS, TokenDrop, TokenDropConfig, draw_plan
 from .vision_aux import (
     FeatureCapture,
     VisionAuxHead,
@@ -476,7 +476,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     gather = (PhraseGatherAux(model, args.gather_layer, tuple(args.gather_heads))
               if args.gather_weight > 0 else None)
     drop_cfg = (TokenDropConfig(dense=args.drop_dense, pre_llm=args.drop_pre_llm, min_keep=args.drop_min_keep,
-                                max_layer=args.drop_max_layer) if args.token_drop else None)
+                                max_layer=args.drop_max_layer, patterns=tuple(args.drop_patterns),
+                                chain=args.drop_chain) if args.token_drop else None)
     token_drop = TokenDrop(model) if drop_cfg is not None else None
     params = list(model.parameters()) + list(aux_head.parameters())
     for extra in (pos_aux, ref_aux, compare):
@@ -562,9 +563,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             seeds = [rng.randrange(lo, hi) for _ in range(args.batch)]
             inputs, targets = _split_aux(batcher.batch(seeds, rng))
             inputs = isolate_turns(model, inputs)
-            if token_drop is not None:  # random visual tokens go missing, before the LLM or at a random layer
+            if token_drop is not None:  # visual tokens go missing, before the LLM or at random layers
                 token_drop.arm(draw_plan(inputs["input_ids"], batcher.image_token_id, token_drop.n_layers,
-                                         drop_cfg, rng))
+                                         drop_cfg, rng, objects=targets["shape"].flatten(1) > 0))
             lm = model(**inputs, use_cache=False).loss
             if token_drop is not None:
                 token_drop.disarm()
@@ -663,8 +664,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                     "head": args.pointer_head} if args.pointer_weight > 0 else None),
         "phrase_gather_aux": ({"weight": args.gather_weight, "layer": args.gather_layer,
                                "heads": list(args.gather_heads)} if args.gather_weight > 0 else None),
-        "token_drop": (dict(dataclasses.asdict(drop_cfg), mechanism="uniform random subsets of the image tokens, "
-                            "key columns blocked for every query from layer K on (K=0: before the LLM), "
+        "token_drop": (dict(dataclasses.asdict(drop_cfg), pattern_names=list(PATTERNS),
+                            mechanism="kept sets drawn as uniform subsets, random grid rectangles or object tokens "
+                            "from the scene labels (no pruner score), key columns blocked for every query from "
+                            "layer K on (K=0: before the LLM), optionally thinned again at a later layer, "
                             "original positions kept: exactly mmeff's cut (tests/zoo/test_token_drop.py)")
                        if drop_cfg is not None else None),
         "lr": args.lr,
@@ -754,14 +757,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-lr-scale", type=float, default=1.0,
                    help="learning-rate factor for the LM's parameters (e.g. 0.3 for a transplanted LM)")
     p.add_argument("--token-drop", action="store_true",
-                   help="method-agnostic token-drop augmentation (mmeff.zoo.token_drop): per sample, a uniformly "
-                        "random subset of the image tokens is cut before the LLM or at a random layer, at a random "
-                        "budget, so the model learns to answer with tokens missing (no pruner's score is used)")
+                   help="method-agnostic token-drop augmentation (mmeff.zoo.token_drop): per sample, a kept set "
+                        "(uniform subset, random grid rectangles, or object tokens from the scene labels) is cut "
+                        "before the LLM or at a random layer, at a random budget, so the model learns to answer "
+                        "with tokens missing (no pruner's score is used)")
     p.add_argument("--drop-dense", type=float, default=0.25, help="share of samples left dense under --token-drop")
     p.add_argument("--drop-pre-llm", type=float, default=0.5, help="share of drops made before the LLM (else in it)")
     p.add_argument("--drop-min-keep", type=float, default=0.04,
                    help="smallest kept fraction of the image tokens (log-uniform in [this, 1])")
     p.add_argument("--drop-max-layer", type=int, default=4, help="in-LLM drops happen at a layer in [1, this]")
+    p.add_argument("--drop-patterns", type=float, nargs=3, default=[0.3, 0.3, 0.4], metavar=("UNIFORM", "BLOCKS", "OBJECTS"),
+                   help="relative weights of the kept-set patterns under --token-drop")
+    p.add_argument("--drop-chain", type=float, default=0.25,
+                   help="probability that a drop is followed by a second cut at a later layer (a chain of cuts)")
     p.add_argument("--init-only", action="store_true", help="save an untrained model + processor and exit")
     args = p.parse_args(argv)
     if args.init_only:
