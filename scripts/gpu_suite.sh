@@ -5,7 +5,7 @@
 # one failure never costs the others. Results land in $OUT (default runs/gpu).
 #
 #   bash scripts/gpu_suite.sh [step ...]    # steps: env tests bsa bsa-tune video video-random vmoba video-batch vlm
-#                                         vlm-compiled (default: env tests bsa video vlm vlm-compiled)
+#                                         vlm-compiled zooprune-cost (default: env tests bsa video vlm vlm-compiled)
 #   TINY=1 OUT=/tmp/suite bash scripts/gpu_suite.sh vlm-compiled   # the same step on the CPU, tiny model (a dry run)
 #
 # vlm-compiled: batch 1, dense vs FastV / EntropyPrune at budget 64 (BUDGETS=192,64 for both), all compiled
@@ -52,6 +52,7 @@ for s in $steps; do
              --batch 2 --out "$OUT/bench_video_batch2.json" ;;
     vlm) step vlm 200 $PY benchmarks/bench_vlm_pruning.py --profile dense fastv:budget=64 entropyprune:budget=64 \
              --out "$OUT/bench_vlm_pruning.json" ;;
+    zooprune-cost) step zooprune-cost 150 $PY benchmarks/zooprune_cost.py --device cuda --out "$OUT/zooprune_cost.json" ;;
     vlm-compiled) step vlm-compiled 420 $PY benchmarks/bench_vlm_pruning.py --compiled ${TINY:+--tiny} \
              --budgets "${BUDGETS:-64}" --new-tokens 32 --repeats 5 --out "$OUT/bench_vlm_compiled.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;

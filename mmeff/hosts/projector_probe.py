@@ -42,17 +42,57 @@ def projector_module(adapter: Any) -> torch.nn.Module:
     return adapter.inner.visual.merger
 
 
-def projector_fn(adapter: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+@dataclasses.dataclass(frozen=True)
+class RowProjector:
+    """The projector as a row-wise callable ``[R, d_in] -> [R, D]``, with its MLP parts when it has the
+    ``second(act(first(pre(x))))`` form (all four hosts), so sensitivity can use the structured JVP.
+
+    ``pre`` is None when ``first`` sees the input row itself (LLaVA); Qwen's is the per-patch norm of the
+    PatchMerger with the 2x2 patches flattened back into one row. ``act`` is elementwise."""
+
+    module: torch.nn.Module
+    unit: int | None = None                  # Qwen: the per-patch width the merger's norm works on
+    pre: Callable[[torch.Tensor], torch.Tensor] | None = None
+    first: torch.nn.Linear | None = None
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None
+    second: torch.nn.Linear | None = None
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.module(rows if self.unit is None else rows.reshape(-1, self.unit))
+
+
+def _is_mlp(seq: Any) -> bool:
+    return (isinstance(seq, torch.nn.Sequential) and len(seq) == 3 and isinstance(seq[0], torch.nn.Linear)
+            and isinstance(seq[2], torch.nn.Linear))
+
+
+def row_projector(module: torch.nn.Module, unit: int | None = None) -> RowProjector:
+    """:class:`RowProjector` of a LLaVA projector (``unit`` None) or a Qwen PatchMerger (``unit``: patch width);
+    the MLP parts are filled in only where the module has the known structure."""
+    if unit is None:
+        if all(isinstance(getattr(module, n, None), torch.nn.Linear) for n in ("linear_1", "linear_2")) \
+                and hasattr(module, "act") and type(module).forward.__qualname__.startswith("Llava"):
+            # the stock LLaVA / LLaVA-NeXT projector: linear_1 -> act -> linear_2
+            return RowProjector(module, None, None, module.linear_1, module.act, module.linear_2)
+        return RowProjector(module)
+    mlp, norm = getattr(module, "mlp", None), getattr(module, "ln_q", None)
+    if norm is None or not _is_mlp(mlp) or not type(module).forward.__qualname__.startswith(("PatchMerger.", "Qwen2_5_VLPatchMerger.")):
+        return RowProjector(module, unit)
+    width = mlp[0].in_features
+
+    def pre(rows: torch.Tensor) -> torch.Tensor:
+        return norm(rows.reshape(-1, unit)).reshape(-1, width)
+    return RowProjector(module, unit, pre, mlp[0], mlp[1], mlp[2])
+
+
+def projector_fn(adapter: Any) -> RowProjector:
     """Row-wise projector: ``[R, d_in] -> [R, D]`` (Qwen: a row is a merged token's 2x2 patches, flattened)."""
     module = projector_module(adapter)
     if adapter.family in ("llava", "llava_next"):
-        return module
+        return row_projector(module)
     unit = adapter.inner.visual.config.embed_dim if hasattr(adapter.inner.visual.config, "embed_dim") \
         else adapter.inner.visual.config.hidden_size
-
-    def merged(rows: torch.Tensor) -> torch.Tensor:
-        return module(rows.reshape(-1, unit))
-    return merged
+    return row_projector(module, unit)
 
 
 class ProjectorRecorder:
@@ -151,6 +191,11 @@ def _check(adapter: Any, feats: list[torch.Tensor], rows: list[ProjectorRows]) -
         raise UnsupportedModelError(f"{adapter.family}: {len(rows)} images of projector rows for {len(feats)} images")
     for f, r in zip(feats, rows):
         got = fn(r.rows[r.valid])
+        if fn.first is not None:  # the MLP parts the structured JVP uses must compose to the same function
+            x = r.rows[r.valid]
+            parts = fn.second(fn.act(fn.first(x if fn.pre is None else fn.pre(x))))
+            if not torch.allclose(parts, got, atol=1e-5, rtol=1e-4):
+                raise UnsupportedModelError(f"{adapter.family}: the projector's MLP parts do not compose to its output")
         if got.shape != f[r.valid].shape or not torch.allclose(got, f[r.valid], atol=1e-4, rtol=1e-3):
             raise UnsupportedModelError(
                 f"{adapter.family}: the projector applied to its recorded input does not reproduce the image "

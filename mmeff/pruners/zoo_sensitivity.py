@@ -4,12 +4,22 @@ Two estimators of the same quantity, both chunked over (token, direction) pairs 
 ``chunk`` rows go through the projector at once:
 
 - ``"fd"``: central finite differences ``(M(x + h u) - M(x - h u)) / 2h`` (the official form);
-- ``"jvp"``: the exact Jacobian-vector product (``torch.func.jvp``), the h -> 0 limit of the above, in
-  one projector pass per pair instead of two.
+- ``"jvp"``: the exact Jacobian-vector product, the h -> 0 limit of the above.
+
+The JVP has two implementations that agree to rounding (tested against each other):
+
+- generic, for any callable: ``torch.func.jvp`` on each chunk of pairs. It redoes the primal pass per
+  pair, and at LLaVA-1.5-7B size it counts 1.5x the FLOPs of the finite differences
+  (``benchmarks/zooprune_cost.py``);
+- structured, when the projector says it is ``second(act(first(pre(x))))`` with an elementwise ``act``
+  (:class:`mmeff.hosts.projector_probe.RowProjector`, all four hosts): the primal and ``act'`` are computed
+  once per token, and per pair only the tangent goes through ``first`` and ``second``. Without ``pre``
+  (LLaVA) ``first``'s tangent ``W1 u_j`` is the same for every token, so a pair costs one ``second`` matmul.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,6 +52,8 @@ def projector_sensitivity(
     total = torch.zeros(n, dtype=torch.float64, device=x.device)
     pairs = n * m
     chunk = max(1, int(chunk))
+    if estimator == "jvp" and getattr(fn, "first", None) is not None:
+        return _structured_jvp(fn, x, u_all, chunk)
     for start in range(0, pairs, chunk):
         idx = torch.arange(start, min(start + chunk, pairs), device=x.device)
         tok, dirn = idx // m, idx % m
@@ -51,4 +63,25 @@ def projector_sensitivity(
         else:
             _, delta = torch.func.jvp(fn, (xs,), (us,))
         total.index_add_(0, tok, delta.double().norm(dim=-1))
+    return (total / m).to(x.dtype)
+
+
+def _structured_jvp(proj: Any, x: torch.Tensor, u_all: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean ``||J(x_i) u_j||`` for ``proj = second(act(first(pre(x))))``: primal once per token, tangents per pair."""
+    n, m = x.shape[0], u_all.shape[0]
+    inner = x if proj.pre is None else proj.pre(x)
+    hidden = proj.first(inner)
+    slope = torch.func.jvp(proj.act, (hidden,), (torch.ones_like(hidden),))[1]  # act'(h): act is elementwise
+    shared = u_all @ proj.first.weight.T if proj.pre is None else None           # [m, d_h], token-independent
+    total = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for start in range(0, n * m, chunk):
+        idx = torch.arange(start, min(start + chunk, n * m), device=x.device)
+        tok, dirn = idx // m, idx % m
+        if shared is not None:
+            first_t = shared[dirn]
+        else:
+            pre_t = torch.func.jvp(proj.pre, (x[tok],), (u_all[dirn],))[1]
+            first_t = pre_t @ proj.first.weight.T
+        out_t = (slope[tok] * first_t) @ proj.second.weight.T
+        total.index_add_(0, tok, out_t.double().norm(dim=-1))
     return (total / m).to(x.dtype)

@@ -10,8 +10,8 @@ import mmeff
 from mmeff import ConfigError, MissingImageError, UnsupportedModelError
 from mmeff.core.hooks import HookSet
 from mmeff.hosts import projector_probe
-from mmeff.hosts.llava import LlavaAdapter
-from mmeff.hosts.qwen_vl import QwenVLAdapter
+from mmeff.hosts.llava import LlavaAdapter, LlavaNextAdapter
+from mmeff.hosts.qwen_vl import Qwen25VLAdapter, QwenVLAdapter
 from mmeff.pruners import ZOOPrune
 from mmeff.pruners.sads import minmax, sads_select
 from mmeff.pruners.zoo_sensitivity import draw_directions, projector_sensitivity
@@ -46,6 +46,20 @@ def test_finite_differences_converge_to_the_jvp(vlm, family, adapter):
     assert errors[0] > errors[1] > errors[2] > errors[3]
     assert errors[3] < 1e-5 * float(jvp.abs().max())
     assert errors[0] > 1e-4 * float(jvp.abs().max())  # the check is sensitive: a large step is visibly off
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structured_jvp_equals_the_generic_jvp(vlm, family):
+    """The MLP-structured JVP (primal once per token) is the generic torch.func.jvp to rounding, on all hosts."""
+    adapter_cls = {"llava": LlavaAdapter, "llava_next": LlavaNextAdapter, "qwen2_vl": QwenVLAdapter,
+                   "qwen2_5_vl": Qwen25VLAdapter}[family]
+    x, fn = _rows_and_fn(vlm(family), adapter_cls)
+    assert fn.first is not None and (fn.pre is None) == family.startswith("llava")
+    u = draw_directions(torch.Generator().manual_seed(3), 7, x.shape[-1]).double()
+    generic = projector_sensitivity(lambda r: fn(r), x, u, estimator="jvp", chunk=37)
+    for chunk in (5, 10_000):
+        torch.testing.assert_close(projector_sensitivity(fn, x, u, estimator="jvp", chunk=chunk), generic,
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_sensitivity_is_chunk_invariant_and_matches_explicit_jacobian(vlm):
