@@ -2,11 +2,12 @@
 
 Usage::
 
-    python -m mmeff.eval.leaderboard                       # both models, 100 questions per task
-    python -m mmeff.eval.leaderboard --models tiny-qwen2-vl --n 20 --out /tmp/lb.json
+    python -m mmeff.eval.leaderboard                       # the test bed (both -tokendrop models), 100 per task
+    python -m mmeff.eval.leaderboard --models tiny-llava,tiny-qwen2-vl --out docs/results/leaderboard-parents.json
+    python -m mmeff.eval.leaderboard --models tiny-qwen2-vl-tokendrop --n 20 --out /tmp/lb.json
 
 Every pruner in the registry (``kind == "visual_token_pruner"``; test doubles named ``test_*`` excluded) runs
-at 192/128/64 on tiny-llava and 128/64/32 on tiny-qwen2-vl, on POPE (random), colour, count, position and
+at 192/128/64 on the LLaVA models and 128/64/32 on the Qwen2-VL models, on POPE (random), colour, count, position and
 size, the same ``n`` questions per task for every method (:func:`mmeff.eval.data.task_rows` is
 deterministic), through :mod:`mmeff.eval.runner`. A pruner registered later (AdaptInfer, VFlowOpt) joins
 without a change here. In-LLM pruners run at their default layer, or the latest earlier layer at which the
@@ -35,7 +36,9 @@ from ..core.registry import get_method, method_names
 from ..pruners.base import PrunerConfig
 from . import report as rep
 
-MODELS: dict[str, tuple[int, ...]] = {"tiny-llava": (192, 128, 64), "tiny-qwen2-vl": (128, 64, 32)}
+MODELS: dict[str, tuple[int, ...]] = {"tiny-llava-tokendrop": (192, 128, 64), "tiny-qwen2-vl-tokendrop": (128, 64, 32),
+                                      "tiny-llava": (192, 128, 64), "tiny-qwen2-vl": (128, 64, 32)}
+DEFAULT_MODELS = ("tiny-llava-tokendrop", "tiny-qwen2-vl-tokendrop")  # the pruning test bed (docs/pruning-testbed.md)
 TASKS = ["mmeff_pope_random", "mmeff_colour", "mmeff_count", "mmeff_position", "mmeff_size"]
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "results" / "leaderboard.json"
 GOAL_RETENTION_AT_64 = 0.96
@@ -252,7 +255,8 @@ def plot(models: dict[str, dict[str, Any]], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmeff.eval.leaderboard", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated, from {list(MODELS)} (default: the token-drop test bed)")
     p.add_argument("--n", type=int, default=100, help="questions per task (the same for every method)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="combined JSON (the PNG goes next to it)")

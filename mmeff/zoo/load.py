@@ -18,8 +18,14 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 ZOO_MODELS: dict[str, str] = {
     "tiny-llava": "llava",
     "tiny-qwen2-vl": "qwen2_vl",
+    "tiny-llava-tokendrop": "llava",
+    "tiny-qwen2-vl-tokendrop": "qwen2_vl",
 }
-"""Shipped model name -> processor family."""
+"""Shipped model name -> processor family. The ``-tokendrop`` models are the pruning test bed: their parent
+fine-tuned with method-agnostic token drops (``docs/pruning-testbed.md``, lineage in their ``training.json``)."""
+
+ZOO_PARENTS: dict[str, str] = {"tiny-llava-tokendrop": "tiny-llava", "tiny-qwen2-vl-tokendrop": "tiny-qwen2-vl"}
+"""Fine-tuned zoo model -> the zoo model it was fine-tuned from (same architecture and processor)."""
 
 
 def zoo_path(name: str) -> Path:

@@ -693,7 +693,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m mmeff.zoo.train_vlm")
-    p.add_argument("--model", required=True, choices=sorted(ZOO_MODELS))
+    p.add_argument("--model", required=True, choices=sorted(SIZES),
+                   help="architecture to build (a fine-tuned zoo model such as tiny-llava-tokendrop is trained as "
+                        "its parent with --init-from and --out)")
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--out", default=None, help="output folder (default mmeff/zoo/models/<name>)")
     p.add_argument("--batch", type=int, default=8)
