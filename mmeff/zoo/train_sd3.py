@@ -452,7 +452,10 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
         m.train()
     budget = max(0.0, minutes * 60 - st["vae_seconds"])
     if r["pool"] and not pool.full and render_workers > 1 and st["diff_seconds"] < budget:
-        fill_pool(pool, encode_images, size, render_workers)
+        try:
+            fill_pool(pool, encode_images, size, render_workers)
+        except Exception as e:  # noqa: BLE001 - a one-shot GPU call goes on growing the pool step by step instead
+            print(f"bulk pool fill failed ({type(e).__name__}: {e}); growing it per step", flush=True)
     run = []
     gen = torch.Generator().manual_seed(seed * 1000 + st["step"])
     while st["diff_seconds"] < budget and not stop.passed():

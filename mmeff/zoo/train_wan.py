@@ -391,9 +391,12 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     if not pool.full and render_workers > 1 and st["diff_seconds"] < budget:
         seeds = pool_seeds(len(pool), pool.size - len(pool))
         t0 = time.time()
-        for arr, prompts in render_chunks(world_video_arrays, seeds, 64, render_workers):
-            pool.add(encode_videos(arr), prompts)
-        print(f"latent pool filled: {len(pool)} videos in {time.time() - t0:.1f} s", flush=True)
+        try:
+            for arr, prompts in render_chunks(world_video_arrays, seeds, 64, render_workers):
+                pool.add(encode_videos(arr), prompts)
+        except Exception as e:  # noqa: BLE001 - a one-shot GPU call goes on growing the pool step by step instead
+            print(f"bulk pool fill failed ({type(e).__name__}: {e}); growing it per step", flush=True)
+        print(f"latent pool: {len(pool)} videos after {time.time() - t0:.1f} s of bulk rendering", flush=True)
     run = []
     gen = torch.Generator().manual_seed(seed * 1000 + st["step"])
     # The (frozen) VAE's encoding costs ~3x a transformer step on a CPU, so until the pool is full each step

@@ -63,16 +63,18 @@ def test_cpu_resumes_the_packed_sd3_checkpoint(smoke, tmp_path):
     assert info["diffusion"]["steps"] > gpu_steps
     assert info["runs"][-1]["from_step"] == gpu_steps and info["runs"][-1]["device"] == "cpu"
     assert info["stage"]["step"] == 2481  # the stage the GPU run began continues
-    resumed = SD3Transformer2DModel.from_pretrained(tmp_path / "cpu" / "transformer")
-    fresh = build_pipeline().transformer
-    w = "transformer_blocks.0.attn.to_q.weight"
-    near = (dict(resumed.named_parameters())[w] - ck["ema"]["transformer"][w]).abs().max()
-    far = (dict(fresh.named_parameters())[w] - ck["ema"]["transformer"][w]).abs().max()
-    assert near < 0.01 < far  # a few EMA steps away from the packed weights, nowhere near a fresh start
+    after = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)["transformer"]  # the CPU run's own checkpoint
+    fresh = build_pipeline().transformer.state_dict()
+
+    def dist(a: dict, b: dict) -> float:
+        return float(sum((a[k].float() - b[k].float()).pow(2).sum() for k in b) ** 0.5)
+
+    # the CPU run started from the packed weights: a few steps away from them, nowhere near a fresh start
+    assert dist(after, ck["transformer"]) < 0.2 * dist(fresh, ck["transformer"])
 
 
 def test_cpu_resumes_the_packed_wan_checkpoint(smoke, tmp_path):
-    from mmeff.zoo.train_wan import train
+    from mmeff.zoo.train_wan import build_pipeline, train
 
     ckpt_dir = smoke["back"] / "tiny-wan" / "ckpt"
     ck = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
@@ -85,6 +87,12 @@ def test_cpu_resumes_the_packed_wan_checkpoint(smoke, tmp_path):
     saved = json.loads((smoke["back"] / "tiny-wan" / "model" / "training.json").read_text())
     assert saved["stages"] and saved["runs"][-1]["device"] == "cpu"  # hand-written history + the smoke run
     assert info["diffusion"]["weights"].startswith("EMA")
+    after = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
+    for part in ("transformer", "vae"):  # the packed weights were loaded (the VAE is frozen: unchanged)
+        fresh = build_pipeline().transformer.state_dict() if part == "transformer" else build_pipeline().vae.state_dict()
+        d_after = sum(float((after[part][k] - ck[part][k]).pow(2).sum()) for k in ck[part])
+        d_fresh = sum(float((fresh[k] - ck[part][k]).pow(2).sum()) for k in ck[part])
+        assert d_after < 0.04 * d_fresh
 
 
 def test_bundle_round_trips_in_parts_and_names_missing_parts(tmp_path):
@@ -103,3 +111,14 @@ def test_bundle_round_trips_in_parts_and_names_missing_parts(tmp_path):
     (tmp_path / "out" / "m.tar.01").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         unpack("m", tmp_path / "out", tmp_path / "again")
+
+
+def test_render_chunks_in_spawned_processes_match_in_process():
+    from mmeff.zoo.train_common import render_chunks
+    from mmeff.zoo.train_sd3 import world_images
+
+    seeds = list(range(7))
+    one = list(render_chunks(world_images, seeds, 3, 0))
+    two = list(render_chunks(world_images, seeds, 3, 2))
+    assert [p for _, ps in two for p in ps] == [p for _, ps in one for p in ps]
+    assert all((a == b).all() for (a, _), (b, _) in zip(one, two)) and len(two) == 3
