@@ -24,10 +24,14 @@ recorded in ``training.json``'s ``lineage``); the reasons for 64 px and each cha
 
 Training is time-bounded and resumable: a checkpoint (with the EMA and the latent cache) is written to
 ``.zoo_ckpt/tiny-sd3/`` every ``--ckpt-every`` seconds; rerunning continues until the total budget ``--minutes``
-is spent (``--fresh`` starts over; ``--export`` saves the checkpoint's pipeline without training). The final
+is spent (``--fresh`` starts over; ``--export`` saves the checkpoint's pipeline without training). ``--init-from``
+continues a saved model as a new *stage*: a fresh optimiser, whose warm-up and cosine decay start at the saved
+step and minutes (``mmeff.zoo.train_common.stage_lr``). ``--device cuda --amp`` trains on a GPU under bf16
+autocast (``mmeff.zoo.train_gpu`` runs it in one timed call, with ``--lr`` / ``--pool`` overrides); checkpoints
+are device-free, so a GPU run's checkpoint resumes here. The final
 pipeline goes to ``mmeff/zoo/models/tiny-sd3/`` via ``save_pretrained``, with ``training.json`` (recipe, seed,
-steps, samples seen, minutes, losses, sizes, lineage). Load it with :func:`mmeff.zoo.load_pipeline.load_pipeline`
-(``"tiny-sd3"``).
+steps, samples seen, minutes, losses, sizes, lineage, stage, runs). Load it with
+:func:`mmeff.zoo.load_pipeline.load_pipeline` (``"tiny-sd3"``).
 """
 from __future__ import annotations
 

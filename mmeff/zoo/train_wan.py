@@ -22,8 +22,13 @@
   ``u ~ logit-normal(0, 1)``. The prompt is dropped to ``""`` 10% of the time (the pipeline's default negative
   prompt under CFG).
 
-Data: ``render_video(generate_scene(s), 13, seed=s, size=64)`` of train-split seeds. Diffusion batches come
-from a growing pool of VAE posteriors (``--new-per-step`` fresh videos encoded per step; x0 is the posterior mean), because encoding costs ~3x a transformer step on a CPU.
+Data: ``render_video(generate_scene(s), 13, seed=s, size=64)`` of train-split seeds. Diffusion latents
+(normalised VAE posterior means) of the first ``--pool`` (4096) train videos are cached once the VAE is frozen:
+the pool grows by ``--new-per-step`` fresh videos a step (encoding costs ~3x a transformer step on a CPU) and is
+sampled at random once full; it is saved beside the checkpoint. EMA weights (decay 0.9995) are what is saved;
+the learning rate warms up, then decays along a cosine to 10% over the time budget (``--no-cosine``: constant).
+These match ``train_sd3``'s 64px recipe; models shipped before them were trained with a sliding pool of 3000,
+no EMA and a constant learning rate (their ``training.json`` ``stages``).
 
 What works / what did not (2-core shared CPU, 1 thread): the transformer trains fast (~0.4 s per batch of 8);
 the Wan VAE is the bottleneck (~2-3 s per batch of 4 five-frame clips). Decoding posterior *samples* with a
@@ -32,10 +37,15 @@ colour. The shipped VAE (6 min, ~165 steps, lr 3e-4, posterior means, unclamped)
 5-frame training clips but generalises poorly to 13-frame videos (blurry blobs): train it longer and on
 13-frame clips (``--vae-frames 13``) when more CPU time is available.
 
-Training is time-bounded and resumable: a checkpoint goes to ``.zoo_ckpt/tiny-wan/ckpt.pt`` every
-``--ckpt-every`` seconds; rerunning continues until the total budget ``--minutes`` (compute seconds, VAE +
-diffusion) is spent (``--fresh`` starts over). The pipeline is saved to ``mmeff/zoo/models/tiny-wan/`` with
-``save_pretrained`` plus ``training.json``. Load it with :func:`mmeff.zoo.load_video.load_video_pipeline`
+Training is time-bounded and resumable: a checkpoint (model, optimiser, EMA, counters, RNG; the latent pool
+beside it) goes to ``.zoo_ckpt/tiny-wan/ckpt.pt`` every ``--ckpt-every`` seconds; rerunning continues until the
+total budget ``--minutes`` (compute seconds, VAE + diffusion) is spent (``--fresh`` starts over; ``--export``
+saves the checkpoint's EMA pipeline without training). ``--init-from`` continues a saved model as a new
+*stage* (fresh optimiser: the warm-up and cosine restart at its step and minutes). ``--device cuda --amp`` trains
+on a GPU under bf16 autocast (``mmeff.zoo.train_gpu`` runs it in one timed call); checkpoints are device-free.
+The pipeline is saved to ``mmeff/zoo/models/tiny-wan/`` with ``save_pretrained`` plus ``training.json``
+(``runs``: device, batch, lr and steps of every run; ``stages``: the hand-written history before runs were
+recorded). Load it with :func:`mmeff.zoo.load_video.load_video_pipeline`
 and call it with :data:`mmeff.zoo.load_video.TINY_WAN_CALL` (64 px, 13 frames, ``max_sequence_length=48``).
 """
 from __future__ import annotations

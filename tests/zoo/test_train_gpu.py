@@ -80,6 +80,15 @@ def test_cpu_resumes_the_packed_wan_checkpoint(smoke, tmp_path):
     ck = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
     gpu_steps = ck["state"]["step"]
     minutes = (ck["state"]["vae_seconds"] + ck["state"]["diff_seconds"]) / 60
+    exported = train(minutes, ckpt_dir=ckpt_dir, out_dir=tmp_path / "export", export_only=True)
+    assert exported["diffusion"]["steps"] == gpu_steps
+    from diffusers import WanTransformer3DModel
+
+    tr = WanTransformer3DModel.from_pretrained(tmp_path / "export" / "transformer")
+    for name, p in tr.named_parameters():  # --export writes the checkpoint's EMA weights
+        assert torch.equal(p, ck["ema"]["transformer"][name])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(1.0, ckpt_dir=tmp_path / "none", out_dir=tmp_path / "x", export_only=True)
     info = train(minutes + 0.02, batch=2, pool_size=2, new_per_step=1, ckpt_dir=ckpt_dir, out_dir=tmp_path / "cpu",
                  log_every=1)
     assert info["diffusion"]["steps"] > gpu_steps and info["runs"][-1]["from_step"] == gpu_steps
@@ -122,3 +131,15 @@ def test_render_chunks_in_spawned_processes_match_in_process():
     two = list(render_chunks(world_images, seeds, 3, 2))
     assert [p for _, ps in two for p in ps] == [p for _, ps in one for p in ps]
     assert all((a == b).all() for (a, _), (b, _) in zip(one, two)) and len(two) == 3
+
+
+def test_a_stage_warms_up_and_decays_from_its_own_start():
+    from mmeff.zoo.train_common import stage_lr
+
+    stage = {"step": 1000, "seconds": 600.0}
+    assert stage_lr(1e-3, 1000, 600.0, 700.0, 100, True, stage) == pytest.approx(1e-5)  # warm-up restarts
+    assert stage_lr(1e-3, 1099, 600.0, 700.0, 100, True, stage) == pytest.approx(1e-3)
+    assert stage_lr(1e-3, 5000, 650.0, 700.0, 100, True, stage) == pytest.approx(0.55e-3)  # half-way: mid cosine
+    assert stage_lr(1e-3, 5000, 700.0, 700.0, 100, True, stage) == pytest.approx(1e-4)  # 10% at the budget
+    assert stage_lr(1e-3, 5000, 650.0, 700.0, 100, False, stage) == pytest.approx(1e-3)
+    assert stage_lr(1e-3, 0, 0.0, 700.0, 100, True) == pytest.approx(1e-5)  # no stage: from zero (old checkpoints)
