@@ -23,7 +23,7 @@ if [ -f .carry/pylibs.tar.xz ]; then
 fi
 export PYTHONPATH
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } >>"$LOG" 2>&1
-$PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+$PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, diffusers.__file__,
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 timeout $((${SECONDS_LIMIT%.*} + 45)) $PY -m mmeff.zoo.train_gpu --out "$OUT" --work "${WORK:-/tmp/mmeff-gpu-work}" --seconds "$SECONDS_LIMIT" "$@" >>"$LOG" 2>&1
 rc=$?

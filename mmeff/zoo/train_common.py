@@ -163,7 +163,9 @@ def _call_chunk(args: tuple[Callable[[list[int]], Any], list[int]]) -> Any:
 
 def render_chunks(fn: Callable[[list[int]], Any], seeds: Sequence[int], chunk: int, workers: int) -> Iterator[Any]:
     """``fn(seeds[i:i+chunk])`` for every chunk, in order; in ``workers`` spawned processes when > 1 (the
-    world renders with numpy/PIL on the CPU, which is what a GPU machine's idle cores are for)."""
+    world renders with numpy/PIL on the CPU, which is what a GPU machine's idle cores are for). Spawned workers
+    re-import the main module, so the entry point must be ``if __name__ == "__main__"``-guarded (the trainers'
+    and ``mmeff.zoo.train_gpu``'s are)."""
     parts = [list(seeds[i:i + chunk]) for i in range(0, len(seeds), chunk)]
     if workers <= 1 or len(parts) <= 1:
         for p in parts:
