@@ -117,7 +117,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the first shipped model: 32 px, one 2x VAE downsample, 4 blocks x 4 heads, on-the-fly data, no EMA
     "32px": {"image_size": 32, "vae_channels": (16, 32), "layers": 4, "heads": 4, "batch": 16, "lr": 3e-4,
              "warmup": 200, "cosine": False, "ema": 0.0, "pool": 0, "vae_l1": 0.0, "vae_lr": 1e-3, "vae_batch": None,
-             "vae_crop": None, "vae_object_weight": 0.0},
+             "vae_crop": None, "vae_object_weight": 0.0, "t_loc": 0.0},
     # 64 px: the smallest size where a "small" object (radius 0.065 of the canvas) is ~8 px across, enough
     # pixels for a star, a cross and a diamond to differ (at 32 px it is 4 px: a blob). Two 2x VAE
     # downsamples keep the latent at 16x16 and, with patch 2, the transformer at 64 image tokens (one
@@ -130,7 +130,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # canvas, and a plain MSE learns the background first and turns purple into blue.
     "64px": {"image_size": 64, "vae_channels": (16, 32, 64), "layers": 5, "heads": 6, "batch": 32, "lr": 1e-3,
              "warmup": 300, "cosine": True, "ema": 0.9995, "pool": 16384, "vae_l1": 0.5, "vae_lr": 2e-3,
-             "vae_batch": 16, "vae_crop": 32, "vae_object_weight": 9.0},
+             "vae_batch": 16, "vae_crop": 32, "vae_object_weight": 9.0, "t_loc": 0.0},
 }
 DEFAULT_RECIPE = "64px"
 """The shipped model's recipe (``"32px"`` rebuilds the first tiny-sd3, kept in ``training.json`` lineage)."""
@@ -307,7 +307,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
           threads: int | None = None, log_every: int = 50, init_from: Path | None = None,
           recipe: str | None = None, export_only: bool = False, *, device: str | None = "cpu", amp: bool = False,
           deadline: float | None = None, lr: float | None = None, pool_size: int | None = None,
-          render_workers: int = 0) -> dict[str, Any]:
+          render_workers: int = 0, max_steps: int | None = None, t_loc: float | None = None) -> dict[str, Any]:
     """Train (or resume) tiny-sd3 until ``minutes`` in total are spent; ``init_from`` (a saved
     tiny-sd3 folder, e.g. the shipped one) continues that model instead of starting fresh, so
     training can go on across machines that keep no ``.zoo_ckpt``. ``export_only`` saves the
@@ -315,8 +315,10 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
 
     ``device`` (``"cuda"``, ``"auto"``) trains there, ``amp`` under bf16 autocast; ``deadline`` (a
     ``time.time()``) stops early, checkpoints and exports, whatever budget is left; ``lr`` and ``pool_size``
-    override the recipe's; ``render_workers`` > 1 fills the latent pool in bulk with that many render
-    processes (for a GPU machine's idle cores). Checkpoints are device-free: a GPU run's resumes on the CPU."""
+    override the recipe's, as does ``t_loc`` (the location of the logit-normal timestep density; > 0 samples
+    more noise); ``max_steps`` stops at that diffusion step (for equal-step comparisons); ``render_workers`` > 1
+    fills the latent pool in bulk with that many render processes (for a GPU machine's idle cores).
+    Checkpoints are device-free: a GPU run's resumes on the CPU."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -326,7 +328,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
     if recipe is None:
         recipe = (ck or {}).get("recipe") or (saved_recipe(Path(init_from)) if init_from else DEFAULT_RECIPE)
     r = dict(recipe_of(recipe))
-    overrides = {k: v for k, v in (("lr", lr), ("pool", pool_size)) if v is not None}
+    overrides = {k: v for k, v in (("lr", lr), ("pool", pool_size), ("t_loc", t_loc)) if v is not None}
     r.update(overrides)
     batch = batch or r["batch"]
     vae_minutes = min(4.0, 0.2 * minutes) if vae_minutes is None else vae_minutes
@@ -462,7 +464,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
             print(f"bulk pool fill failed ({type(e).__name__}: {e}); growing it per step", flush=True)
     run = []
     gen = torch.Generator().manual_seed(seed * 1000 + st["step"])
-    while st["diff_seconds"] < budget and not stop.passed():
+    while st["diff_seconds"] < budget and not stop.passed() and (max_steps is None or st["step"] < max_steps):
         t0 = time.time()
         if r["pool"] and pool.full:
             x0, prompts = pool.sample(batch, gen)
@@ -476,7 +478,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
         drop = torch.rand(batch, generator=gen) < 0.1
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         eps = torch.randn(x0.shape, generator=gen).to(dev)
-        t = torch.sigmoid(torch.randn(batch, generator=gen)).to(dev)
+        t = torch.sigmoid(torch.randn(batch, generator=gen) + r.get("t_loc", 0.0)).to(dev)
         x0 = x0.to(dev)
         tt = t.view(-1, 1, 1, 1)
         xt = (1 - tt) * x0 + tt * eps
@@ -559,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="architecture + schedule (default: the checkpoint's, the --init-from model's, or 64px)")
     ap.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
     ap.add_argument("--pool", type=int, default=None, help="override the recipe's latent-pool size (scenes)")
+    ap.add_argument("--t-loc", type=float, default=None, help="override the logit-normal timestep location (0)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop at this diffusion step (equal-step comparisons)")
     ap.add_argument("--export", action="store_true",
                     help="save the checkpoint's pipeline (EMA weights) to --out without training")
     ap.add_argument("--seed", type=int, default=0)
@@ -576,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     train(a.minutes, a.vae_minutes, a.batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir, a.threads, a.log_every,
           init_from=a.init_from, recipe=a.recipe, export_only=a.export, device=a.device, amp=a.amp, lr=a.lr,
-          pool_size=a.pool)
+          pool_size=a.pool, max_steps=a.max_steps, t_loc=a.t_loc)
 
 
 if __name__ == "__main__":
