@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_carry.sh                                  # once, here: .carry/pylibs.tar.xz (diffusers, transformers)
 #   run: command "bash scripts/gpu_train_diffusion.sh 450", carry [".carry"], timeout_s 540   (docs/diffusion-testbed.md)
-#   OUT=/tmp/g bash scripts/gpu_train_diffusion.sh 40 --smoke  # the same path on the CPU in seconds
+#   OUT=/tmp/g bash scripts/gpu_train_diffusion.sh 300 --smoke  # the same path on the CPU (3 steps a model)
 #
 # Back here: python -m mmeff.zoo.train_gpu --unpack <files_at> --to .zoo_ckpt/gpu, then the CPU trainers resume with
 # --ckpt-dir .zoo_ckpt/gpu/<model>/ckpt (or continue with --init-from .zoo_ckpt/gpu/<model>/model).

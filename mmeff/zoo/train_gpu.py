@@ -51,24 +51,27 @@ PLANS: dict[str, dict[str, Any]] = {
         "tiny-wan": {"share": 0.6, "batch": 64, "lr": 5e-4, "pool": 16384, "amp": True, "vae_seconds": 60.0,
                      "vae_batch": 16, "vae_frames": 13, "vae_object_weight": 9.0, "new_per_step": 8},
         "eval": {"sd3_n": 16, "wan_n": 8, "sd3_steps": 20, "wan_steps": 10, "reserve_s": 60.0, "vlm": True},
-        "pack_reserve_s": 15.0, "load_overhead_s": 25.0,
+        "pack_reserve_s": 15.0, "load_overhead_s": 25.0, "max_steps_added": None,
     },
     "smoke": {
         "tiny-sd3": {"share": 0.5, "batch": 2, "lr": 1e-3, "pool": 4, "amp": False},
         "tiny-wan": {"share": 0.5, "batch": 2, "lr": 5e-4, "pool": 3, "amp": False, "vae_seconds": 0.5,
                      "vae_batch": 1, "vae_frames": 5, "vae_object_weight": 9.0, "new_per_step": 1},
         "eval": {"sd3_n": 1, "wan_n": 1, "sd3_steps": 2, "wan_steps": 2, "reserve_s": 8.0, "vlm": True},
-        "pack_reserve_s": 3.0, "load_overhead_s": 3.0,
+        "pack_reserve_s": 3.0, "load_overhead_s": 3.0, "max_steps_added": 3,
     },
 }
 # pack_reserve_s: seconds kept after each model's training for its export and packing; load_overhead_s: seconds a
-# trainer spends outside its timed steps (building, loading, filling the pool), so not in its step budget.
+# trainer spends outside its timed steps (building, loading, filling the pool), so not in its step budget;
+# max_steps_added: diffusion steps after which a model stops whatever time is left (the smoke run's steps do not
+# depend on how loaded the machine is).
 
 
-def spent_minutes(folder: Path) -> tuple[float, float]:
-    """``(vae minutes, vae + diffusion minutes)`` a saved zoo model's ``training.json`` records."""
+def spent_minutes(folder: Path) -> tuple[float, float, int]:
+    """``(vae minutes, vae + diffusion minutes, diffusion steps)`` a saved zoo model's ``training.json`` records."""
     meta = json.loads((folder / "training.json").read_text())
-    return float(meta["vae"]["minutes"]), float(meta["vae"]["minutes"]) + float(meta["diffusion"]["minutes"])
+    vae, diff = meta["vae"], meta["diffusion"]
+    return float(vae["minutes"]), float(vae["minutes"]) + float(diff["minutes"]), int(diff["steps"])
 
 
 def versions(dev: torch.device) -> dict[str, Any]:
@@ -111,7 +114,8 @@ def train_one(run: Run, name: str, train_seconds: float, workers: int) -> None:
     p = run.plan[name]
     ckpt_dir, model_dir = run.work / name / "ckpt", run.work / name / "model"
     shipped = MODELS / name
-    vae_min, spent = spent_minutes(shipped)
+    vae_min, spent, steps = spent_minutes(shipped)
+    added = run.plan["max_steps_added"]
     deadline = time.time() + train_seconds
     t0 = time.time()
     budget_s = max(1.0, train_seconds - run.plan["load_overhead_s"])
@@ -121,7 +125,8 @@ def train_one(run: Run, name: str, train_seconds: float, workers: int) -> None:
     run.write()
     common = {"out_dir": model_dir, "ckpt_dir": ckpt_dir, "init_from": shipped, "ckpt_every": 60.0,
               "log_every": 100 if run.mode == "gpu" else 1, "threads": min(8, os.cpu_count() or 1) if run.mode == "gpu" else 1,
-              "device": str(run.dev), "amp": p["amp"], "deadline": deadline, "render_workers": workers}
+              "device": str(run.dev), "amp": p["amp"], "deadline": deadline, "render_workers": workers,
+              "max_steps": None if added is None else steps + added}
     try:
         if name == "tiny-sd3":
             from .train_sd3 import train

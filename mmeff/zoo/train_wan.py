@@ -249,7 +249,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
           init_from: Path | None = None, *, export_only: bool = False, ema: float = EMA_DECAY,
           pool_size: int = POOL_SIZE, cosine: bool = True, warmup: int = 100, vae_object_weight: float = 0.0,
           device: str | None = "cpu", amp: bool = False, deadline: float | None = None,
-          render_workers: int = 0) -> dict[str, Any]:
+          render_workers: int = 0, max_steps: int | None = None) -> dict[str, Any]:
     """Train (or resume) tiny-wan until ``minutes`` in total are spent (VAE, then diffusion);
     ``init_from`` (a saved tiny-wan folder) continues that model, its minutes counted in the total.
     ``export_only`` saves the checkpoint's (EMA) pipeline to ``out_dir`` without training.
@@ -259,7 +259,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     full; EMA weights (``ema`` decay, 0: none) are what is saved; the learning rate warms up over ``warmup``
     steps, then (``cosine``) decays to 10% over the time budget, both per stage. ``vae_object_weight`` weights
     object pixels in the VAE loss (train_sd3's 64px recipe uses 9). ``device``, ``amp``, ``deadline`` as in
-    :func:`mmeff.zoo.train_sd3.train`."""
+    :func:`mmeff.zoo.train_sd3.train`; ``max_steps`` stops at that diffusion step."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -411,7 +411,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     gen = torch.Generator().manual_seed(seed * 1000 + st["step"])
     # The (frozen) VAE's encoding costs ~3x a transformer step on a CPU, so until the pool is full each step
     # encodes only ``new_per_step`` fresh train videos into it (and trains on them with a random rest).
-    while st["diff_seconds"] < budget and not stop.passed():
+    while st["diff_seconds"] < budget and not stop.passed() and (max_steps is None or st["step"] < max_steps):
         t0 = time.time()
         fresh_n = 0
         if not pool.full:
