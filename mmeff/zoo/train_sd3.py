@@ -24,16 +24,19 @@ recorded in ``training.json``'s ``lineage``); the reasons for 64 px and each cha
 
 Training is time-bounded and resumable: a checkpoint (with the EMA and the latent cache) is written to
 ``.zoo_ckpt/tiny-sd3/`` every ``--ckpt-every`` seconds; rerunning continues until the total budget ``--minutes``
-is spent (``--fresh`` starts over; ``--export`` saves the checkpoint's pipeline without training). The final
+is spent (``--fresh`` starts over; ``--export`` saves the checkpoint's pipeline without training). ``--init-from``
+continues a saved model as a new *stage*: a fresh optimiser, whose warm-up and cosine decay start at the saved
+step and minutes (``mmeff.zoo.train_common.stage_lr``). ``--device cuda --amp`` trains on a GPU under bf16
+autocast (``mmeff.zoo.train_gpu`` runs it in one timed call, with ``--lr`` / ``--pool`` overrides); checkpoints
+are device-free, so a GPU run's checkpoint resumes here. The final
 pipeline goes to ``mmeff/zoo/models/tiny-sd3/`` via ``save_pretrained``, with ``training.json`` (recipe, seed,
-steps, samples seen, minutes, losses, sizes, lineage). Load it with :func:`mmeff.zoo.load_pipeline.load_pipeline`
-(``"tiny-sd3"``).
+steps, samples seen, minutes, losses, sizes, lineage, stage, runs). Load it with
+:func:`mmeff.zoo.load_pipeline.load_pipeline` (``"tiny-sd3"``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import string
 import time
 from pathlib import Path
@@ -43,6 +46,18 @@ import numpy as np
 import torch
 
 from .saved_meta import read_training_json
+from .train_common import (
+    EMA,
+    Deadline,
+    LatentPool,
+    autocast,
+    object_mask,
+    render_chunks,
+    resolve_device,
+    samples_seen,
+    save_ckpt,
+    stage_lr,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -102,7 +117,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the first shipped model: 32 px, one 2x VAE downsample, 4 blocks x 4 heads, on-the-fly data, no EMA
     "32px": {"image_size": 32, "vae_channels": (16, 32), "layers": 4, "heads": 4, "batch": 16, "lr": 3e-4,
              "warmup": 200, "cosine": False, "ema": 0.0, "pool": 0, "vae_l1": 0.0, "vae_lr": 1e-3, "vae_batch": None,
-             "vae_crop": None, "vae_object_weight": 0.0},
+             "vae_crop": None, "vae_object_weight": 0.0, "t_loc": 0.0},
     # 64 px: the smallest size where a "small" object (radius 0.065 of the canvas) is ~8 px across, enough
     # pixels for a star, a cross and a diamond to differ (at 32 px it is 4 px: a blob). Two 2x VAE
     # downsamples keep the latent at 16x16 and, with patch 2, the transformer at 64 image tokens (one
@@ -115,7 +130,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # canvas, and a plain MSE learns the background first and turns purple into blue.
     "64px": {"image_size": 64, "vae_channels": (16, 32, 64), "layers": 5, "heads": 6, "batch": 32, "lr": 1e-3,
              "warmup": 300, "cosine": True, "ema": 0.9995, "pool": 16384, "vae_l1": 0.5, "vae_lr": 2e-3,
-             "vae_batch": 16, "vae_crop": 32, "vae_object_weight": 9.0},
+             "vae_batch": 16, "vae_crop": 32, "vae_object_weight": 9.0, "t_loc": 0.0},
 }
 DEFAULT_RECIPE = "64px"
 """The shipped model's recipe (``"32px"`` rebuilds the first tiny-sd3, kept in ``training.json`` lineage)."""
@@ -189,14 +204,23 @@ def build_pipeline(seed: int = 0, recipe: str = DEFAULT_RECIPE) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def world_batch(seeds: list[int], size: int = IMAGE_SIZE) -> tuple[torch.Tensor, list[str]]:
-    """Images in [-1, 1] ([B, 3, size, size]) and ``make_prompt`` prompts of the scenes ``seeds``."""
+def world_images(seeds: list[int], size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
+    """Renders (``[B, size, size, 3]`` uint8) and ``make_prompt`` prompts of the scenes ``seeds``."""
     from .world import generate_scene, make_prompt, render
 
     scenes = [generate_scene(s) for s in seeds]
-    arr = np.stack([np.asarray(render(sc, size=size), dtype=np.float32) for sc in scenes])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return x, [make_prompt(sc) for sc in scenes]
+    return np.stack([np.asarray(render(sc, size=size), dtype=np.uint8) for sc in scenes]), [make_prompt(sc) for sc in scenes]
+
+
+def to_unit(arr: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def world_batch(seeds: list[int], size: int = IMAGE_SIZE) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] ([B, 3, size, size]) and ``make_prompt`` prompts of the scenes ``seeds``."""
+    arr, prompts = world_images(seeds, size)
+    return to_unit(arr), prompts
 
 
 def train_seeds(step: int, batch: int, phase: int) -> list[int]:
@@ -206,11 +230,9 @@ def train_seeds(step: int, batch: int, phase: int) -> list[int]:
     return [(start + i) % n for i in range(batch)]
 
 
-def object_mask(x: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, H, W]`` 1 where a pixel differs from its image's background (the median of the four corners)."""
-    corners = torch.stack([x[:, :, 0, 0], x[:, :, 0, -1], x[:, :, -1, 0], x[:, :, -1, -1]], -1)
-    bg = corners.median(-1).values[:, :, None, None]
-    return ((x - bg).abs().sum(1, keepdim=True) > 0.1).float()
+def pool_seeds(first: int, count: int) -> list[int]:
+    """Train-split seeds ``first .. first + count`` of the latent pool's bulk fill (:func:`fill_pool`)."""
+    return [(499_979 + i) % 1_000_000 for i in range(first, first + count)]
 
 
 def random_crops(x: torch.Tensor, crop: int, seed: int) -> torch.Tensor:
@@ -223,11 +245,11 @@ def random_crops(x: torch.Tensor, crop: int, seed: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def encode_text(pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(pipe: Any, prompts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The pipeline's own prompt encoding (with gradients): ``(prompt_embeds, pooled_prompt_embeds)``."""
     pe, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                           do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN,
-                                          device=torch.device("cpu"))
+                                          device=torch.device(device))
     return pe, pooled
 
 
@@ -239,17 +261,11 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _save_ckpt(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def load_saved(pipe: Any, folder: Path) -> dict[str, Any]:
     """Copy the weights of a saved tiny-sd3 pipeline into ``pipe`` (built by :func:`build_pipeline` with the
     saved recipe) and return the training state its ``training.json`` records (counters, curves, latent
-    statistics), so a continued run's schedule, data order and report carry on from it."""
+    statistics, earlier runs), so a continued run's data order and report carry on from it. The continuation
+    is a new *stage*: its warm-up and cosine schedule start at the saved step and minutes."""
     from diffusers import StableDiffusion3Pipeline
 
     meta = read_training_json(folder, FORMAT, "train_sd3")
@@ -260,7 +276,10 @@ def load_saved(pipe: Any, folder: Path) -> dict[str, Any]:
     return {"phase": 1, "vae_step": vae["steps"], "vae_seconds": vae["minutes"] * 60, "vae_losses": vae["mse_curve"],
             "step": diff["steps"], "diff_seconds": diff["minutes"] * 60, "losses": diff["loss_curve"],
             "latent_shift": vae["shift_factor"], "latent_scale": vae["scaling_factor"],
-            "lineage": list(meta.get("lineage", []))}
+            "lineage": list(meta.get("lineage", [])), "runs": list(meta.get("runs", [])),
+            "samples_before": diff.get("samples_seen", diff["steps"] * meta.get("batch_size", 32)),
+            "runs_counted_from": len(meta.get("runs", [])),
+            "stage": {"step": diff["steps"], "seconds": diff["minutes"] * 60, "init_from": str(folder)}}
 
 
 def saved_recipe(folder: Path) -> str:
@@ -269,141 +288,110 @@ def saved_recipe(folder: Path) -> str:
     return str(meta.get("recipe", "32px"))
 
 
-def _lr(step: int, base: float, warmup: int) -> float:
-    return base * min(1.0, (step + 1) / warmup)
+def fill_pool(pool: LatentPool, encode: Any, size: int, workers: int, chunk: int = 512) -> None:
+    """Render and encode the rest of ``pool`` in bulk (scenes :func:`pool_seeds`), ``workers`` processes
+    rendering while ``encode`` (uint8 images -> scaled latents) runs on the training device."""
+    from functools import partial
 
-
-def lr_at(step: int, frac: float, r: dict[str, Any]) -> float:
-    """Linear warm-up over ``warmup`` steps, then (``cosine`` recipes) a cosine decay to 10% over the time
-    budget (``frac`` = spent fraction), so a resumed run continues the same schedule."""
-    lr = r["lr"] * min(1.0, (step + 1) / r["warmup"])
-    if r["cosine"]:
-        lr *= 0.1 + 0.45 * (1.0 + float(np.cos(np.pi * min(1.0, frac))))
-    return lr
-
-
-class EMA:
-    """Exponential moving average of parameters (decay warmed up as ``min(decay, (1+n)/(10+n))``)."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module], decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in modules.items()}
-
-    @torch.no_grad()
-    def update(self, modules: dict[str, torch.nn.Module], n: int) -> None:
-        d = min(self.decay, (1 + n) / (10 + n))
-        for k, m in modules.items():
-            for name, p in m.named_parameters():
-                self.shadow[k][name].mul_(d).add_(p.detach(), alpha=1 - d)
-
-    @torch.no_grad()
-    def copy_to(self, modules: dict[str, torch.nn.Module]) -> None:
-        for k, m in modules.items():
-            for name, p in m.named_parameters():
-                p.copy_(self.shadow[k][name])
-
-
-class LatentPool:
-    """Frozen-VAE latents (scaled, ``mode()`` of the posterior) and prompts of the first ``size`` train scenes:
-    grown one fresh batch per step until full, then sampled at random. Saved beside the checkpoint."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.latents: list[torch.Tensor] = []
-        self.prompts: list[str] = []
-        self.dirty = False
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def full(self) -> bool:
-        return len(self) >= self.size
-
-    def add(self, z: torch.Tensor, prompts: list[str]) -> None:
-        self.latents.extend(z.to(torch.float16).unbind(0))
-        self.prompts.extend(prompts)
-        self.dirty = True
-
-    def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        idx = torch.randint(len(self), (batch,), generator=gen).tolist()
-        return torch.stack([self.latents[i] for i in idx]).float(), [self.prompts[i] for i in idx]
-
-    def save(self, path: Path) -> None:
-        if self.dirty and len(self):
-            _save_ckpt(path, {"latents": torch.stack(self.latents), "prompts": self.prompts})
-            self.dirty = False
-
-    def load(self, path: Path) -> None:
-        if path.exists():
-            d = torch.load(path, map_location="cpu", weights_only=False)
-            self.latents, self.prompts = list(d["latents"].unbind(0)), list(d["prompts"])
+    seeds = pool_seeds(len(pool), pool.size - len(pool))
+    t0 = time.time()
+    for arr, prompts in render_chunks(partial(world_images, size=size), seeds, chunk, workers):
+        pool.add(encode(arr), prompts)
+    print(f"latent pool filled: {len(pool)} scenes in {time.time() - t0:.1f} s ({workers} render workers)",
+          flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- training
 def train(minutes: float, vae_minutes: float | None = None, batch: int | None = None, seed: int = 0,
           ckpt_every: float = 60.0, fresh: bool = False, out_dir: Path = OUT_DIR, ckpt_dir: Path = CKPT_DIR,
           threads: int | None = None, log_every: int = 50, init_from: Path | None = None,
-          recipe: str | None = None, export_only: bool = False) -> dict[str, Any]:
+          recipe: str | None = None, export_only: bool = False, *, device: str | None = "cpu", amp: bool = False,
+          deadline: float | None = None, lr: float | None = None, pool_size: int | None = None,
+          render_workers: int = 0, max_steps: int | None = None, t_loc: float | None = None) -> dict[str, Any]:
     """Train (or resume) tiny-sd3 until ``minutes`` in total are spent; ``init_from`` (a saved
     tiny-sd3 folder, e.g. the shipped one) continues that model instead of starting fresh, so
     training can go on across machines that keep no ``.zoo_ckpt``. ``export_only`` saves the
-    checkpoint's (EMA) pipeline to ``out_dir`` without training (to evaluate a run in progress)."""
+    checkpoint's (EMA) pipeline to ``out_dir`` without training (to evaluate a run in progress).
+
+    ``device`` (``"cuda"``, ``"auto"``) trains there, ``amp`` under bf16 autocast; ``deadline`` (a
+    ``time.time()``) stops early, checkpoints and exports, whatever budget is left; ``lr`` and ``pool_size``
+    override the recipe's, as does ``t_loc`` (the location of the logit-normal timestep density; > 0 samples
+    more noise); ``max_steps`` stops at that diffusion step (for equal-step comparisons); ``render_workers`` > 1
+    fills the latent pool in bulk with that many render processes (for a GPU machine's idle cores).
+    Checkpoints are device-free: a GPU run's resumes on the CPU."""
     if threads:
         torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    stop = Deadline(deadline)
     ckpt_path = ckpt_dir / "ckpt.pt"
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() and not fresh else None
     if recipe is None:
         recipe = (ck or {}).get("recipe") or (saved_recipe(Path(init_from)) if init_from else DEFAULT_RECIPE)
-    r = recipe_of(recipe)
+    r = dict(recipe_of(recipe))
+    overrides = {k: v for k, v in (("lr", lr), ("pool", pool_size), ("t_loc", t_loc)) if v is not None}
+    r.update(overrides)
     batch = batch or r["batch"]
     vae_minutes = min(4.0, 0.2 * minutes) if vae_minutes is None else vae_minutes
     torch.manual_seed(seed)
     pipe = build_pipeline(seed, recipe)
     vae, tr = pipe.vae, pipe.transformer
     learned = {"transformer": tr, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2, "te3": pipe.text_encoder_3}
-    diff_params = [p for m in learned.values() for p in m.parameters()]
-    opt_vae = torch.optim.AdamW(vae.parameters(), lr=r["vae_lr"], weight_decay=0.0)
-    opt = torch.optim.AdamW(diff_params, lr=r["lr"], weight_decay=0.01)
     st: dict[str, Any] = {"phase": 0, "vae_step": 0, "step": 0, "vae_seconds": 0.0, "diff_seconds": 0.0,
-                          "vae_losses": [], "losses": [], "latent_shift": 0.0, "latent_scale": 1.0}
+                          "vae_losses": [], "losses": [], "latent_shift": 0.0, "latent_scale": 1.0, "runs": [],
+                          "stage": {"step": 0, "seconds": 0.0}}
     pool = LatentPool(r["pool"])
     pool_path = ckpt_dir / "latent_pool.pt"
     if ck is not None:
         for name, mod in [("vae", vae), ("transformer", tr), ("te1", pipe.text_encoder),
                           ("te2", pipe.text_encoder_2), ("te3", pipe.text_encoder_3)]:
             mod.load_state_dict(ck[name])
-        opt_vae.load_state_dict(ck["opt_vae"])
-        opt.load_state_dict(ck["opt"])
         st.update(ck["state"])
+        st.setdefault("stage", {"step": 0, "seconds": 0.0})  # checkpoints from before stages: one stage from 0
         torch.set_rng_state(ck["rng"])
         pool.load(pool_path)
         print(f"resumed from {ckpt_path}: recipe {recipe}, phase {st['phase']}, vae_step {st['vae_step']}, "
-              f"step {st['step']}, pool {len(pool)}")
+              f"step {st['step']}, pool {len(pool)}", flush=True)
     elif init_from is not None:
         st.update(load_saved(pipe, Path(init_from)))
         print(f"continuing {init_from}: diffusion step {st['step']}, "
-              f"{(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent")
+              f"{(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent", flush=True)
+    pipe.to(dev)
+    diff_params = [p for m in learned.values() for p in m.parameters()]
+    opt_vae = torch.optim.AdamW(vae.parameters(), lr=r["vae_lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW(diff_params, lr=r["lr"], weight_decay=0.01)
+    if ck is not None:
+        if ck.get("opt_vae"):  # GPU bundles drop it once the VAE is frozen
+            opt_vae.load_state_dict(ck["opt_vae"])
+        opt.load_state_dict(ck["opt"])
     ema = EMA(learned, r["ema"]) if r["ema"] > 0 else None
     if ema is not None and ck is not None and ck.get("ema"):
-        ema.shadow = ck["ema"]
+        ema.load(ck["ema"], dev)
+    run_info = {"device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev), "amp": bool(amp),
+                "batch": batch, "lr": r["lr"], "pool": r["pool"], "threads": torch.get_num_threads(),
+                "from_step": st["step"], "to_step": st["step"], "minutes": 0.0}
+    st["runs"] = list(st.get("runs", [])) + [run_info]
+    t_run = time.time()
 
     def checkpoint() -> None:
-        _save_ckpt(ckpt_path, {"recipe": recipe, "vae": vae.state_dict(), "transformer": tr.state_dict(),
-                               "te1": pipe.text_encoder.state_dict(), "te2": pipe.text_encoder_2.state_dict(),
-                               "te3": pipe.text_encoder_3.state_dict(), "opt_vae": opt_vae.state_dict(),
-                               "opt": opt.state_dict(), "state": st, "rng": torch.get_rng_state(),
-                               "ema": None if ema is None else ema.shadow})
+        run_info.update(to_step=st["step"], minutes=round((time.time() - t_run) / 60, 2))
+        save_ckpt(ckpt_path, {"recipe": recipe, "vae": vae.state_dict(), "transformer": tr.state_dict(),
+                              "te1": pipe.text_encoder.state_dict(), "te2": pipe.text_encoder_2.state_dict(),
+                              "te3": pipe.text_encoder_3.state_dict(), "opt_vae": opt_vae.state_dict(),
+                              "opt": opt.state_dict(), "state": st, "rng": torch.get_rng_state(),
+                              "ema": None if ema is None else ema.state()})
         pool.save(pool_path)
 
     def finish() -> dict[str, Any]:
         if ema is not None:
             ema.copy_to(learned)
-        return save(pipe, st, seed=seed, batch=batch, minutes=minutes, out_dir=out_dir, recipe=recipe)
+        pipe.to("cpu")
+        return save(pipe, st, seed=seed, batch=batch, minutes=minutes, out_dir=out_dir, recipe=recipe,
+                    recipe_config=r)
 
     if export_only:
         if ck is None:
             raise FileNotFoundError(f"no checkpoint to export at {ckpt_path}")
+        st["runs"].pop()  # exporting is no training run
         return finish()
 
     size = r["image_size"]
@@ -412,16 +400,17 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
     if st["phase"] == 0:
         vae.train()
         run = []
-        while st["vae_seconds"] < vae_minutes * 60:
+        while st["vae_seconds"] < vae_minutes * 60 and not stop.passed():
             t0 = time.time()
             vb = r["vae_batch"] or batch
             x, _ = world_batch(train_seeds(st["vae_step"], vb, 0), size)
+            x = x.to(dev)
             weight = 1.0 + r["vae_object_weight"] * object_mask(x)
             if r["vae_crop"]:
                 xw = random_crops(torch.cat([x, weight], 1), r["vae_crop"], st["vae_step"])
                 x, weight = xw[:, :3], xw[:, 3:]
             for g in opt_vae.param_groups:
-                g["lr"] = _lr(st["vae_step"], r["vae_lr"], 100)
+                g["lr"] = stage_lr(r["vae_lr"], st["vae_step"], 0.0, 1.0, 100, False)
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
             mse = torch.nn.functional.mse_loss(rec, x)
@@ -443,11 +432,14 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
             if time.time() - last_ck > ckpt_every:
                 checkpoint()
                 last_ck = time.time()
+        if stop.passed() and st["vae_seconds"] < vae_minutes * 60:  # cut short: the VAE resumes next time
+            checkpoint()
+            return finish()
         # latent statistics -> scaling / shift (the pipeline decodes z / scale + shift)
         vae.eval()
         with torch.no_grad():
             x, _ = world_batch(list(range(500_000, 500_512)), size)
-            z = vae.encode(x).latent_dist.mode()
+            z = vae.encode(x.to(dev)).latent_dist.mode()
         st["latent_shift"] = float(z.mean())
         st["latent_scale"] = float(1.0 / z.std())
         st["phase"] = 1
@@ -456,47 +448,60 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
     vae.eval().requires_grad_(False)
     shift, scale = st["latent_shift"], st["latent_scale"]
 
+    @torch.no_grad()
+    def encode_images(arr: np.ndarray) -> torch.Tensor:
+        zs = [vae.encode(to_unit(arr[i:i + 256]).to(dev)).latent_dist.mode() for i in range(0, len(arr), 256)]
+        return (torch.cat(zs) - shift) * scale
+
     # ---- phase 1: flow matching on the transformer + text encoders
     for m in learned.values():
         m.train()
     budget = max(0.0, minutes * 60 - st["vae_seconds"])
+    if r["pool"] and not pool.full and render_workers > 1 and st["diff_seconds"] < budget:
+        try:
+            fill_pool(pool, encode_images, size, render_workers)
+        except Exception as e:  # noqa: BLE001 - a one-shot GPU call goes on growing the pool step by step instead
+            print(f"bulk pool fill failed ({type(e).__name__}: {e}); growing it per step", flush=True)
     run = []
     gen = torch.Generator().manual_seed(seed * 1000 + st["step"])
-    while st["diff_seconds"] < budget:
+    while st["diff_seconds"] < budget and not stop.passed() and (max_steps is None or st["step"] < max_steps):
         t0 = time.time()
         if r["pool"] and pool.full:
             x0, prompts = pool.sample(batch, gen)
         else:
             x, prompts = world_batch(train_seeds(st["step"], batch, 1), size)
             with torch.no_grad():
-                post = vae.encode(x).latent_dist
+                post = vae.encode(x.to(dev)).latent_dist
                 x0 = ((post.mode() if r["pool"] else post.sample(generator=gen)) - shift) * scale
             if r["pool"]:
                 pool.add(x0, prompts)
         drop = torch.rand(batch, generator=gen) < 0.1
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        eps = torch.randn(x0.shape, generator=gen)
-        t = torch.sigmoid(torch.randn(batch, generator=gen))
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        t = torch.sigmoid(torch.randn(batch, generator=gen) + r.get("t_loc", 0.0)).to(dev)
+        x0 = x0.to(dev)
         tt = t.view(-1, 1, 1, 1)
         xt = (1 - tt) * x0 + tt * eps
-        pe, pooled = encode_text(pipe, prompts)
         for g in opt.param_groups:
-            g["lr"] = lr_at(st["step"], st["diff_seconds"] / max(budget, 1e-9), r)
-        pred = tr(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=pe, pooled_projections=pooled,
-                  return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, eps - x0)
+            g["lr"] = stage_lr(r["lr"], st["step"], st["diff_seconds"], budget, r["warmup"], r["cosine"], st["stage"])
+        with autocast(dev, amp):
+            pe, pooled = encode_text(pipe, prompts, dev)
+            pred = tr(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=pe, pooled_projections=pooled,
+                      return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(diff_params, 1.0)
         opt.step()
         if ema is not None:
             ema.update(learned, st["step"])
-        run.append(loss.item())
+        run.append(loss.detach())
         st["step"] += 1
         st["diff_seconds"] += time.time() - t0
         if st["step"] % log_every == 0:
-            st["losses"].append([st["step"], float(np.mean(run))])
-            print(f"step {st['step']} loss {np.mean(run):.4f} pool {len(pool)} "
+            mean = float(torch.stack(run).mean())
+            st["losses"].append([st["step"], mean])
+            print(f"step {st['step']} loss {mean:.4f} pool {len(pool)} "
                   f"({(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} min)", flush=True)
             run = []
         if time.time() - last_ck > ckpt_every:
@@ -507,11 +512,11 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
 
 
 def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, minutes: float, out_dir: Path,
-         recipe: str = DEFAULT_RECIPE) -> dict[str, Any]:
+         recipe: str = DEFAULT_RECIPE, recipe_config: dict[str, Any] | None = None) -> dict[str, Any]:
     import diffusers
     import transformers
 
-    r = recipe_of(recipe)
+    r = recipe_config or recipe_of(recipe)
     pipe.vae.register_to_config(scaling_factor=st["latent_scale"], shift_factor=st["latent_shift"])
     for m in [pipe.vae, pipe.transformer, *text_modules(pipe)]:
         m.eval()
@@ -527,7 +532,7 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, minutes: float
                 "minutes": round(st["vae_seconds"] / 60, 2), "mse_curve": st["vae_losses"],
                 "scaling_factor": st["latent_scale"], "shift_factor": st["latent_shift"],
                 "params": n_params(pipe.vae)},
-        "diffusion": {"steps": st["step"], "samples_seen": st["step"] * batch,
+        "diffusion": {"steps": st["step"], "samples_seen": samples_seen(st, batch),
                       "minutes": round(st["diff_seconds"] / 60, 2), "loss_curve": st["losses"],
                       "final_loss": st["losses"][-1][1] if st["losses"] else None,
                       "objective": "rectified flow: x_t=(1-t)x0+t*eps, target eps-x0, t~logit-normal, "
@@ -536,13 +541,14 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, minutes: float
         "params": {"transformer": n_params(pipe.transformer), "text_encoder": n_params(pipe.text_encoder),
                    "text_encoder_2": n_params(pipe.text_encoder_2), "text_encoder_3": n_params(pipe.text_encoder_3),
                    "vae": n_params(pipe.vae)},
-        "disk_bytes": size, "lineage": st.get("lineage", []),
+        "disk_bytes": size, "lineage": st.get("lineage", []), "stage": st.get("stage"), "runs": st.get("runs", []),
         "data": f"shapes world train split, make_prompt(scene), render(scene, size={r['image_size']})",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
     }
     (out_dir / "training.json").write_text(json.dumps(info, indent=1) + "\n")
-    print(f"saved {out_dir} ({size / 1e6:.1f} MB); diffusion steps {st['step']}, final loss {info['diffusion']['final_loss']}")
+    print(f"saved {out_dir} ({size / 1e6:.1f} MB); diffusion steps {st['step']}, final loss {info['diffusion']['final_loss']}",
+          flush=True)
     return info
 
 
@@ -553,11 +559,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                     help="architecture + schedule (default: the checkpoint's, the --init-from model's, or 64px)")
+    ap.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
+    ap.add_argument("--pool", type=int, default=None, help="override the recipe's latent-pool size (scenes)")
+    ap.add_argument("--t-loc", type=float, default=None, help="override the logit-normal timestep location (0)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop at this diffusion step (equal-step comparisons)")
     ap.add_argument("--export", action="store_true",
                     help="save the checkpoint's pipeline (EMA weights) to --out without training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the transformer and text encoders (CUDA)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
@@ -567,7 +579,8 @@ def main(argv: list[str] | None = None) -> None:
                          "--minutes stays the total budget, so it trains for the minutes not yet spent")
     a = ap.parse_args(argv)
     train(a.minutes, a.vae_minutes, a.batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir, a.threads, a.log_every,
-          init_from=a.init_from, recipe=a.recipe, export_only=a.export)
+          init_from=a.init_from, recipe=a.recipe, export_only=a.export, device=a.device, amp=a.amp, lr=a.lr,
+          pool_size=a.pool, max_steps=a.max_steps, t_loc=a.t_loc)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,13 @@
   ``u ~ logit-normal(0, 1)``. The prompt is dropped to ``""`` 10% of the time (the pipeline's default negative
   prompt under CFG).
 
-Data: ``render_video(generate_scene(s), 13, seed=s, size=64)`` of train-split seeds. Diffusion batches come
-from a growing pool of VAE posteriors (``--new-per-step`` fresh videos encoded per step; x0 is the posterior mean), because encoding costs ~3x a transformer step on a CPU.
+Data: ``render_video(generate_scene(s), 13, seed=s, size=64)`` of train-split seeds. Diffusion latents
+(normalised VAE posterior means) of the first ``--pool`` (4096) train videos are cached once the VAE is frozen:
+the pool grows by ``--new-per-step`` fresh videos a step (encoding costs ~3x a transformer step on a CPU) and is
+sampled at random once full; it is saved beside the checkpoint. EMA weights (decay 0.9995) are what is saved;
+the learning rate warms up, then decays along a cosine to 10% over the time budget (``--no-cosine``: constant).
+These match ``train_sd3``'s 64px recipe; models shipped before them were trained with a sliding pool of 3000,
+no EMA and a constant learning rate (their ``training.json`` ``stages``).
 
 What works / what did not (2-core shared CPU, 1 thread): the transformer trains fast (~0.4 s per batch of 8);
 the Wan VAE is the bottleneck (~2-3 s per batch of 4 five-frame clips). Decoding posterior *samples* with a
@@ -32,10 +37,15 @@ colour. The shipped VAE (6 min, ~165 steps, lr 3e-4, posterior means, unclamped)
 5-frame training clips but generalises poorly to 13-frame videos (blurry blobs): train it longer and on
 13-frame clips (``--vae-frames 13``) when more CPU time is available.
 
-Training is time-bounded and resumable: a checkpoint goes to ``.zoo_ckpt/tiny-wan/ckpt.pt`` every
-``--ckpt-every`` seconds; rerunning continues until the total budget ``--minutes`` (compute seconds, VAE +
-diffusion) is spent (``--fresh`` starts over). The pipeline is saved to ``mmeff/zoo/models/tiny-wan/`` with
-``save_pretrained`` plus ``training.json``. Load it with :func:`mmeff.zoo.load_video.load_video_pipeline`
+Training is time-bounded and resumable: a checkpoint (model, optimiser, EMA, counters, RNG; the latent pool
+beside it) goes to ``.zoo_ckpt/tiny-wan/ckpt.pt`` every ``--ckpt-every`` seconds; rerunning continues until the
+total budget ``--minutes`` (compute seconds, VAE + diffusion) is spent (``--fresh`` starts over; ``--export``
+saves the checkpoint's EMA pipeline without training). ``--init-from`` continues a saved model as a new
+*stage* (fresh optimiser: the warm-up and cosine restart at its step and minutes). ``--device cuda --amp`` trains
+on a GPU under bf16 autocast (``mmeff.zoo.train_gpu`` runs it in one timed call); checkpoints are device-free.
+The pipeline is saved to ``mmeff/zoo/models/tiny-wan/`` with ``save_pretrained`` plus ``training.json``
+(``runs``: device, batch, lr and steps of every run; ``stages``: the hand-written history before runs were
+recorded). Load it with :func:`mmeff.zoo.load_video.load_video_pipeline`
 and call it with :data:`mmeff.zoo.load_video.TINY_WAN_CALL` (64 px, 13 frames, ``max_sequence_length=48``).
 """
 from __future__ import annotations
@@ -53,6 +63,18 @@ import numpy as np
 import torch
 
 from .saved_meta import read_training_json
+from .train_common import (
+    EMA,
+    Deadline,
+    LatentPool,
+    autocast,
+    object_mask,
+    render_chunks,
+    resolve_device,
+    samples_seen,
+    save_ckpt,
+    stage_lr,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -64,7 +86,8 @@ TEXT_LEN = 48
 Z_DIM = 8
 SHIFT = 3.0
 VAE_FRAMES = 5  # the causal VAE is trained on 1 + 4 frame clips (same weights, 2.6x cheaper)
-POOL_MAX = 3000
+POOL_SIZE = 4096  # cached diffusion latents (videos); 8 x 4 x 16 x 16 fp16 = 16 KB each
+EMA_DECAY = 0.9995
 FORMAT = "mmeff.zoo.tiny-wan/1"
 _CHARS = list(string.ascii_lowercase + string.digits) + [",", '"', "."]
 
@@ -123,15 +146,25 @@ def build_pipeline(seed: int = 0) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def world_videos(seeds: list[int], size: int = SIZE, frames: int = FRAMES) -> tuple[torch.Tensor, list[str]]:
-    """Videos in [-1, 1] (``[B, 3, frames, size, size]``) and ``make_prompt`` prompts of scenes ``seeds``."""
+def world_video_arrays(seeds: list[int], size: int = SIZE, frames: int = FRAMES) -> tuple[np.ndarray, list[str]]:
+    """Videos (``[B, frames, size, size, 3]`` uint8) and ``make_prompt`` prompts of scenes ``seeds``."""
     from .world import generate_scene, make_prompt, render_video
 
     scenes = [generate_scene(s) for s in seeds]
-    arr = np.stack([np.stack([np.asarray(f, dtype=np.float32) for f in render_video(sc, frames, seed=sc.seed,
-                                                                                    size=size)]) for sc in scenes])
-    x = torch.from_numpy(arr).permute(0, 4, 1, 2, 3) / 127.5 - 1.0  # B, T, H, W, C -> B, C, T, H, W
-    return x.contiguous(), [make_prompt(sc) for sc in scenes]
+    arr = np.stack([np.stack([np.asarray(f, dtype=np.uint8) for f in render_video(sc, frames, seed=sc.seed, size=size)])
+                    for sc in scenes])
+    return arr, [make_prompt(sc) for sc in scenes]
+
+
+def to_unit(arr: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, T, H, W, 3]`` -> float ``[B, 3, T, H, W]`` in [-1, 1]."""
+    return (torch.from_numpy(arr).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0).contiguous()
+
+
+def world_videos(seeds: list[int], size: int = SIZE, frames: int = FRAMES) -> tuple[torch.Tensor, list[str]]:
+    """Videos in [-1, 1] (``[B, 3, frames, size, size]``) and ``make_prompt`` prompts of scenes ``seeds``."""
+    arr, prompts = world_video_arrays(seeds, size, frames)
+    return to_unit(arr), prompts
 
 
 def train_seeds(step: int, batch: int, phase: int) -> list[int]:
@@ -141,10 +174,24 @@ def train_seeds(step: int, batch: int, phase: int) -> list[int]:
     return [(start + i) % n for i in range(batch)]
 
 
-def encode_text(pipe: Any, prompts: list[str]) -> torch.Tensor:
+def pool_seeds(first: int, count: int) -> list[int]:
+    """Train-split seeds ``first .. first + count`` of the latent pool's bulk fill (``render_workers`` > 1)."""
+    return [(623_436 + i) % 1_000_000 for i in range(first, first + count)]
+
+
+def video_object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """``[B, 1, T, H, W]``: 1 + ``weight`` on pixels that differ from their frame's background (0: all ones)."""
+    if not weight:
+        return torch.ones_like(x[:, :1])
+    b, c, t, h, w = x.shape
+    m = object_mask(x.transpose(1, 2).reshape(b * t, c, h, w)).view(b, t, 1, h, w).transpose(1, 2)
+    return 1.0 + weight * m
+
+
+def encode_text(pipe: Any, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
     """The pipeline's own prompt encoding (with gradients), padded to ``TEXT_LEN``."""
     pe, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN,
-                               device=torch.device("cpu"))
+                               device=torch.device(device))
     return pe
 
 
@@ -170,17 +217,11 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _save_ckpt(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def load_saved(pipe: Any, folder: Path, vae_minutes: float) -> dict[str, Any]:
     """Copy a saved tiny-wan pipeline's weights into ``pipe`` and return the training state its
     ``training.json`` records. The VAE phase resumes when ``vae_minutes`` exceeds the minutes the
-    saved VAE had (its latent statistics are then measured again before diffusion goes on)."""
+    saved VAE had (its latent statistics are then measured again before diffusion goes on). The continuation
+    is a new *stage*: its warm-up and cosine schedule start at the saved step and minutes."""
     from diffusers import WanPipeline
 
     meta = read_training_json(folder, FORMAT, "train_wan")
@@ -192,11 +233,12 @@ def load_saved(pipe: Any, folder: Path, vae_minutes: float) -> dict[str, Any]:
             "vae_seconds": vae["minutes"] * 60, "vae_losses": vae["mse_curve"], "step": diff["steps"],
             "diff_seconds": diff["minutes"] * 60, "losses": diff["loss_curve"],
             "latents_mean": vae["latents_mean"], "latents_std": vae["latents_std"],
-            "vae_frames": vae.get("clip_frames", VAE_FRAMES), "initialised_from": str(folder)}
-
-
-def _lr(step: int, base: float, warmup: int) -> float:
-    return base * min(1.0, (step + 1) / warmup)
+            "vae_frames": vae.get("clip_frames", VAE_FRAMES), "initialised_from": str(folder),
+            "stages": list(meta.get("stages", [])), "runs": list(meta.get("runs", [])),
+            "samples_before": diff.get("samples_seen", diff["steps"] * diff.get("batch_size", 8)),
+            "runs_counted_from": len(meta.get("runs", [])),
+            "stage": {"step": diff["steps"], "seconds": diff["minutes"] * 60,
+                      "vae_step": vae["steps"], "init_from": str(folder)}}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -204,63 +246,115 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
           ckpt_every: float = 60.0, fresh: bool = False, out_dir: Path = OUT_DIR, ckpt_dir: Path = CKPT_DIR,
           threads: int | None = None, log_every: int = 25, lr: float = 5e-4,
           new_per_step: int = 2, vae_lr: float = 3e-4, vae_frames: int = VAE_FRAMES,
-          init_from: Path | None = None) -> dict[str, Any]:
+          init_from: Path | None = None, *, export_only: bool = False, ema: float = EMA_DECAY,
+          pool_size: int = POOL_SIZE, cosine: bool = True, warmup: int = 100, vae_object_weight: float = 0.0,
+          device: str | None = "cpu", amp: bool = False, deadline: float | None = None,
+          render_workers: int = 0, max_steps: int | None = None) -> dict[str, Any]:
     """Train (or resume) tiny-wan until ``minutes`` in total are spent (VAE, then diffusion);
-    ``init_from`` (a saved tiny-wan folder) continues that model, its minutes counted in the total."""
+    ``init_from`` (a saved tiny-wan folder) continues that model, its minutes counted in the total.
+    ``export_only`` saves the checkpoint's (EMA) pipeline to ``out_dir`` without training.
+
+    Diffusion latents (posterior means, normalised) of the first ``pool_size`` train videos are cached, grown
+    ``new_per_step`` per step (``render_workers`` > 1: rendered in bulk by that many processes) and sampled once
+    full; EMA weights (``ema`` decay, 0: none) are what is saved; the learning rate warms up over ``warmup``
+    steps, then (``cosine``) decays to 10% over the time budget, both per stage. ``vae_object_weight`` weights
+    object pixels in the VAE loss (train_sd3's 64px recipe uses 9). ``device``, ``amp``, ``deadline`` as in
+    :func:`mmeff.zoo.train_sd3.train`; ``max_steps`` stops at that diffusion step."""
     if threads:
         torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    stop = Deadline(deadline)
     vae_minutes = min(5.0, 0.2 * minutes) if vae_minutes is None else vae_minutes
     ckpt_path = ckpt_dir / "ckpt.pt"
     torch.manual_seed(seed)
     pipe = build_pipeline(seed)
     vae, tr, te = pipe.vae, pipe.transformer, pipe.text_encoder
-    diff_params = [p for m in (tr, te) for p in m.parameters()]
-    opt_vae = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
-    opt = torch.optim.AdamW(diff_params, lr=lr, weight_decay=0.01)
+    learned = {"transformer": tr, "text_encoder": te}
     st: dict[str, Any] = {"phase": 0, "vae_step": 0, "step": 0, "vae_seconds": 0.0, "diff_seconds": 0.0,
                           "vae_losses": [], "losses": [], "latents_mean": [0.0] * Z_DIM,
-                          "latents_std": [1.0] * Z_DIM, "threads": []}
-    if ckpt_path.exists() and not fresh:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+                          "latents_std": [1.0] * Z_DIM, "threads": [], "runs": [],
+                          "stage": {"step": 0, "seconds": 0.0, "vae_step": 0}}
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() and not fresh else None
+    pool = LatentPool(pool_size)
+    pool_path = ckpt_dir / "latent_pool.pt"
+    if ck is not None:
         for name, mod in (("vae", vae), ("transformer", tr), ("text_encoder", te)):
             mod.load_state_dict(ck[name])
-        opt_vae.load_state_dict(ck["opt_vae"])
-        opt.load_state_dict(ck["opt"])
         st.update(ck["state"])
+        st.setdefault("stage", {"step": 0, "seconds": 0.0, "vae_step": 0})
         torch.set_rng_state(ck["rng"])
-        print(f"resumed from {ckpt_path}: phase {st['phase']}, vae_step {st['vae_step']}, step {st['step']}",
-              flush=True)
+        pool.load(pool_path)
+        print(f"resumed from {ckpt_path}: phase {st['phase']}, vae_step {st['vae_step']}, step {st['step']}, "
+              f"pool {len(pool)}", flush=True)
     elif init_from is not None:
         st.update(load_saved(pipe, Path(init_from), vae_minutes))
         print(f"continuing {init_from}: phase {st['phase']}, vae_step {st['vae_step']}, diffusion step "
               f"{st['step']}, {(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent",
               flush=True)
+    pipe.to(dev)
+    diff_params = [p for m in learned.values() for p in m.parameters()]
+    opt_vae = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(diff_params, lr=lr, weight_decay=0.01)
+    if ck is not None:
+        if ck.get("opt_vae"):  # GPU bundles drop it once the VAE is frozen
+            opt_vae.load_state_dict(ck["opt_vae"])
+        opt.load_state_dict(ck["opt"])
+    averager = EMA(learned, ema) if ema > 0 else None
+    if averager is not None and ck is not None and ck.get("ema"):
+        averager.load(ck["ema"], dev)
     st["threads"] = list(st.get("threads", [])) + [torch.get_num_threads()]
     st["new_per_step"] = new_per_step
     st.setdefault("vae_frames", vae_frames)
+    st["recipe_config"] = {"batch": batch, "vae_batch": vae_batch, "lr": lr, "vae_lr": vae_lr, "ema": ema,
+                           "pool": pool_size, "new_per_step": new_per_step, "cosine": cosine, "warmup": warmup,
+                           "vae_frames": vae_frames, "vae_object_weight": vae_object_weight}
+    run_info = {"device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev), "amp": bool(amp),
+                "batch": batch, "vae_batch": vae_batch, "lr": lr, "pool": pool_size, "threads": torch.get_num_threads(),
+                "from_step": st["step"], "to_step": st["step"], "from_vae_step": st["vae_step"],
+                "to_vae_step": st["vae_step"], "minutes": 0.0}
+    st["runs"] = list(st.get("runs", [])) + [run_info]
+    t_run = time.time()
 
     def checkpoint() -> None:
-        _save_ckpt(ckpt_path, {"vae": vae.state_dict(), "transformer": tr.state_dict(), "text_encoder": te.state_dict(),
-                               "opt_vae": opt_vae.state_dict(), "opt": opt.state_dict(), "state": st,
-                               "rng": torch.get_rng_state()})
+        run_info.update(to_step=st["step"], to_vae_step=st["vae_step"], minutes=round((time.time() - t_run) / 60, 2))
+        save_ckpt(ckpt_path, {"vae": vae.state_dict(), "transformer": tr.state_dict(), "text_encoder": te.state_dict(),
+                              "opt_vae": opt_vae.state_dict(), "opt": opt.state_dict(), "state": st,
+                              "rng": torch.get_rng_state(), "ema": None if averager is None else averager.state()})
+        pool.save(pool_path)
+
+    def finish() -> dict[str, Any]:
+        if averager is not None:
+            averager.copy_to(learned)
+        pipe.to("cpu")
+        return save(pipe, st, seed=seed, batch=batch, vae_batch=vae_batch, minutes=minutes, out_dir=out_dir,
+                    ema=ema)
+
+    if export_only:
+        if ck is None:
+            raise FileNotFoundError(f"no checkpoint to export at {ckpt_path}")
+        st["runs"].pop()  # exporting is no training run
+        return finish()
 
     last_ck = time.time()
     # ---- phase 0: the VAE as an autoencoder
     if st["phase"] == 0:
         vae.train()
         run: list[float] = []
-        while st["vae_seconds"] < vae_minutes * 60:
+        while st["vae_seconds"] < vae_minutes * 60 and not stop.passed():
             t0 = time.time()
-            x, _ = world_videos(train_seeds(st["vae_step"], vae_batch, 0), frames=vae_frames)
+            x, _ = world_videos(train_seeds(st["vae_step"], vae_batch, 0), frames=st["vae_frames"])
+            x = x.to(dev)
+            weight = video_object_weight(x, vae_object_weight)
             for g in opt_vae.param_groups:
-                g["lr"] = _lr(st["vae_step"], vae_lr, 20)
+                g["lr"] = stage_lr(vae_lr, st["vae_step"], 0.0, 1.0, 20, False,
+                                   {"step": st["stage"].get("vae_step", 0)})
             post = vae.encode(x).latent_dist
             # Deterministic autoencoder (decode the posterior mean): with the posterior std starting at 1 and a
             # tiny KL weight, decoding samples left the MSE stuck at ~0.2 for the few hundred steps a CPU
             # affords. Diffusion uses posterior means anyway; a small L2 on the means keeps their scale bounded.
             rec = decode_unclamped(vae, post.mean)
             mse = torch.nn.functional.mse_loss(rec, x)
-            loss = mse + 1e-4 * post.mean.pow(2).mean()
+            loss = (weight * (rec - x) ** 2).mean() + 1e-4 * post.mean.pow(2).mean()
             opt_vae.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -276,83 +370,96 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
             if time.time() - last_ck > ckpt_every:
                 checkpoint()
                 last_ck = time.time()
+        if stop.passed() and st["vae_seconds"] < vae_minutes * 60:  # cut short: the VAE resumes next time
+            checkpoint()
+            return finish()
         vae.eval()
         with torch.no_grad():  # per-channel latent statistics of 64 train videos -> latents_mean / latents_std
-            zs = [vae.encode(world_videos(list(range(900_000 + 16 * i, 900_000 + 16 * (i + 1))))[0]).latent_dist.mode()
-                  for i in range(4)]
+            zs = [vae.encode(world_videos(list(range(900_000 + 16 * i, 900_000 + 16 * (i + 1))))[0].to(dev))
+                  .latent_dist.mode() for i in range(4)]
             z = torch.cat(zs)
         st["latents_mean"] = z.mean(dim=(0, 2, 3, 4)).tolist()
         st["latents_std"] = z.std(dim=(0, 2, 3, 4)).tolist()
         st["phase"] = 1
+        pool = LatentPool(pool_size)  # latents of an earlier VAE are stale
         checkpoint()
         last_ck = time.time()
     vae.eval().requires_grad_(False)
-    mean = torch.tensor(st["latents_mean"]).view(1, -1, 1, 1, 1)
-    std = torch.tensor(st["latents_std"]).view(1, -1, 1, 1, 1)
+    mean = torch.tensor(st["latents_mean"], device=dev).view(1, -1, 1, 1, 1)
+    std = torch.tensor(st["latents_std"], device=dev).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode_videos(arr: np.ndarray) -> torch.Tensor:
+        """Normalised posterior means ``(mu - latents_mean) / latents_std`` of uint8 videos."""
+        zs = [vae.encode(to_unit(arr[i:i + 32]).to(dev)).latent_dist.mean for i in range(0, len(arr), 32)]
+        return (torch.cat(zs) - mean) / std
 
     # ---- phase 1: flow matching on the transformer + text encoder
     tr.train()
     te.train()
     budget = max(0.0, minutes * 60 - st["vae_seconds"])
+    if not pool.full and render_workers > 1 and st["diff_seconds"] < budget:
+        seeds = pool_seeds(len(pool), pool.size - len(pool))
+        t0 = time.time()
+        try:
+            for arr, prompts in render_chunks(world_video_arrays, seeds, 64, render_workers):
+                pool.add(encode_videos(arr), prompts)
+        except Exception as e:  # noqa: BLE001 - a one-shot GPU call goes on growing the pool step by step instead
+            print(f"bulk pool fill failed ({type(e).__name__}: {e}); growing it per step", flush=True)
+        print(f"latent pool: {len(pool)} videos after {time.time() - t0:.1f} s of bulk rendering", flush=True)
     run = []
     gen = torch.Generator().manual_seed(seed * 1000 + st["step"])
-    # Latent pool: the (frozen) VAE encoding costs ~3x a transformer step, so each step encodes only
-    # ``new_per_step`` fresh train videos into a growing pool (posterior means: x0 = (mu - latents_mean) / latents_std,
-    # the statistics latents_mean/std are of posterior means too) and trains on a random batch from the pool.
-    pool_mu: list[torch.Tensor] = []
-    pool_prompts: list[str] = []
-
-    def grow(seeds: list[int]) -> None:
-        xv, pr = world_videos(seeds)
-        with torch.no_grad():
-            d = vae.encode(xv).latent_dist
-        pool_mu.extend(d.mean.unbind(0))
-        pool_prompts.extend(pr)
-        if len(pool_mu) > POOL_MAX:
-            del pool_mu[:-POOL_MAX], pool_prompts[:-POOL_MAX]
-
-    grow(train_seeds(10_000 + st["step"], batch, 1))
-    while st["diff_seconds"] < budget:
+    # The (frozen) VAE's encoding costs ~3x a transformer step on a CPU, so until the pool is full each step
+    # encodes only ``new_per_step`` fresh train videos into it (and trains on them with a random rest).
+    while st["diff_seconds"] < budget and not stop.passed() and (max_steps is None or st["step"] < max_steps):
         t0 = time.time()
-        grow(train_seeds(st["step"], new_per_step, 1))
-        idx = torch.randint(len(pool_mu), (batch,), generator=gen).tolist()
-        idx[:new_per_step] = list(range(len(pool_mu) - new_per_step, len(pool_mu)))
-        mu = torch.stack([pool_mu[i] for i in idx])
-        prompts = [pool_prompts[i] for i in idx]
+        fresh_n = 0
+        if not pool.full:
+            arr, pr = world_video_arrays(train_seeds(st["step"], new_per_step, 1))
+            pool.add(encode_videos(arr), pr)
+            fresh_n = min(new_per_step, batch)
+        x0, prompts = pool.sample(batch, gen)
+        if fresh_n:
+            x0[:fresh_n] = torch.stack(pool.latents[-fresh_n:]).float()
+            prompts[:fresh_n] = pool.prompts[-fresh_n:]
         drop = torch.rand(batch, generator=gen) < 0.1
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        x0 = (mu - mean) / std
-        eps = torch.randn(x0.shape, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
         u = torch.sigmoid(torch.randn(batch, generator=gen))
-        t = SHIFT * u / (1 + (SHIFT - 1) * u)
+        t = (SHIFT * u / (1 + (SHIFT - 1) * u)).to(dev)
+        x0 = x0.to(dev)
         tt = t.view(-1, 1, 1, 1, 1)
         xt = (1 - tt) * x0 + tt * eps
-        pe = encode_text(pipe, prompts)
         for g in opt.param_groups:
-            g["lr"] = _lr(st["step"], lr, 100)
-        pred = tr(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=pe, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, eps - x0)
+            g["lr"] = stage_lr(lr, st["step"], st["diff_seconds"], budget, warmup, cosine, st["stage"])
+        with autocast(dev, amp):
+            pe = encode_text(pipe, prompts, dev)
+            pred = tr(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=pe, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(diff_params, 1.0)
         opt.step()
-        run.append(loss.item())
+        if averager is not None:
+            averager.update(learned, st["step"])
+        run.append(loss.detach())
         st["step"] += 1
         st["diff_seconds"] += time.time() - t0
         if st["step"] % log_every == 0:
-            st["losses"].append([st["step"], float(np.mean(run))])
-            print(f"step {st['step']} loss {np.mean(run):.4f} "
+            m = float(torch.stack(run).mean())
+            st["losses"].append([st["step"], m])
+            print(f"step {st['step']} loss {m:.4f} pool {len(pool)} "
                   f"({(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} min)", flush=True)
             run = []
         if time.time() - last_ck > ckpt_every:
             checkpoint()
             last_ck = time.time()
     checkpoint()
-    return save(pipe, st, seed=seed, batch=batch, vae_batch=vae_batch, minutes=minutes, out_dir=out_dir)
+    return finish()
 
 
 def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int, minutes: float,
-         out_dir: Path) -> dict[str, Any]:
+         out_dir: Path, ema: float = 0.0) -> dict[str, Any]:
     import diffusers
     import transformers
 
@@ -367,34 +474,39 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int
     pipe.save_pretrained(out_dir)
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file() and f.name != "training.json")
     lat = [Z_DIM, (FRAMES - 1) // 4 + 1, SIZE // 4, SIZE // 4]
+    runs = st.get("runs", [])
+    samples = samples_seen(st, batch)
     info = {
         "format": FORMAT, "trained": st["step"] > 0, "seed": seed,
         "video": {"frames": FRAMES, "height": SIZE, "width": SIZE, "fps_note": "world frames, no fps"},
         "latent_shape": lat, "token_grid": [lat[1], lat[2] // 2, lat[3] // 2],
         "video_tokens": lat[1] * (lat[2] // 2) * (lat[3] // 2), "text_len": TEXT_LEN, "scheduler_shift": SHIFT,
-        "vae": {"steps": st["vae_step"], "batch_size": vae_batch, "clip_frames": st.get("vae_frames", VAE_FRAMES), "samples_seen": st["vae_step"] * vae_batch,
+        "recipe_config": st.get("recipe_config"),
+        "vae": {"steps": st["vae_step"], "batch_size": vae_batch, "clip_frames": st.get("vae_frames", VAE_FRAMES),
+                "samples_seen": st["vae_step"] * vae_batch,
                 "minutes": round(st["vae_seconds"] / 60, 2), "mse_curve": st["vae_losses"],
                 "final_mse": st["vae_losses"][-1][1] if st["vae_losses"] else None,
                 "latents_mean": st["latents_mean"], "latents_std": st["latents_std"], "params": n_params(pipe.vae),
                 "config": "AutoencoderKLWan(base_dim=16, z_dim=8, dim_mult=[1,2,2], num_res_blocks=1, "
                           "temperal_downsample=[True,True], scale_factor_spatial=4): 4x spatial, 4x temporal"},
-        "diffusion": {"steps": st["step"], "batch_size": batch, "samples_seen": st["step"] * batch,
-                      "unique_videos": st["step"] * st.get("new_per_step", 2) + batch,
+        "diffusion": {"steps": st["step"], "batch_size": batch, "samples_seen": samples,
                       "minutes": round(st["diff_seconds"] / 60, 2), "loss_curve": st["losses"],
                       "final_loss": st["losses"][-1][1] if st["losses"] else None,
                       "objective": "rectified flow: x_t=(1-t)x0+t*eps, target eps-x0, timestep=1000t, "
                                    f"t=shift*u/(1+(shift-1)u), u~logit-normal(0,1), shift={SHIFT}, "
-                                   "prompt dropout 10% (prompt -> '')"},
+                                   "prompt dropout 10% (prompt -> '')",
+                      "weights": f"EMA (decay {ema})" if ema else "last step"},
         "params": {"transformer": n_params(pipe.transformer), "text_encoder": n_params(pipe.text_encoder),
                    "vae": n_params(pipe.vae)},
         "total_minutes": round((st["vae_seconds"] + st["diff_seconds"]) / 60, 2), "budget_minutes": minutes,
         "torch_threads": st.get("threads", []),
         **({"initialised_from": st["initialised_from"]} if st.get("initialised_from") else {}),
+        "stages": st.get("stages", []), "stage": st.get("stage"), "runs": runs,
         "disk_bytes": size,
         "data": f"shapes world train split: render_video(generate_scene(s), {FRAMES}, seed=s, size={SIZE}), "
                 "make_prompt(scene)",
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "device": "cpu"},
+                    "cpu_count": os.cpu_count(), "devices": sorted({r["device"] for r in runs}) or ["cpu"]},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
     }
@@ -413,10 +525,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4, help="transformer + text encoder learning rate")
     ap.add_argument("--vae-lr", type=float, default=3e-4, help="VAE learning rate (1e-3 diverged)")
     ap.add_argument("--new-per-step", type=int, default=2, help="fresh videos encoded into the latent pool per step")
+    ap.add_argument("--pool", type=int, default=POOL_SIZE, help="latent-pool size (videos); sampled once full")
+    ap.add_argument("--ema", type=float, default=EMA_DECAY, help="EMA decay of the saved weights (0: last step)")
+    ap.add_argument("--no-cosine", action="store_true", help="constant learning rate after the warm-up")
+    ap.add_argument("--vae-object-weight", type=float, default=0.0, help="extra VAE loss weight on object pixels")
     ap.add_argument("--vae-frames", type=int, default=VAE_FRAMES, help="frames per VAE training clip (1 + 4k)")
+    ap.add_argument("--export", action="store_true",
+                    help="save the checkpoint's pipeline (EMA weights) to --out without training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the transformer and text encoder (CUDA)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--init-from", type=Path, default=None,
@@ -425,7 +545,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt-dir", type=Path, default=CKPT_DIR)
     a = ap.parse_args(argv)
     train(a.minutes, a.vae_minutes, a.batch, a.vae_batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir,
-          a.threads, a.log_every, a.lr, a.new_per_step, a.vae_lr, a.vae_frames, a.init_from)
+          a.threads, a.log_every, a.lr, a.new_per_step, a.vae_lr, a.vae_frames, a.init_from, export_only=a.export,
+          ema=a.ema, pool_size=a.pool, cosine=not a.no_cosine, vae_object_weight=a.vae_object_weight,
+          device=a.device, amp=a.amp)
 
 
 if __name__ == "__main__":
