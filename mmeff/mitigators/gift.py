@@ -114,7 +114,7 @@ class GIFTRuntime:
         self.log_w: torch.Tensor | None = None       # [B, prompt_len] log weight per prompt position
         self.visual_cols: torch.Tensor | None = None  # [B, prompt_len] bool
         self.query_cols: torch.Tensor | None = None   # [B, prompt_len] bool
-        self.layer_cols: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> the three above over its kept slots
+        self.layer_cols: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> column table, log w, query over its slots
         self.forward_len = 0
         self.prompts = 0
         self.fallbacks = 0
@@ -268,36 +268,38 @@ class GIFTRuntime:
             with torch.no_grad():  # the bias is a constant of the forward, like a mask
                 probs, allowed = ar.last_rows_probs(module, kwargs, n, layer)
                 k_len = probs.shape[-1]
-                log_w, vis, query = self._columns(layer, k_len)
-                bias = gm.enhancement_bias(probs, log_w, vis, query).masked_fill(~allowed, 0.0)
-            mask = ar.full_float_mask(kwargs.get("attention_mask"), q_len, k_len, hidden.dtype, hidden.device)
-            mask = mask.expand(hidden.shape[0], probs.shape[1], q_len, k_len).clone()
-            mask[:, :, q_len - n:, :] += bias.to(mask.dtype)
+                table, log_w, query = self._columns(layer, k_len)
+                bias = gm.enhancement_bias(probs, log_w, None, query, table=table).to(hidden.dtype)
+                if n == q_len:  # every row of the forward is steered (a decode step): the mask is the bias itself
+                    mask = bias if allowed is None else bias.masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+                else:
+                    if allowed is not None:
+                        bias = bias.masked_fill(~allowed, 0.0)
+                    mask = ar.full_float_mask(kwargs.get("attention_mask"), q_len, k_len, hidden.dtype, hidden.device)
+                    mask = mask.expand(hidden.shape[0], probs.shape[1], q_len, k_len).clone()
+                    mask[:, :, q_len - n:, :] += bias
             out = dict(kwargs)
             out["attention_mask"] = mask
             return (), out
         return hook
 
     def _columns(self, layer: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``log w``, visual and question flags over the layer's ``k_len`` key columns (generated tokens: 0 / False).
+        """(:func:`gift_math.column_table`, ``log w``, question flags) over the layer's ``k_len`` key columns.
 
-        The prompt part follows the layer's kept slots (:meth:`VLMAdapter.prompt_slots`), gathered once per prompt
-        and layer; dropped visual tokens have no column, fillers get none of the flags.
+        The prompt part follows the layer's kept slots (:meth:`VLMAdapter.prompt_slots`): dropped visual tokens
+        have no column, fillers get none of the flags; generated tokens get 0 / False. Built once per prompt and
+        layer, with room for later tokens, so a decode step only slices.
         """
-        head = self.layer_cols.get(layer)
-        if head is None:
+        cols = self.layer_cols.get(layer)
+        if cols is None or cols[0].shape[1] < k_len:
             plan = ks.LayerSlots.of(self.adapter, layer, self.prompt).plan
-            tensors = (self.log_w, self.visual_cols, self.query_cols)
+            log_w, vis, query = self.log_w, self.visual_cols, self.query_cols
             if plan is not None:
-                tensors = tuple(t.gather(1, plan.index).masked_fill(plan.filler, 0) for t in tensors)
-            head = self.layer_cols[layer] = tensors
-        out = []
-        for t in head:
-            if t.shape[1] >= k_len:
-                out.append(t[:, :k_len])
-            else:
-                out.append(torch.cat([t, t.new_zeros(t.shape[0], k_len - t.shape[1])], 1))
-        return out[0], out[1], out[2]
+                log_w, vis, query = (t.gather(1, plan.index).masked_fill(plan.filler, 0) for t in (log_w, vis, query))
+            width = max(k_len, log_w.shape[1]) + max(64, k_len // 2)
+            log_w, vis, query = (torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], 1) for t in (log_w, vis, query))
+            cols = self.layer_cols[layer] = (gm.column_table(log_w, vis, query), log_w, query)
+        return cols[0][:, :k_len], cols[1][:, :k_len], cols[2][:, :k_len]
 
     def report(self) -> dict[str, Any]:
         return {"mitigator": "gift", "alpha": self.config.alpha, "saliency_layers": list(self.saliency_layers),
