@@ -98,26 +98,26 @@ def summarise(rows: list[dict[str, Any]], knobs: WeakKnobs) -> dict[str, Any]:
     }
 
 
-def sign_test(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
+def sign_test(a: Sequence[bool], b: Sequence[bool], base: str = "dense") -> dict[str, Any]:
     """Exact two-sided McNemar (sign) test on paired binary outcomes: only discordant pairs count."""
     only_a = sum(x and not y for x, y in zip(a, b))
     only_b = sum(y and not x for x, y in zip(a, b))
     n = only_a + only_b
     k = min(only_a, only_b)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"only_dense": only_a, "only_method": only_b, "p_value": p}
+    return {f"only_{base}": only_a, "only_method": only_b, "p_value": p}
 
 
-def paired(dense: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
-    """Paired tests of a method against dense on the scenes both ran."""
+def paired(dense: list[dict[str, Any]], other: list[dict[str, Any]], base: str = "dense") -> dict[str, Any]:
+    """Paired tests of a method against dense (or another ``base`` run) on the scenes both ran."""
     by_seed = {r["seed"]: r for r in other}
     pairs = [(d, by_seed[d["seed"]]) for d in dense if d["seed"] in by_seed]
     return {
         "n_pairs": len(pairs),
         "chair_s_hallucinated_caption": sign_test([bool(d["hallucinated"]) for d, _ in pairs],
-                                                  [bool(o["hallucinated"]) for _, o in pairs]),
+                                                  [bool(o["hallucinated"]) for _, o in pairs], base),
         "pope_correct": sign_test([p["pred"] == p["answer"] for d, _ in pairs for p in d["pope"]],
-                                  [p["pred"] == p["answer"] for _, o in pairs for p in o["pope"]]),
+                                  [p["pred"] == p["answer"] for _, o in pairs for p in o["pope"]], base),
     }
 
 
@@ -250,6 +250,15 @@ def main(argv: list[str] | None = None) -> int:
                 "recall_change_points": 100 * (res["recall"] - dense["recall"]),
                 "pope_f1_change": res["pope_f1"] - dense["pope_f1"],
                 "latency_ratio": res["seconds_per_scene"] / dense["seconds_per_scene"],
+            }
+        pruner = method.split("+")[0]
+        if "+" in method and pruner in rows_by_method:  # the mitigator's own effect on the pruned model
+            base, res = results["methods"][pruner], results["methods"][method]
+            res["vs_pruner"] = {
+                **paired(rows_by_method[pruner], rows, base="pruner"),
+                "chair_s_relative_change": (res["chair_s"] - base["chair_s"]) / base["chair_s"] if base["chair_s"] else None,
+                "recall_change_points": 100 * (res["recall"] - base["recall"]),
+                "pope_f1_change": res["pope_f1"] - base["pope_f1"],
             }
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(method, json.dumps(results["methods"][method], indent=1), flush=True)
