@@ -198,7 +198,7 @@ class GIFTRuntime:
 
     @torch.no_grad()
     def _sample_saliency(self, attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         b: int, slots: "ks.LayerSlots") -> tuple[torch.Tensor, torch.Tensor]:
+                         b: int, slots: ks.LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt positions of the visual tokens this layer sees, their saliency) for sample ``b``.
 
         On a pruned layer the rows and columns are the layer's own slots: the question rows, the slot just

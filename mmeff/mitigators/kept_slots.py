@@ -22,16 +22,17 @@ if TYPE_CHECKING:  # pragma: no cover
 class LayerSlots:
     """The kept prompt positions of one layer (``plan`` in prompt coordinates; None: the whole prompt)."""
 
-    plan: "KeepPlan | None"
+    plan: KeepPlan | None
 
     @classmethod
-    def of(cls, adapter: Any, layer: int, prompt: Any) -> "LayerSlots":
+    def of(cls, adapter: Any, layer: int, prompt: Any) -> LayerSlots:
         slots = getattr(adapter, "prompt_slots", None)
         plan = slots(layer) if slots is not None and adapter.pruner is not None else None
         if plan is not None and plan.length != prompt.input_ids.shape[1]:
             raise IncompatibleFeatureError(
-                f"gift: the pruner's decision covers {plan.length} prompt tokens but this prompt has "
-                f"{prompt.input_ids.shape[1]}; run the prompt again without past_key_values"
+                f"gift: the pruner's decision covers {plan.length} prompt tokens but gift's prompt has "
+                f"{prompt.input_ids.shape[1]} (assisted-decoding drafts are not supported with a pruner); generate "
+                "without an assistant model, or apply gift alone"
             )
         return cls(plan)
 

@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import mmeff
 from transformers import AttentionInterface
 
+import mmeff
 from mmeff.mitigators import GIFT, VHR
 from mmeff.pruners import EntropyPrune
 from mmeff.zoo.load import load
