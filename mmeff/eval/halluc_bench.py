@@ -9,7 +9,9 @@ Per scene (:func:`mmeff.zoo.world.weak.weak_scene`, held-out test seeds): one ca
 greedy, ``caption_tokens`` tokens) scored with CHAIR, and two POPE-adversarial questions (an absent biased
 partner of a present trigger -> "no", a present shape -> "yes"). Every method runs the same scenes, so
 differences are paired: CHAIR_s and POPE accuracy get an exact sign (McNemar) test against dense.
-Results are appended per scene to ``<out>.jsonl`` and a rerun resumes from it.
+Results are appended per scene to ``<out>.<method>.jsonl`` and a rerun resumes from it. Scenes run ``--batch``
+at a time (captions in one left-padded ``generate``, their POPE questions in another); per-scene results equal
+batch 1, and per-scene seconds are the batch's seconds divided by its size.
 """
 from __future__ import annotations
 
@@ -45,18 +47,32 @@ def generate(model: Any, processor: Any, images: Sequence[Any], questions: Seque
 
 def run_scene(model: Any, processor: Any, seed: int, knobs: WeakKnobs, caption_tokens: int) -> dict[str, Any]:
     """Caption + POPE answers of one scene, with the seconds they took."""
-    scene = weak_scene(seed, knobs)
-    image = render_weak(scene, knobs)
+    return run_scenes(model, processor, [seed], knobs, caption_tokens)[0]
+
+
+def run_scenes(model: Any, processor: Any, seeds: Sequence[int], knobs: WeakKnobs,
+               caption_tokens: int) -> list[dict[str, Any]]:
+    """Captions + POPE answers of several scenes: all captions in one left-padded ``generate``, all their POPE
+    questions in another. Each row is what the scene gives alone (the hosts keep batch == single); the batch's
+    seconds are shared equally among its scenes (``caption_seconds`` / ``pope_seconds`` per scene)."""
+    scenes = [weak_scene(seed, knobs) for seed in seeds]
+    images = [render_weak(scene, knobs) for scene in scenes]
     t0 = time.perf_counter()
-    caption = generate(model, processor, [image], [CAPTION_PROMPT], caption_tokens)[0]
+    captions = generate(model, processor, images, [CAPTION_PROMPT] * len(images), caption_tokens)
     t1 = time.perf_counter()
-    pairs = pope_pairs(scene)
-    answers = generate(model, processor, [image] * len(pairs), [q for q, _ in pairs], 4)
+    pairs = [pope_pairs(scene) for scene in scenes]
+    flat = [(image, q) for image, scene_pairs in zip(images, pairs) for q, _ in scene_pairs]
+    answers = iter(generate(model, processor, [i for i, _ in flat], [q for _, q in flat], 4))
     t2 = time.perf_counter()
-    return {"seed": seed, "caption": caption, "hallucinated": [m.shape + (f"/{m.colour}" if m.colour else "")
-                                                                 for m in hallucinated(caption, scene)],
-            "pope": [{"q": q, "answer": a, "pred": p.strip().lower().rstrip(".")} for (q, a), p in zip(pairs, answers)],
-            "caption_seconds": t1 - t0, "pope_seconds": t2 - t1}
+    n = len(seeds)
+    rows = []
+    for seed, scene, caption, scene_pairs in zip(seeds, scenes, captions, pairs):
+        rows.append({"seed": seed, "caption": caption,
+                     "hallucinated": [m.shape + (f"/{m.colour}" if m.colour else "") for m in hallucinated(caption, scene)],
+                     "pope": [{"q": q, "answer": a, "pred": next(answers).strip().lower().rstrip(".")}
+                              for q, a in scene_pairs],
+                     "caption_seconds": (t1 - t0) / n, "pope_seconds": (t2 - t1) / n, "batch": n})
+    return rows
 
 
 def summarise(rows: list[dict[str, Any]], knobs: WeakKnobs) -> dict[str, Any]:
@@ -82,26 +98,26 @@ def summarise(rows: list[dict[str, Any]], knobs: WeakKnobs) -> dict[str, Any]:
     }
 
 
-def sign_test(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
+def sign_test(a: Sequence[bool], b: Sequence[bool], base: str = "dense") -> dict[str, Any]:
     """Exact two-sided McNemar (sign) test on paired binary outcomes: only discordant pairs count."""
     only_a = sum(x and not y for x, y in zip(a, b))
     only_b = sum(y and not x for x, y in zip(a, b))
     n = only_a + only_b
     k = min(only_a, only_b)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"only_dense": only_a, "only_method": only_b, "p_value": p}
+    return {f"only_{base}": only_a, "only_method": only_b, "p_value": p}
 
 
-def paired(dense: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
-    """Paired tests of a method against dense on the scenes both ran."""
+def paired(dense: list[dict[str, Any]], other: list[dict[str, Any]], base: str = "dense") -> dict[str, Any]:
+    """Paired tests of a method against dense (or another ``base`` run) on the scenes both ran."""
     by_seed = {r["seed"]: r for r in other}
     pairs = [(d, by_seed[d["seed"]]) for d in dense if d["seed"] in by_seed]
     return {
         "n_pairs": len(pairs),
         "chair_s_hallucinated_caption": sign_test([bool(d["hallucinated"]) for d, _ in pairs],
-                                                  [bool(o["hallucinated"]) for _, o in pairs]),
+                                                  [bool(o["hallucinated"]) for _, o in pairs], base),
         "pope_correct": sign_test([p["pred"] == p["answer"] for d, _ in pairs for p in d["pope"]],
-                                  [p["pred"] == p["answer"] for _, o in pairs for p in o["pope"]]),
+                                  [p["pred"] == p["answer"] for _, o in pairs for p in o["pope"]], base),
     }
 
 
@@ -150,24 +166,27 @@ def _load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def run_method(model: Any, processor: Any, method: str, seeds: Sequence[int], knobs: WeakKnobs,
-               caption_tokens: int, log: Path) -> list[dict[str, Any]]:
-    """Rows of ``method`` ("dense" or a spec, pruner+mitigator joined by '+') over ``seeds``, resuming from ``log``."""
+               caption_tokens: int, log: Path, batch: int = 1) -> list[dict[str, Any]]:
+    """Rows of ``method`` ("dense" or a spec, pruner+mitigator joined by '+') over ``seeds``, resuming from ``log``.
+
+    The scenes still to run go ``batch`` at a time (:func:`run_scenes`); each finished batch is appended to the log.
+    """
     import mmeff
 
     rows = [r for r in _load_rows(log) if r["seed"] in set(seeds)]
     done = {r["seed"] for r in rows}
+    todo = [s for s in seeds if s not in done]
     handle = None if method == "dense" else mmeff.apply(model, *method.split("+"))
     try:
         with log.open("a") as f:
-            for k, seed in enumerate(seeds):
-                if seed in done:
-                    continue
-                row = run_scene(model, processor, seed, knobs, caption_tokens)
-                rows.append(row)
-                f.write(json.dumps(row) + "\n")
+            for start in range(0, len(todo), max(1, batch)):
+                new = run_scenes(model, processor, todo[start:start + max(1, batch)], knobs, caption_tokens)
+                rows.extend(new)
+                for row in new:
+                    f.write(json.dumps(row) + "\n")
                 f.flush()
-                if (k + 1) % 50 == 0:
-                    print(f"  {method}: {k + 1}/{len(seeds)}", flush=True)
+                if (len(rows) // 50) != ((len(rows) - len(new)) // 50):
+                    print(f"  {method}: {len(rows)}/{len(seeds)}", flush=True)
     finally:
         if handle is not None:
             handle.remove()
@@ -191,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--occlude", type=float, default=WeakKnobs.occlude)
     p.add_argument("--small-prob", type=float, default=WeakKnobs.small_prob)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8,
+                   help="scenes captioned in one left-padded generate call (their POPE questions in another); each "
+                        "scene's result is the same as at batch 1, its seconds are the batch's divided by the batch size")
     p.add_argument("--out", required=True)
     p.add_argument("--latency", type=int, default=0, metavar="N",
                    help="also time the methods at a fixed caption length on N scenes, interleaved")
@@ -216,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             rows = [logged[method][s] for s in seeds]
         else:
-            rows = run_method(model, processor, method, seeds, knobs, args.caption_tokens, log)
+            rows = run_method(model, processor, method, seeds, knobs, args.caption_tokens, log, args.batch)
         rows_by_method[method] = rows
         results["methods"][method] = summarise(rows, knobs)
         if method != "dense" and "dense" in rows_by_method:
@@ -228,6 +250,15 @@ def main(argv: list[str] | None = None) -> int:
                 "recall_change_points": 100 * (res["recall"] - dense["recall"]),
                 "pope_f1_change": res["pope_f1"] - dense["pope_f1"],
                 "latency_ratio": res["seconds_per_scene"] / dense["seconds_per_scene"],
+            }
+        pruner = method.split("+")[0]
+        if "+" in method and pruner in rows_by_method:  # the mitigator's own effect on the pruned model
+            base, res = results["methods"][pruner], results["methods"][method]
+            res["vs_pruner"] = {
+                **paired(rows_by_method[pruner], rows, base="pruner"),
+                "chair_s_relative_change": (res["chair_s"] - base["chair_s"]) / base["chair_s"] if base["chair_s"] else None,
+                "recall_change_points": 100 * (res["recall"] - base["recall"]),
+                "pope_f1_change": res["pope_f1"] - base["pope_f1"],
             }
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(method, json.dumps(results["methods"][method], indent=1), flush=True)

@@ -881,6 +881,24 @@ class VLMAdapter:
                 out["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=pos - plan.dropped.view(-1, 1))
         return args, out
 
+    # ------------------------------------------------------------------ kept slots, for steering methods
+    def prompt_slots(self, layer: int) -> tp.KeepPlan | None:
+        """Which prompt positions fill the first slots of LLM layer ``layer``'s sequence (and KV cache), as a plan in
+        prompt coordinates (fillers on the left); the slots after them are the tokens after the prompt, in order.
+
+        None when the layer sees the whole prompt (no pruner, no decision yet, or a layer before every cut). Read
+        by a mitigator whose per-column tensors follow the prompt (GIFT); valid once the pruner has decided the
+        cuts up to ``layer``, i.e. inside that layer's forward.
+        """
+        st = self.state
+        if self.pruner is None or st.plan is None:
+            return None
+        plan = st.plan if self.has_pre else None
+        stage = self._stage_of[layer] if self.llm_cuts else -1
+        if 0 <= stage < len(st.cuts):
+            plan = tp.compose(plan, st.cuts[stage].plan)
+        return plan
+
     # ------------------------------------------------------------------ score computations
     def rotated_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE q [B,H,L,d] and k [B,H,L,d] (k repeated to H) of layer K-1, from captured projections."""

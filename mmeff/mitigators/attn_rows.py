@@ -21,10 +21,25 @@ def rotated(attn: torch.nn.Module, hidden: torch.Tensor, proj: torch.nn.Module, 
     norm = getattr(attn, "q_norm" if proj is attn.q_proj else "k_norm", None)
     if norm is not None:
         x = norm(x)
+    return _rope(attn)(x, x, cos, sin)[0]
+
+
+def rotated_pair(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` ``[B, H, n, d]`` and ``k`` ``[B, h_kv, n, d]`` of the same rows, RoPE applied in one call."""
+    bsz, n, _ = hidden.shape
+    q = attn.q_proj(hidden).view(bsz, n, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(hidden).view(bsz, n, -1, attn.head_dim).transpose(1, 2)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return _rope(attn)(q, k, cos, sin)
+
+
+def _rope(attn: torch.nn.Module) -> Any:
     rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
     if rope is None:
         raise UnsupportedModelError(f"cannot find apply_rotary_pos_emb next to {type(attn).__name__}")
-    return rope(x, x, cos, sin)[0]
+    return rope
 
 
 def cached_keys(past: Any, layer: int) -> torch.Tensor | None:
@@ -41,18 +56,34 @@ def cached_keys(past: Any, layer: int) -> torch.Tensor | None:
     return past.layers[layer].keys
 
 
-def last_rows_probs(attn: torch.nn.Module, kwargs: dict[str, Any], n_rows: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities ``[B, H, n, K]`` of the forward's last ``n_rows`` rows, allowed ``[B, 1|H, n, K]`` bool)."""
+def last_rows_probs(attn: torch.nn.Module, kwargs: dict[str, Any], n_rows: int,
+                    layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(probabilities ``[B, H, n, K]`` of the forward's last ``n_rows`` rows, allowed ``[B, 1|H, n, K]`` bool or None
+    when every key is allowed: a decode step without a mask).
+
+    Query heads are grouped onto their KV head (no repeated keys), and the cached keys and the forward's own keys
+    are scored separately (no copy of the cache): one step costs two small matmuls.
+    """
     hidden = kwargs["hidden_states"]
     cos, sin = kwargs["position_embeddings"]
-    q = rotated(attn, hidden[:, -n_rows:], attn.q_proj, cos[..., -n_rows:, :], sin[..., -n_rows:, :])
-    k = rotated(attn, hidden, attn.k_proj, cos, sin)
+    if n_rows == hidden.shape[1]:  # a decode step: q and k of the same rows, one RoPE call
+        q, k = rotated_pair(attn, hidden, cos, sin)
+    else:
+        q = rotated(attn, hidden[:, -n_rows:], attn.q_proj, cos[..., -n_rows:, :], sin[..., -n_rows:, :])
+        k = rotated(attn, hidden, attn.k_proj, cos, sin)
+    bsz, n_heads, n, d = q.shape
+    n_kv = k.shape[1]
+    qg = q.float().reshape(bsz, n_kv, (n_heads // n_kv) * n, d)                # query heads grouped on their KV head
+    logits = qg @ k.float().transpose(-1, -2)                                   # [B, h_kv, g * n, q_len]
     past = cached_keys(kwargs.get("past_key_values"), layer)
     if past is not None:
-        k = torch.cat([past.to(k.dtype), k], 2)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = torch.einsum("bhnd,bhkd->bhnk", q.float(), k.float()) * attn.scaling
-    allowed = allowed_rows(kwargs.get("attention_mask"), hidden.shape[1], k.shape[2], n_rows, hidden.device)
+        logits = torch.cat([qg @ past.float().transpose(-1, -2), logits], -1)
+    logits = logits.view(bsz, n_heads, n, -1) * attn.scaling
+    k_len = logits.shape[-1]
+    mask = kwargs.get("attention_mask")
+    if mask is None and n_rows == hidden.shape[1] == 1:
+        return logits.softmax(-1), None
+    allowed = allowed_rows(mask, hidden.shape[1], k_len, n_rows, hidden.device)
     probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
     return probs, allowed
 

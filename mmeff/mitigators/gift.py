@@ -14,6 +14,9 @@ without one, all text after the image. Informative words: :mod:`.query_words` (s
 else a documented stop-list tagger); no informative word -> all question tokens; no tokenizer -> all
 question tokens (reported). This single-pass form needs every enhancement layer after the saliency layers
 (the official Qwen2-VL config, saliency 14 / enhancement 5-18, needs a second prefill and is refused).
+
+With a pruner, every layer's rows and columns are that layer's kept slots (:mod:`.kept_slots`, from the host's
+``prompt_slots``): saliency over the surviving visual tokens, the bias gathered onto each enhancement layer's cache.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from ..core.config import require
-from ..core.errors import ConfigError, IncompatibleFeatureError
+from ..core.errors import IncompatibleFeatureError
 from ..core.hooks import HookSet
 from ..core.registry import register_method
 from . import attn_rows as ar
 from . import gift_math as gm
+from . import kept_slots as ks
 from . import prompt_track as pt
 from .base import MitigatorConfig
 from .query_words import informative_tokens, tagger_name
@@ -72,11 +76,6 @@ class GIFT(MitigatorConfig):
         return tuple(sorted(set(sal))), tuple(sorted(set(enh)))
 
     def install(self, adapter: "VLMAdapter", hooks: HookSet) -> "GIFTRuntime":
-        if adapter.pruner is not None:
-            raise ConfigError(
-                f"gift cannot be combined with a pruner ({adapter.pruner.name}) yet: its bias columns follow the "
-                "unpruned sequence; combine the pruner with vhr, or apply gift alone"
-            )
         sal, enh = self.resolve(adapter.n_layers)
         runtime = GIFTRuntime(self, adapter, sal, enh)
         runtime.install(hooks)
@@ -110,10 +109,12 @@ class GIFTRuntime:
         self.visual: list[torch.Tensor] = []         # per sample: prompt positions of the image tokens
         self.query: list[torch.Tensor] = []          # per sample: prompt positions of the question tokens
         self.informative: list[torch.Tensor] = []    # per sample: bool per question token
-        self.shifts: list[list[torch.Tensor]] = []   # per sample: per saliency layer [V] saliency
+        self.shifts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per sample, per saliency layer:
+        #                                              (prompt positions of the visual tokens it saw [V'], saliency [V'])
         self.log_w: torch.Tensor | None = None       # [B, prompt_len] log weight per prompt position
         self.visual_cols: torch.Tensor | None = None  # [B, prompt_len] bool
         self.query_cols: torch.Tensor | None = None   # [B, prompt_len] bool
+        self.layer_cols: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> column table, log w, query over its slots
         self.forward_len = 0
         self.prompts = 0
         self.fallbacks = 0
@@ -186,35 +187,45 @@ class GIFTRuntime:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             cos, sin = kwargs["position_embeddings"]
+            slots = ks.LayerSlots.of(self.adapter, layer, self.prompt)
             for b in range(hidden.shape[0]):
                 self.shifts[b].append(self._sample_saliency(module, hidden[b:b + 1], cos[b:b + 1] if cos.shape[0] > 1 else cos,
-                                                            sin[b:b + 1] if sin.shape[0] > 1 else sin, b))
+                                                            sin[b:b + 1] if sin.shape[0] > 1 else sin, b, slots))
             if layer == self.saliency_layers[-1]:
-                self._finish_weights(hidden.shape[1], hidden.device)
+                self._finish_weights(self.prompt.input_ids.shape[1], hidden.device)
             return None
         return hook
 
     @torch.no_grad()
     def _sample_saliency(self, attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         b: int) -> torch.Tensor:
-        q_pos, vis = self.query[b], self.visual[b]
-        if q_pos.numel() == 0:
-            return torch.zeros(vis.numel(), device=hidden.device)
-        rows = torch.cat([q_pos[:1] - 1, q_pos])
+                         b: int, slots: ks.LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt positions of the visual tokens this layer sees, their saliency) for sample ``b``.
+
+        On a pruned layer the rows and columns are the layer's own slots: the question rows, the slot just
+        before the first of them, and the surviving visual tokens (GIFT on the kept sequence).
+        """
+        vis_pos, vis = slots.visual(b, self.visual[b])
+        if self.query[b].numel() == 0:
+            return vis_pos, torch.zeros(vis.numel(), device=hidden.device)
+        q_slots = slots.rows(b, self.query[b])
+        rows = torch.cat([q_slots[:1] - 1, q_slots])
         q = ar.rotated(attn, hidden[:, rows], attn.q_proj, cos[..., rows, :], sin[..., rows, :])
         k = ar.rotated(attn, hidden, attn.k_proj, cos, sin)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         logits = torch.einsum("hrd,hkd->hrk", q[0].float(), k[0].float()) * attn.scaling
         cols = torch.arange(hidden.shape[1], device=hidden.device)
         allowed = cols[None, :] <= rows[:, None]
-        if self.prompt.attn2d is not None:
-            allowed = allowed & self.prompt.attn2d[b].bool()[None, :]
+        valid = slots.valid(b, self.prompt.attn2d, hidden.shape[1])
+        if valid is not None:
+            allowed = allowed & valid[None, :]
         probs = logits.masked_fill(~allowed[None], float("-inf")).softmax(-1)
         shift = gm.gaze_shift(probs[:, :, vis], self.informative[b])
-        return gm.layer_saliency(shift)
+        return vis_pos, gm.layer_saliency(shift)
 
     @torch.no_grad()
     def _finish_weights(self, length: int, device: torch.device) -> None:
+        """Per-prompt-position weights from the saliency layers; with a pruner, only the visual tokens that
+        survive up to the last saliency layer get a weight (an earlier layer's saliency is read at those tokens)."""
         bsz = len(self.shifts)
         self.log_w = torch.zeros(bsz, length, device=device)
         self.visual_cols = torch.zeros(bsz, length, dtype=torch.bool, device=device)
@@ -222,11 +233,14 @@ class GIFTRuntime:
         for b in range(bsz):
             if not bool(self.informative[b].any()):
                 self.fallbacks += 1
-            s = torch.stack(self.shifts[b]).mean(0)
-            w = gm.visual_weights(s, self.config.alpha) if self.query[b].numel() else torch.ones_like(s)
-            self.log_w[b, self.visual[b]] = w.log()
-            self.visual_cols[b, self.visual[b]] = True
+            kept = self.shifts[b][-1][0]
+            s = torch.stack([v if pos.numel() == kept.numel() else v[torch.searchsorted(pos, kept)]
+                             for pos, v in self.shifts[b]]).mean(0)
+            w = gm.visual_weights(s, self.config.alpha) if self.query[b].numel() and s.numel() else torch.ones_like(s)
+            self.log_w[b, kept] = w.log()
+            self.visual_cols[b, kept] = True
             self.query_cols[b, self.query[b]] = True
+        self.layer_cols = {}
 
     # ------------------------------------------------------------------ enhancement (rows predicting tokens)
     def _rows_to_steer(self, q_len: int) -> int:
@@ -254,21 +268,38 @@ class GIFTRuntime:
             with torch.no_grad():  # the bias is a constant of the forward, like a mask
                 probs, allowed = ar.last_rows_probs(module, kwargs, n, layer)
                 k_len = probs.shape[-1]
-                log_w, vis, query = (self._columns(t, k_len) for t in (self.log_w, self.visual_cols, self.query_cols))
-                bias = gm.enhancement_bias(probs, log_w, vis, query).masked_fill(~allowed, 0.0)
-            mask = ar.full_float_mask(kwargs.get("attention_mask"), q_len, k_len, hidden.dtype, hidden.device)
-            mask = mask.expand(hidden.shape[0], probs.shape[1], q_len, k_len).clone()
-            mask[:, :, q_len - n:, :] += bias.to(mask.dtype)
+                table, log_w, query = self._columns(layer, k_len)
+                bias = gm.enhancement_bias(probs, log_w, None, query, table=table).to(hidden.dtype)
+                if n == q_len:  # every row of the forward is steered (a decode step): the mask is the bias itself
+                    mask = bias if allowed is None else bias.masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+                else:
+                    if allowed is not None:
+                        bias = bias.masked_fill(~allowed, 0.0)
+                    mask = ar.full_float_mask(kwargs.get("attention_mask"), q_len, k_len, hidden.dtype, hidden.device)
+                    mask = mask.expand(hidden.shape[0], probs.shape[1], q_len, k_len).clone()
+                    mask[:, :, q_len - n:, :] += bias
             out = dict(kwargs)
             out["attention_mask"] = mask
             return (), out
         return hook
 
-    def _columns(self, t: torch.Tensor, k_len: int) -> torch.Tensor:
-        """A per-prompt-position tensor over ``k_len`` key columns (generated tokens: zero / False)."""
-        if t.shape[1] >= k_len:
-            return t[:, :k_len]
-        return torch.cat([t, t.new_zeros(t.shape[0], k_len - t.shape[1])], 1)
+    def _columns(self, layer: int, k_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(:func:`gift_math.column_table`, ``log w``, question flags) over the layer's ``k_len`` key columns.
+
+        The prompt part follows the layer's kept slots (:meth:`VLMAdapter.prompt_slots`): dropped visual tokens
+        have no column, fillers get none of the flags; generated tokens get 0 / False. Built once per prompt and
+        layer, with room for later tokens, so a decode step only slices.
+        """
+        cols = self.layer_cols.get(layer)
+        if cols is None or cols[0].shape[1] < k_len:
+            plan = ks.LayerSlots.of(self.adapter, layer, self.prompt).plan
+            log_w, vis, query = self.log_w, self.visual_cols, self.query_cols
+            if plan is not None:
+                log_w, vis, query = (t.gather(1, plan.index).masked_fill(plan.filler, 0) for t in (log_w, vis, query))
+            width = max(k_len, log_w.shape[1]) + max(64, k_len // 2)
+            log_w, vis, query = (torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], 1) for t in (log_w, vis, query))
+            cols = self.layer_cols[layer] = (gm.column_table(log_w, vis, query), log_w, query)
+        return cols[0][:, :k_len], cols[1][:, :k_len], cols[2][:, :k_len]
 
     def report(self) -> dict[str, Any]:
         return {"mitigator": "gift", "alpha": self.config.alpha, "saliency_layers": list(self.saliency_layers),

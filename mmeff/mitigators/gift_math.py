@@ -42,25 +42,35 @@ def visual_weights(saliency: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.exp(alpha * s)
 
 
-def enhancement_bias(probs: torch.Tensor, log_w: torch.Tensor, visual: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+def column_table(log_w: torch.Tensor, visual: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``[B, K, 3]``: per key column the visual flag, the question flag and ``w`` on the visual columns (0 elsewhere).
+
+    GIFT's per-column constants, built once per prompt and layer, so one matmul gives every row's visual mass,
+    question mass and weighted visual mass."""
+    visf = visual.to(log_w.dtype)
+    return torch.stack([visf, query.to(log_w.dtype), log_w.exp() * visf], -1)
+
+
+def enhancement_bias(probs: torch.Tensor, log_w: torch.Tensor, visual: torch.Tensor | None, query: torch.Tensor,
+                     table: torch.Tensor | None = None) -> torch.Tensor:
     """Additive logit bias ``[B, H, R, K]`` for attention rows ``probs [B, H, R, K]``.
 
     ``log_w [B, K]``: log visual weight per key column (0 off the visual columns); ``visual`` / ``query``
-    ``[B, K]`` bool: the image's and the question's columns. Equal to GIFT's multiply-and-renormalise rule after the softmax.
+    ``[B, K]`` bool: the image's and the question's columns; ``table``: :func:`column_table` of them when already
+    built (then ``visual`` is not read). Equal to GIFT's multiply-and-renormalise rule after the softmax.
     """
     n_heads = probs.shape[1]
     k = max(1, n_heads // 2)
-    w = log_w.exp()[:, None, None, :]
-    vis_mass = (probs * visual[:, None, None, :]).sum(-1)                        # [B, H, R]
-    heavy_v = _top_heads(vis_mass, k)                                             # [B, H, R] bool
-    sel = probs * heavy_v[..., None] * visual[:, None, None, :]
-    num, den = (sel * w).sum((1, 3)), sel.sum((1, 3))                            # [B, R]
-    r = torch.where(den > 0, num / den.clamp_min(torch.finfo(probs.dtype).tiny), torch.ones_like(den))
-    q_mass = (probs * query[:, None, None, :]).sum(-1)
-    heavy_t = _top_heads(q_mass, k)
+    if table is None:
+        table = column_table(log_w, visual, query)
+    mass = probs @ table[:, None].to(probs.dtype)                                 # [B, H, R, 3]: visual, question, w-visual
+    heavy_v = _top_heads(mass[..., 0], k)                                         # [B, H, R] bool
+    sums = (mass * heavy_v[..., None]).sum(1)                                     # [B, R, 3]: sums over H_V and v
+    den = sums[..., 0]
+    r = torch.where(den > 0, sums[..., 2] / den, 1.0)                            # no visual mass: r = 1
+    heavy_t = _top_heads(mass[..., 1], k)
     bias = heavy_v[..., None] * log_w[:, None, None, :]
-    bias = bias + heavy_t[..., None] * query[:, None, None, :] * r.log()[:, None, :, None]
-    return bias
+    return bias + (heavy_t[..., None] * query[:, None, None, :]) * r.log()[:, None, :, None]
 
 
 def _top_heads(mass: torch.Tensor, k: int) -> torch.Tensor:

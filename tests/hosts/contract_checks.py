@@ -8,13 +8,21 @@ import mmeff
 from .conftest import generate, inputs_for
 
 
+def _methods(method) -> list:
+    """One method, or several applied together (a list: a pruner and a mitigator)."""
+    return list(method) if isinstance(method, (list, tuple)) else [method]
+
+
 def uncached_reference(model, inputs, method, n_new: int):
     """Greedy decoding that re-runs the whole prefix every step (no cache) under the same decision."""
     seq, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     tt = inputs.get("mm_token_type_ids")
     logits_all = []
-    with mmeff.apply(model, method):
+    eos_ids = model.generation_config.eos_token_id
+    eos = torch.zeros(model.config.get_text_config().vocab_size, dtype=torch.bool)
+    eos[[eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])] = True
+    with mmeff.apply(model, *_methods(method)):
         for _ in range(n_new):
             kw = dict(extra)
             if tt is not None:
@@ -24,7 +32,7 @@ def uncached_reference(model, inputs, method, n_new: int):
             out = model(input_ids=seq, attention_mask=mask, use_cache=False, **kw)
             step = out.logits[:, -1]
             logits_all.append(step)
-            nxt = step.argmax(-1, keepdim=True)
+            nxt = step.masked_fill(eos, float("-inf")).argmax(-1, keepdim=True)  # as generate(min_new_tokens=n)
             seq = torch.cat([seq, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     return seq, torch.stack(logits_all, 1)
@@ -56,7 +64,7 @@ def take_sample(batch, i, model):
 def assert_batch_equals_single(model, method, *, n: int = 3, atol: float = 5e-5, rtol: float = 1e-4) -> None:
     """A left-padded batch of ``n`` different images decodes as each sample does alone, under ``method``."""
     batch = inputs_for(model, n=n)
-    with mmeff.apply(model, method):
+    with mmeff.apply(model, *_methods(method)):
         tokens, logits = generate(model, batch)
         for i in range(n):
             one = take_sample(inputs_for(model, n=n), i, model)  # same images, sample i without padding
@@ -71,7 +79,7 @@ def assert_cached_equals_slow_twin(model, inputs, method, n_new: int, *, atol: f
     """Cached greedy generation equals re-running the whole prefix every step under the same decision.
 
     Returns the cached run's (tokens, per-step logits) for further checks."""
-    with mmeff.apply(model, method):
+    with mmeff.apply(model, *_methods(method)):
         tokens, logits = generate(model, inputs, n=n_new)
     ref_tokens, ref_logits = uncached_reference(model, inputs, method, n_new)
     assert torch.equal(tokens, ref_tokens)

@@ -95,3 +95,50 @@ def test_clear_errors_and_nothing_half_applied(vlm):
         with pytest.raises(IncompatibleFeatureError, match="left padding"):
             model(**right)
 
+
+
+# ---------------------------------------------------------------------------------------------- GIFT with a pruner
+COMPOSED = ["entropyprune:keep=12,layer=1", "fastv:keep=8,layer=2", "random:keep=12"]
+# cut at the saliency layer (1 of 4), cut between saliency and enhancement (weights mapped), pre-LLM
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", COMPOSED)
+def test_pruner_plus_gift_batch_with_padding_equals_each_sample_alone(vlm, family, spec):
+    model = vlm(family)
+    assert_batch_equals_single(model, [spec, GIFT(alpha=5.0)])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("spec", COMPOSED)
+def test_pruner_plus_gift_cached_equals_slow_twin(vlm, family, spec):
+    model = vlm(family)
+    inputs = inputs_for(model, n=2)
+    methods = [spec, GIFT(alpha=5.0)]
+    with mmeff.apply(model, *methods):  
+        tokens, logits = generate(model, inputs, n=5)
+    ref_tokens, ref_logits = uncached_reference(model, inputs, methods, 5)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("spec", COMPOSED)
+def test_pruner_plus_gift_no_op_is_the_pruner_and_remove_restores(vlm, family, spec):
+    model = vlm(family)
+    inputs = inputs_for(model, n=2)
+    dense = generate(model, inputs)
+    with mmeff.apply(model, spec):
+        pruned = generate(model, inputs)
+    with mmeff.apply(model, spec, GIFT(alpha=0.0)):
+        no_op = generate(model, inputs)
+    assert torch.equal(no_op[0], pruned[0]) and torch.equal(no_op[1], pruned[1])
+    handle = mmeff.apply(model, spec, GIFT(alpha=5.0))
+    try:
+        steered = generate(model, inputs)
+    finally:
+        handle.remove()
+    assert not torch.allclose(steered[1], pruned[1], atol=1e-3)  # it does something on the pruned model
+    assert n_hooks(model) == 0
+    after = generate(model, inputs)
+    assert torch.equal(after[0], dense[0]) and torch.equal(after[1], dense[1])
