@@ -129,6 +129,7 @@ def test_calibrate_refuses_an_unwritable_out_before_loading(capsys):
 def test_info_lists_every_zoo_model(capsys):
     assert main(["info", "--json"]) == 0
     zoo = json.loads(capsys.readouterr().out)["zoo_models"]
-    assert set(zoo) == {"tiny-llava", "tiny-qwen2-vl", "tiny-sd3", "tiny-wan", "tiny-clip-judge"}
+    assert set(zoo) == {"tiny-llava", "tiny-qwen2-vl", "tiny-llava-tokendrop", "tiny-qwen2-vl-tokendrop", "tiny-sd3",
+                        "tiny-wan", "tiny-clip-judge"}
     assert {z["kind"] for z in zoo.values()} == {"vlm", "image pipeline", "video pipeline", "judge"}
     assert all(Path(z["path"]).is_dir() and z["built"] for z in zoo.values())
