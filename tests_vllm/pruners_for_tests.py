@@ -12,13 +12,20 @@ from mmeff.pruners.base import PrunerConfig, ScoreView, Stage
 
 @dataclasses.dataclass(frozen=True)
 class FeatureNorm(PrunerConfig):
-    """Keeps the image tokens whose projected features have the largest L2 norm (deterministic, pre-LLM)."""
+    """Keeps the image tokens whose projected features have the largest L2 norm (deterministic, pre-LLM).
+
+    Flat background patches give identical features, so many norms tie exactly, and vLLM's and transformers'
+    features differ in the last bits: a raw-norm ranking then picks different background tokens in the two
+    engines. The norm is rounded to 0.01 and ties go to the lower index, so both engines keep the same tokens
+    (the score is an exact float32 integer, rounded norm x N - index, for norms below 2^24 / (100 N))."""
 
     name: ClassVar[str] = "test_featnorm"
     stage: ClassVar[Stage] = "pre_llm"
 
     def score(self, view: ScoreView) -> torch.Tensor:
-        return view.features().float().norm(dim=-1)
+        norm = view.features().double().norm(dim=-1)
+        index = torch.arange(norm.numel(), dtype=torch.float64, device=norm.device)
+        return (torch.round(norm * 100) * norm.numel() - index).float()
 
 
 @dataclasses.dataclass(frozen=True)
