@@ -26,7 +26,11 @@ def test_lineage_names_the_parent_and_a_score_free_augmentation(child):
     assert ZOO_MODELS[child] == ZOO_MODELS[parent]
     info = training_info(child)
     assert info is not None and info["trained"] and info["shipped_as"] == child
-    assert info["model"] == parent and info["initialised_from"]["path"].rstrip("/").endswith(parent)
+    chain, step = [], info
+    while "initialised_from" in step:  # the fine-tune's lineage, back to the parent it started from
+        step = step["initialised_from"]
+        chain.append(str(step.get("path", "")).rstrip("/"))
+    assert info["model"] == parent and any(p.endswith(f"models/{parent}") for p in chain), chain
     drop = info["token_drop"]
     assert drop["pattern_names"] == ["uniform", "blocks", "objects"] and min(drop["patterns"]) > 0
     assert "no pruner score" in drop["mechanism"]
@@ -43,10 +47,10 @@ def test_dense_accuracy_within_one_point_of_the_parent(child):
     assert drop <= 0.01, f"{child}: dense accuracy {drop:.4f} below {ZOO_PARENTS[child]}"
 
 
-@pytest.mark.parametrize("name,floor", [("tiny-llava-tokendrop", 0.33)])
+@pytest.mark.parametrize("name,floor", [("tiny-llava-tokendrop", 0.40)])
 def test_counting_survives_an_in_llm_cut(name, floor):
     """The failure that motivated the bed: after an in-LLM cut the parent tiny-llava counts at 11/45 on these
-    questions (FastV keeping 96 tokens after layer 2; dense about 0.95). The test bed (17/45 on 2026-12-02) must stay clearly above that."""
+    questions (FastV keeping 96 tokens after layer 2; dense about 0.95). The test bed (23/45 on 2026-12-02) must stay clearly above that."""
     model, processor = load(name)
     rows = build_split("test", 30, families=["count"], per_family=1)
     processor.tokenizer.padding_side = "left"
