@@ -170,10 +170,8 @@ def test_pruner_plus_gift_equals_pruner_then_plain_gift(name, pruner):
     assert (pruned_logits - ref_logits).abs().max() > 1e-3  # the oracle really steers the pruned model
 
 
-def test_cut_between_saliency_and_enhancement_carries_the_kept_weights():
-    """Saliency on the full sequence (layer 4), a FastV cut at layer 5, enhancement on 5-8: each surviving visual
-    token keeps the weight it got at the saliency layer (the saliency map read through the kept index)."""
-    name, pruner = "tiny-llava", "fastv:keep=48,layer=5"
+def _pruned_layout(name: str, pruner: str):
+    """The zoo model, the question's inputs and layout, and where the pruner's kept tokens sit in the pruned sequence."""
     model, processor = load(name)
     inputs = _inputs(processor, QUESTION)
     length, vis, query, informative = _layout(model, processor, inputs)
@@ -181,6 +179,14 @@ def test_cut_between_saliency_and_enhancement_carries_the_kept_weights():
         _greedy(model, inputs)
         kept_index = handle.report()["kept_visual_index"][0]
     k_vis, k_query = _kept_coordinates(length, vis, kept_index, query)
+    return model, inputs, vis, query, informative, kept_index, k_vis, k_query
+
+
+def test_cut_between_saliency_and_enhancement_carries_the_kept_weights():
+    """Saliency on the full sequence (layer 4), a FastV cut at layer 5, enhancement on 5-8: each surviving visual
+    token keeps the weight it got at the saliency layer (the saliency map read through the kept index)."""
+    name, pruner = "tiny-llava", "fastv:keep=48,layer=5"
+    model, inputs, vis, query, informative, kept_index, k_vis, k_query = _pruned_layout(name, pruner)
     config = GIFT(alpha=5.0, saliency_layers=(4,), layers=(5, 6, 7, 8))
     oracle = _MappedGiftOracle(type(model.model.language_model.layers[0].self_attn), 4, {5, 6, 7, 8}, 5.0, vis, query,
                                informative, enh_vis=k_vis, enh_query=k_query, carried=kept_index)
@@ -198,13 +204,7 @@ def test_saliency_layers_on_both_sides_of_a_cut():
     """Saliency at layers 3 (full sequence) and 5 (after a FastV cut at 4): layer 3's saliency is read at the tokens
     that survive, averaged with layer 5's; enhancement on 6-8 over the kept columns."""
     name, pruner = "tiny-llava", "fastv:keep=48,layer=4"
-    model, processor = load(name)
-    inputs = _inputs(processor, QUESTION)
-    length, vis, query, informative = _layout(model, processor, inputs)
-    with mmeff.apply(model, pruner) as handle:
-        _greedy(model, inputs)
-        kept_index = handle.report()["kept_visual_index"][0]
-    k_vis, k_query = _kept_coordinates(length, vis, kept_index, query)
+    model, inputs, vis, query, informative, kept_index, k_vis, k_query = _pruned_layout(name, pruner)
     oracle = _TwoSaliencyOracle(type(model.model.language_model.layers[0].self_attn), _AnyOf({3, 5}), {6, 7, 8}, 5.0,
                                 vis, query, informative, enh_vis=k_vis, enh_query=k_query, carried=kept_index)
     AttentionInterface.register("mmeff_gift_oracle_two", oracle.attention)
