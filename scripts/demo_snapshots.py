@@ -28,11 +28,24 @@ PAD = 4
 TEXT_H = 30
 
 
-def scenes_for(n: int) -> list[Any]:
-    """The tabs' default scene (seed 5) and ``n - 1`` held-out test scenes."""
-    from mmeff.zoo.world import build_scenes, generate_scene
+def scenes_for(model: str, n: int) -> tuple[str, list[Any]]:
+    """``model``'s prompt family, the tab's default scene (seed 5) and ``n - 1`` held-out test scenes of it."""
+    from mmeff.zoo.load_pipeline import MODELS_DIR
+    from mmeff.zoo.prompt_family import folder_family, held_out_scenes, scene_of_seed
 
-    return [generate_scene(5), *build_scenes("test", max(0, n - 1))]
+    family = folder_family(MODELS_DIR / model)
+    return family, [scene_of_seed(family, 5), *held_out_scenes(family, "test", max(0, n - 1))]
+
+
+def video_prompt_and_frames(family: str, scene: Any, frames: int = 13) -> tuple[str, list[Any]]:
+    """The video tab's prompt for ``scene`` and the world's own rendering of it (64 px)."""
+    from mmeff.zoo.world import make_prompt, render, render_video
+    from mmeff.zoo.world.layout import layout_video_scenes, make_layout_prompt
+
+    if family == "layout":
+        per_frame, dirs = layout_video_scenes(scene, frames)
+        return make_layout_prompt(scene, dirs), [render(f, size=64) for f in per_frame]
+    return make_prompt(scene), render_video(scene, frames, seed=scene.seed, size=64)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -75,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     from mmeff.demo import app
     from mmeff.demo.diffusion_compare import DEFAULT_GUIDANCE, DEFAULT_VIDEO
     from mmeff.eval.guidance_eval import versions
-    from mmeff.zoo.world import make_prompt, render, render_video
+    from mmeff.zoo.prompt_family import prompt_of
+    from mmeff.zoo.world import render
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
@@ -85,32 +99,36 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    scenes = scenes_for(a.prompts)
+    g_family, g_scenes = scenes_for("tiny-sd3", a.prompts)
+    v_family, v_scenes = scenes_for("tiny-wan", a.prompts)
     g_rows, v_rows, record = [], [], []
-    for sc in scenes:
-        prompt, seed = make_prompt(sc), sc.seed
+    for sc, vsc in zip(g_scenes, v_scenes):
+        prompt, seed = prompt_of(g_family, sc), sc.seed
         base, guided, g_info = app.on_guidance_run(prompt, seed, DEFAULT_GUIDANCE, a.steps)
         if base is None:
             raise RuntimeError(f"the guidance tab failed: {g_info}")
         g_rows.append({"prompt": prompt, "cells": [render(sc, size=64), base, guided], "info": g_info})
-        dense, sparse, v_info = app.on_video_run(prompt, seed, DEFAULT_VIDEO, a.steps)
+        v_prompt, frames = video_prompt_and_frames(v_family, vsc)
+        dense, sparse, v_info = app.on_video_run(v_prompt, vsc.seed, DEFAULT_VIDEO, a.steps)
         if not dense:
             raise RuntimeError(f"the video tab failed: {v_info}")
-        frames = render_video(sc, 13, seed=sc.seed, size=64)
         picks = np.linspace(0, 12, num=len(dense)).round().astype(int)
-        v_rows.append({"prompt": prompt, "cells": [frames[int(picks[0])], *dense, *sparse], "info": v_info})
-        record.append({"prompt": prompt, "seed": seed, "guidance_info": g_info, "video_info": v_info,
-                       "video_frames_shown": picks.tolist()})
-        print(f"{prompt}\n  {g_info}\n  {v_info}", flush=True)
+        v_rows.append({"prompt": v_prompt, "cells": [frames[int(p)] for p in picks] + [*dense, *sparse],
+                       "info": v_info})
+        record.append({"prompt": prompt, "seed": seed, "guidance_info": g_info, "video_prompt": v_prompt,
+                       "video_seed": vsc.seed, "video_info": v_info, "video_frames_shown": picks.tolist()})
+        print(f"{prompt}\n  {g_info}\n{v_prompt}\n  {v_info}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     g_path, v_path = a.out / "demo-diffusion-tab.png", a.out / "demo-video-tab.png"
     sheet(f"Demo tab 'Perturbation guidance (tiny-sd3)': {DEFAULT_GUIDANCE}, {a.steps} steps", g_rows,
           ["render (truth)", "CFG", "CFG + method"]).save(g_path)
-    n = len(v_rows[0]["cells"]) // 2
+    n = len(v_rows[0]["cells"]) // 3
     sheet(f"Demo tab 'Video sparse attention (tiny-wan)': {DEFAULT_VIDEO}, {a.steps} steps", v_rows,
-          ["render frame 0", *[f"dense {i}" for i in range(n)], *[f"sparse {i}" for i in range(n)]]).save(v_path)
+          [*[f"render {i}" for i in range(n)], *[f"dense {i}" for i in range(n)],
+           *[f"sparse {i}" for i in range(n)]]).save(v_path)
     doc = {"format": "mmeff.demo_snapshots/1",
            "config": {"prompts": a.prompts, "steps": a.steps, "threads": a.threads, "guidance": DEFAULT_GUIDANCE,
+                      "prompt_families": {"tiny-sd3": g_family, "tiny-wan": v_family},
                       "video": DEFAULT_VIDEO, "callbacks": ["mmeff.demo.app.on_guidance_run",
                                                             "mmeff.demo.app.on_video_run"]},
            "versions": versions(), "seconds": round(time.time() - t0, 1), "rows": record,

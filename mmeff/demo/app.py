@@ -105,10 +105,13 @@ def on_halluc_run(model_name: str, method: str, seed: float) -> tuple[Any, str]:
     return r.image, r.markdown()
 
 
-def default_prompt(seed: int = 5) -> str:
-    from ..zoo.world import generate_scene, make_prompt
+def default_prompt(model: str = "tiny-sd3", seed: int = 5) -> str:
+    """The tab's first prompt: scene ``seed`` in the prompt family ``model`` was trained on."""
+    from ..zoo.load_pipeline import MODELS_DIR
+    from ..zoo.prompt_family import folder_family, prompt_of, scene_of_seed
 
-    return make_prompt(generate_scene(seed))
+    family = folder_family(MODELS_DIR / model)
+    return prompt_of(family, scene_of_seed(family, seed))
 
 
 def build_app() -> Any:
@@ -160,7 +163,7 @@ def build_app() -> Any:
             g_info = gr.Markdown()
             g_run.click(on_guidance_run, [prompt, g_seed, g_method, g_steps], [g_base, g_guided, g_info])
         with gr.Tab("Video sparse attention (tiny-wan)"):
-            v_prompt = gr.Textbox(default_prompt(), label="prompt")
+            v_prompt = gr.Textbox(default_prompt("tiny-wan"), label="prompt")
             with gr.Row():
                 v_seed = gr.Number(5, precision=0, label="seed")
                 v_method = gr.Dropdown(list(VIDEO_CHOICES), value=DEFAULT_VIDEO, allow_custom_value=True,

@@ -8,8 +8,10 @@
    (clip / 100 + presence), higher is better; SoftPAG with ``--search-u`` and CFG on (so the heads are chosen
    for the setting they are deployed in). ``--keep best`` (default) deploys the heads after the round whose
    composed selection scored best on the search set. The search state is saved next to the output and resumes.
-2. **Evaluation** on ``--n-test`` *test*-split scenes (prompt = ``make_prompt(scene)``, generator seed = scene
-   seed), same seeds for every method:
+2. **Evaluation** on ``--n-test`` *test*-split scenes (generator seed = scene seed), same seeds for every
+   method. Scenes and prompts are of the pipeline's prompt family (:mod:`mmeff.zoo.prompt_family`): a layout
+   tiny-sd3 draws layout prompts, which name each object's cell. The judge was trained on world prompts, so it
+   always scores the scene's ``make_prompt`` (the same objects without positions):
 
    - ``cfg``: the stock pipeline, ``guidance_scale=--cfg`` (every other row adds a perturbed branch to it);
    - ``cfg+pag``: diffusers' PAG, ``SoftPAG(layers=(1,), u=1, mode="image_identity")``: every head of block 1
@@ -74,6 +76,17 @@ def make_objective(judge: Any, name: str) -> Any:
     return objective
 
 
+def judged_on(objective: Any, judge_texts: dict[str, str]) -> Any:
+    """``objective`` scoring the judge's text for each generation prompt (``judge_texts``; unknown prompts are
+    scored as they are). The judge reads world prompts, not layout prompts' position words."""
+
+    def wrapped(images: Any, prompts: list[str]) -> list[float]:
+        return objective(images, [judge_texts.get(p, p) for p in prompts])
+
+    wrapped.__name__ = getattr(objective, "__name__", "objective")
+    return wrapped
+
+
 def paired_differences(method: dict[str, list[float]], base: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """Mean per-prompt difference (method - base) of every metric, its standard error and t = mean / se
     (same prompts and seeds on both sides, so the pairing removes the prompt-to-prompt spread)."""
@@ -85,10 +98,10 @@ def paired_differences(method: dict[str, list[float]], base: dict[str, list[floa
     return out
 
 
-def scenes_of(split: str, n: int, offset: int = 0) -> list[Any]:
-    from ..zoo.world import build_scenes
+def scenes_of(split: str, n: int, offset: int = 0, family: str = "world") -> list[Any]:
+    from ..zoo.prompt_family import held_out_scenes
 
-    return build_scenes(split, n, offset)
+    return held_out_scenes(family, split, n, offset)
 
 
 def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], config: Any, call_kwargs: dict[str, Any],
@@ -165,6 +178,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
     from ..guidance import HeadHunter, SoftPAG
     from ..zoo.judge import Judge
     from ..zoo.load_pipeline import load_pipeline
+    from ..zoo.prompt_family import pipeline_family, prompt_of
     from ..zoo.world import make_prompt
     from .t2i_fidelity import colour_checks, pipe_call_kwargs, vlm_existence
 
@@ -175,6 +189,10 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
     pipe = pipe if pipe is not None else load_pipeline(model)
     judge = judge if judge is not None else Judge.load()
     call = {**pipe_call_kwargs(pipe), "num_inference_steps": steps, "guidance_scale": cfg}
+    family = pipeline_family(pipe)
+    val, test = scenes_of("val", search_prompts, family=family), scenes_of("test", n_test, family=family)
+    judge_texts = {prompt_of(family, s): make_prompt(s) for s in [*val, *test]}
+    score = judged_on(make_objective(judge, objective), judge_texts)
     t_start = time.time()
 
     # ---- 1. head search on val prompts (or given heads)
@@ -183,12 +201,11 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         found = heads
         search = {"skipped": True, "heads": heads}
     else:
-        val = scenes_of("val", search_prompts)
-        sprompts, sseeds = [make_prompt(s) for s in val], [s.seed for s in val]
+        sprompts, sseeds = [prompt_of(family, s) for s in val], [s.seed for s in val]
 
         state = out.with_name(out.stem + "_headhunter_state.json")
         t0 = time.time()
-        hh = HeadHunter(pipe, make_objective(judge, objective), sprompts, sseeds, rounds=rounds, top_k=top_k,
+        hh = HeadHunter(pipe, score, sprompts, sseeds, rounds=rounds, top_k=top_k,
                         candidates=candidates,
                         u=search_u, scale=pag_scale, call_kwargs={**call, "output_type": "np"}, state_path=state,
                         batch_size=batch_size, progress=progress, keep=keep)
@@ -202,18 +219,17 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
                   "heads": res.candidates, "history": res.history, "state": str(state), "preset": str(preset)}
 
     # ---- 2. evaluation on test prompts
-    test = scenes_of("test", n_test)
-    prompts, seeds = [make_prompt(s) for s in test], [s.seed for s in test]
+    prompts, seeds = [prompt_of(family, s) for s in test], [s.seed for s in test]
+    judged = [judge_texts[p] for p in prompts]
     configs = {"cfg": None, "cfg+pag": SoftPAG(layers=(1,), u=1.0, scale=pag_scale, mode="image_identity"),
                "cfg+pag-joint": SoftPAG(layers=(1,), u=1.0, scale=pag_scale, mode="joint_identity"),
                "cfg+softpag": SoftPAG(heads=found, u=u, scale=pag_scale, mode="joint_identity")}
-    score = make_objective(judge, objective)  # the search objective, reported on the test set too
     generate(pipe, prompts[:1], seeds[:1], None, call, 1)  # warm-up
     results: dict[str, Any] = {}
     rows: dict[str, list[np.ndarray]] = {}
     for name, conf in configs.items():
         images, spi = generate(pipe, prompts, seeds, conf, call, batch_size)
-        cs = judge.clip_score(images, prompts)
+        cs = judge.clip_score(images, judged)
         pres = judge.object_presence(images, test)
         objective_scores = [float(x) for x in score(images, prompts)]
         rows[name] = images
@@ -237,7 +253,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
     from ..zoo.world import render
 
     real = [render(s, size=call["height"]) for s in test]
-    reference = {"clip_score": float(np.mean(judge.clip_score(real, prompts))),
+    reference = {"clip_score": float(np.mean(judge.clip_score(real, judged))),
                  "presence_acc": float(np.mean(judge.object_presence(real, test)))}
     if vlm is not None:
         reference["shape_existence"] = float(np.mean([c for r in vlm_existence(*vlm, real, test)
@@ -252,7 +268,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         sd3_info = json.loads(f.read_text()) if f.is_file() else None
     report = {
         "format": "mmeff.guidance_eval/1",
-        "config": {"model": model, "n_test": n_test, "objective": f"judge.{objective}", "test_split": "test",
+        "config": {"model": model, "n_test": n_test, "prompt_family": family, "objective": f"judge.{objective}", "test_split": "test",
                    "steps": steps, "cfg": cfg,
                    "pag_scale": pag_scale, "u": u,
                    "mode": {"cfg+pag": "image_identity", "cfg+pag-joint": "joint_identity",
@@ -266,7 +282,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         "search": search,
         "results": results,
         "reference_real_renders": reference,
-        "prompts": prompts, "seeds": seeds,
+        "prompts": prompts, "seeds": seeds, "judge_prompts": judged,
         "grid": str(grid),
         "sd3_trained": bool(sd3_info and sd3_info.get("trained")),
         "judge_trained": bool(getattr(judge, "trained", False)),

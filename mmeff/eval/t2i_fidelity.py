@@ -2,8 +2,10 @@
 
 ``python -m mmeff.eval.t2i_fidelity --pipe tiny-sd3 --n 48 --out docs/results/tiny-sd3-prompt-fidelity.json``
 
-For ``n`` *test*-split scenes (never trained on) the pipeline draws ``make_prompt(scene)`` with generator seed =
-scene seed. Each image is scored, and so is the world's own render of the scene at the same size (the ceiling):
+For ``n`` *test*-split scenes (never trained on) the pipeline draws the scene's prompt with generator seed =
+scene seed. Scenes and prompts are of the pipeline's prompt family (:mod:`mmeff.zoo.prompt_family`): layout
+scenes with prompts that name every object's cell for a ``layout`` pipeline, world scenes with ``make_prompt``
+otherwise. Each image is scored, and so is the world's own render of the scene at the same size (the ceiling):
 
 - **shape existence** (zoo VLM, default ``tiny-qwen2-vl``): "Is there a <shape> in the image?" for all six shapes
   (present ones should be answered "yes", absent ones "no"); accuracy over all questions, plus the yes-rate on
@@ -12,6 +14,8 @@ scene seed. Each image is scored, and so is the world's own render of the scene 
   pixels is nearest to the named background; a *named object colour* is present when at least
   :func:`min_colour_pixels` pixels are within :data:`COLOUR_TOLERANCE` of that palette colour and nearer to it
   than to any other palette or background colour. ``all_colours_ok`` = background and every named colour.
+- **positions** (layout prompts only, pixels): an object is in place when its colour's pixels (same test, same
+  count) lie inside the grid cell its prompt names; ``all_positions_ok`` = every object of the image.
 
 Writes the JSON (config, versions, per-prompt rows, summary for generated images and renders) and
 ``<out stem>_grid.png`` (generated row above the render row for every prompt).
@@ -73,6 +77,27 @@ def colour_checks(image: Any, scene: Any) -> dict[str, Any]:
             "all_colours_ok": bg_pred == scene.background and all(present.values())}
 
 
+def position_checks(image: Any, scene: Any) -> dict[str, Any]:
+    """Per object of a layout scene: are at least :func:`min_colour_pixels` pixels of its colour inside the
+    grid cell its prompt names? Objects are in distinct cells, so each cell is checked for its own object."""
+    from ..zoo.world import BACKGROUNDS, COLOURS
+    from ..zoo.world.layout import CELL_PHRASES, GRID, cell_of
+
+    arr = to_uint8(image).astype(np.float64)
+    h, w = arr.shape[:2]
+    names = list(COLOURS) + list(BACKGROUNDS)
+    palette = np.array([COLOURS.get(n) or BACKGROUNDS[n] for n in names], dtype=np.float64)
+    need = min_colour_pixels(min(h, w))
+    rows = []
+    for o in scene.objects:
+        cx, cy = cell_of(o)
+        cell = arr[cy * h // GRID:(cy + 1) * h // GRID, cx * w // GRID:(cx + 1) * w // GRID].reshape(-1, 3)
+        dist = np.linalg.norm(cell[:, None] - palette[None], axis=-1)
+        n = int(((dist.argmin(1) == names.index(o.colour)) & (dist.min(1) <= COLOUR_TOLERANCE)).sum())
+        rows.append({"object": f"{o.colour} {o.shape}", "cell": CELL_PHRASES[(cx, cy)], "pixels": n, "ok": n >= need})
+    return {"objects": rows, "all_positions_ok": all(r["ok"] for r in rows)}
+
+
 def existence_questions(scene: Any) -> list[tuple[str, str, str]]:
     """``(shape, question, answer)`` for all six shapes (the world's exhaustive existence drill)."""
     from ..zoo.world import SHAPES
@@ -98,8 +123,9 @@ def vlm_existence(model: Any, processor: Any, images: Sequence[Any], scenes: Seq
     return rows
 
 
-def summarise(vlm_rows: list[dict[str, Any]], colour_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate :func:`vlm_existence` and :func:`colour_checks` rows."""
+def summarise(vlm_rows: list[dict[str, Any]], colour_rows: list[dict[str, Any]],
+              position_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Aggregate :func:`vlm_existence`, :func:`colour_checks` and (layout prompts) :func:`position_checks` rows."""
     correct = [c for r in vlm_rows for c in r["correct"].values()]
     yes_present = [r["answers"][s] == "yes" for r in vlm_rows for s in r["answers"] if s in r["present"]]
     yes_absent = [r["answers"][s] == "yes" for r in vlm_rows for s in r["answers"] if s not in r["present"]]
@@ -112,7 +138,9 @@ def summarise(vlm_rows: list[dict[str, Any]], colour_rows: list[dict[str, Any]])
         "named_colour_present": float(np.mean(named)) if named else float("nan"),
         "all_colours_ok": float(np.mean([r["all_colours_ok"] for r in colour_rows])),
         "n_images": len(colour_rows), "n_questions": len(correct),
-    }
+    } | ({} if not position_rows else {
+        "object_in_named_cell": float(np.mean([o["ok"] for r in position_rows for o in r["objects"]])),
+        "all_positions_ok": float(np.mean([r["all_positions_ok"] for r in position_rows]))})
 
 
 def pipe_call_kwargs(pipe: Any) -> dict[str, Any]:
@@ -124,20 +152,27 @@ def pipe_call_kwargs(pipe: Any) -> dict[str, Any]:
 
 
 def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, scenes: Sequence[Any], *, steps: int = 20, cfg: float = 4.0,
-             batch_size: int = 8, config: Any = None) -> dict[str, Any]:
-    """Generate the scenes' prompts and score generated images and renders (``vlm=None``: colours only)."""
-    from ..zoo.world import make_prompt, render
+             batch_size: int = 8, config: Any = None, family: str | None = None) -> dict[str, Any]:
+    """Generate the scenes' prompts (of ``family``, by default the pipeline's) and score generated images and
+    renders (``vlm=None``: colours only; positions for layout prompts)."""
+    from ..zoo.prompt_family import pipeline_family, prompt_of
+    from ..zoo.world import render
     from .guidance_eval import generate
 
+    family = family or pipeline_family(pipe)
     call = {**pipe_call_kwargs(pipe), "num_inference_steps": steps, "guidance_scale": cfg}
-    prompts, seeds = [make_prompt(s) for s in scenes], [s.seed for s in scenes]
+    prompts, seeds = [prompt_of(family, s) for s in scenes], [s.seed for s in scenes]
     images, spi = generate(pipe, prompts, seeds, config, call, batch_size)
     renders = [render(s, size=call["height"]) for s in scenes]
-    out: dict[str, Any] = {"call_kwargs": call, "sec_per_image": spi, "prompts": prompts, "seeds": seeds}
+    out: dict[str, Any] = {"call_kwargs": call, "sec_per_image": spi, "prompt_family": family, "prompts": prompts,
+                           "seeds": seeds}
     for name, ims in (("generated", images), ("renders", renders)):
         colours = [colour_checks(im, s) for im, s in zip(ims, scenes)]
+        positions = [position_checks(im, s) for im, s in zip(ims, scenes)] if family == "layout" else []
         vrows = vlm_existence(*vlm, ims, scenes) if vlm is not None else []
-        out[name] = {"summary": summarise(vrows, colours), "colours": colours, "vlm": vrows}
+        out[name] = {"summary": summarise(vrows, colours, positions), "colours": colours, "vlm": vrows}
+        if positions:
+            out[name]["positions"] = positions
     out["images"] = images
     out["render_images"] = [np.asarray(r, dtype=np.float32) / 255.0 for r in renders]
     return out
@@ -146,7 +181,7 @@ def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, scenes: Sequence[Any], *, s
 def main(argv: list[str] | None = None) -> None:
     from ..zoo.load import load
     from ..zoo.load_pipeline import load_pipeline
-    from ..zoo.world import build_scenes
+    from ..zoo.prompt_family import FAMILIES, held_out_scenes, pipeline_family
     from .guidance_eval import save_grid, versions
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -156,14 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--family", choices=FAMILIES, default=None, help="prompt family (default: the pipeline's)")
     ap.add_argument("--out", type=Path, default=Path("runs/t2i_fidelity.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
     pipe = load_pipeline(a.pipe)
     model, processor = load(a.vlm)
-    scenes = build_scenes("test", a.n)
-    res = evaluate(pipe, (model, processor), scenes, steps=a.steps, cfg=a.cfg)
+    family = a.family or pipeline_family(pipe)
+    scenes = held_out_scenes(family, "test", a.n)
+    res = evaluate(pipe, (model, processor), scenes, steps=a.steps, cfg=a.cfg, family=family)
     images, renders = res.pop("images"), res.pop("render_images")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     cols = min(16, a.n)
@@ -177,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     if folder is not None and (folder / "training.json").is_file():
         sd3_info = json.loads((folder / "training.json").read_text())
     report = {"format": "mmeff.t2i_fidelity/1",
-              "config": {"pipe": str(a.pipe), "vlm": a.vlm, "n": a.n, "split": "test", "steps": a.steps, "cfg": a.cfg,
+              "config": {"pipe": str(a.pipe), "vlm": a.vlm, "n": a.n, "split": "test", "prompt_family": family,
+                         "steps": a.steps, "cfg": a.cfg,
                          "colour_tolerance": COLOUR_TOLERANCE, "threads": a.threads},
               "targets": {"shape_existence_acc": 0.85, "all_colours_ok": 0.90},
               "pipe_training": None if sd3_info is None else {

@@ -4,8 +4,9 @@ Usage::
 
     python -m mmeff.eval.video_fidelity --out runs/video_fidelity.json --n 8 --steps 10
 
-For ``n`` held-out prompts (``make_prompt`` of *test*-split scenes; the scene seed is also the sampling seed)
-a dense video is generated, then one per sparse method with the same prompt, seed, steps and CFG. Each sparse
+For ``n`` held-out prompts (*test*-split scenes of the pipeline's prompt family, :mod:`mmeff.zoo.prompt_family`:
+``make_layout_video_prompt`` for a layout tiny-wan, ``make_prompt`` otherwise; the scene seed is also the sampling
+seed) a dense video is generated, then one per sparse method with the same prompt, seed, steps and CFG. Each sparse
 video is scored against its dense twin:
 
 - **PSNR** (dB) over all frames and channels of the decoded video in [0, 1]: ``10 log10(1 / MSE)``, with the
@@ -17,6 +18,9 @@ video is scored against its dense twin:
 - **VLM presence** (``--vlm``, default ``tiny-qwen2-vl``): on sampled frames (first and last) of every video the
   zoo VLM answers "Is there a <shape> in the image?" for all six shapes; ``vlm_existence_acc`` is the accuracy
   against the scene, ``vlm_agreement_with_dense`` the fraction of answers equal to those on the dense video.
+
+- **motion** (layout prompts only, pixels, :mod:`mmeff.eval.video_motion`): the share of objects present in the
+  first, middle and last frame near where the prompt puts them, and the share that move in the named direction.
 
 Both are averaged over prompts (mean and std in the JSON, per-prompt values too). Also reported: sampling
 seconds per video (wall clock of the whole pipeline call: text encoding, denoising, VAE decode), the method's own
@@ -206,11 +210,19 @@ def _presence_scores(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]
     return float(np.mean(acc)), float(np.mean(agree))
 
 
-def prompts_and_seeds(n: int, offset: int = 0) -> list[tuple[str, int]]:
-    """``(make_prompt(scene), seed)`` of ``n`` test-split scenes."""
-    from ..zoo.world import generate_scene, make_prompt, split_seeds
+def prompts_and_seeds(n: int, offset: int = 0, family: str = "world") -> list[tuple[str, int]]:
+    """``(prompt, seed)`` of ``n`` test-split scenes of the prompt ``family`` (layout videos name directions)."""
+    from ..zoo.load_video import TINY_WAN_CALL
+    from ..zoo.prompt_family import scene_of_seed
+    from ..zoo.world import make_prompt, split_seeds
+    from ..zoo.world.layout import make_layout_video_prompt
 
-    return [(make_prompt(generate_scene(s)), s) for s in split_seeds("test", n, offset)]
+    frames = int(TINY_WAN_CALL["num_frames"])
+    out = []
+    for s in split_seeds("test", n, offset):
+        scene = scene_of_seed(family, s)
+        out.append((make_layout_video_prompt(scene, frames) if family == "layout" else make_prompt(scene), s))
+    return out
 
 
 def generate(pipe: Any, prompt: str, seed: int, *, steps: int, cfg: float, call: dict[str, Any]) -> tuple[torch.Tensor, float]:
@@ -249,12 +261,18 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
     import mmeff
 
     from ..zoo.load_video import TINY_WAN_CALL
-    from ..zoo.world import generate_scene
+    from ..zoo.prompt_family import pipeline_family, scene_of_seed
+    from .video_motion import motion_checks, summarise_motion
 
     call = dict(TINY_WAN_CALL if call is None else call)
     methods = default_methods(block, warmup, layout) if methods is None else methods
-    items = prompts_and_seeds(n, offset)
-    scenes = [generate_scene(s) for _, s in items]
+    family = pipeline_family(pipe)
+    items = prompts_and_seeds(n, offset, family)
+    scenes = [scene_of_seed(family, s) for _, s in items]
+
+    def motion(vs: list[torch.Tensor]) -> dict[str, Any] | None:
+        return summarise_motion([motion_checks(v, sc) for v, sc in zip(vs, scenes)]) if family == "layout" else None
+
     videos: dict[str, list[torch.Tensor]] = {"dense": []}
     dense, dense_t = [], []
     for i, (p, s) in enumerate(items):
@@ -263,7 +281,8 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
         dense_t.append(dt)
         if i < keep_videos:
             videos["dense"].append(v)
-    rows: dict[str, Any] = {"dense": {"seconds_per_video": _stats(dense_t), "psnr": None, "ssim": None}}
+    rows: dict[str, Any] = {"dense": {"seconds_per_video": _stats(dense_t), "psnr": None, "ssim": None,
+                                      "motion": motion(dense)}}
     dense_vlm: list[list[dict[str, Any]]] = []
     if vlm is not None:
         dense_vlm = [frame_presence(vlm, v, sc, vlm_frames) for v, sc in zip(dense, scenes)]
@@ -281,7 +300,7 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
                               "note": "dense, same prompt, a different seed: the gap between unrelated samples"}
     for name, make in methods.items():
         cfg_obj = make()
-        ps, ss, ts, reps, accs, agrees = [], [], [], [], [], []
+        ps, ss, ts, reps, accs, agrees, made = [], [], [], [], [], [], []
         videos[name] = []
         for i, ((p, s), ref) in enumerate(zip(items, dense)):
             with mmeff.apply(pipe, cfg_obj) as h:
@@ -289,6 +308,7 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
                 reps.append(_sparsity(h.report()))
             ps.append(float(psnr(v, ref)))
             ss.append(ssim_skimage(v, ref))
+            made.append(v)
             if vlm is not None:
                 acc, agree = _presence_scores(frame_presence(vlm, v, scenes[i], vlm_frames), dense_vlm[i])
                 accs.append(acc)
@@ -307,6 +327,7 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
             "sparsity_effective": float(np.mean(eff)) if eff else None,
             "calls_per_video": {"sparse": reps[0]["sparse_calls"], "dense": reps[0]["dense_calls"]},
             "method_seconds_per_video": float(np.mean([r["method_seconds"] or 0.0 for r in reps])),
+            "motion": motion(made),
         }
         if vlm is not None:
             rows[name]["vlm_existence_acc"] = float(np.mean(accs))
@@ -315,7 +336,8 @@ def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, wa
             r = rows[name]
             log(f"{name}: PSNR {r['psnr']['mean']:.2f} SSIM {r['ssim']['mean']:.4f} sparsity "
                 f"{r['sparsity_sparse_calls']} {r['seconds_per_video']['mean']:.2f} s/video")
-    info = {"prompts": [p for p, _ in items], "seeds": [s for _, s in items], "results": rows}
+    info = {"prompt_family": family, "prompts": [p for p, _ in items], "seeds": [s for _, s in items],
+            "results": rows}
     if vlm is not None:
         info["dense_vlm"] = dense_vlm
     return info, videos
@@ -420,11 +442,19 @@ def table(doc: dict[str, Any]) -> str:
     rows = doc["results"]
     dense_t = rows["dense"]["seconds_per_video"]["mean"]
     has_vlm = "vlm_existence_acc" in rows["dense"]
+    has_motion = bool(rows["dense"].get("motion"))
     vlm_head = " VLM existence | VLM = dense |" if has_vlm else ""
     dense_vlm = f" {rows['dense']['vlm_existence_acc']:.3f} | 1.000 |" if has_vlm else ""
+
+    def motion_cells(r: dict[str, Any]) -> str:
+        m = r.get("motion")
+        return "" if not has_motion else (" - | - |" if not m else
+                                          f" {m['object_persists']:.3f} | {m['object_moves_as_named']:.3f} |")
+
     lines = ["| method | PSNR (dB) | SSIM | sparsity (sparse calls) | sparsity (effective) | s/video | speed-up |"
-             + vlm_head, "|---|---|---|---|---|---|---|" + ("---|---|" if has_vlm else ""),
-             f"| dense | - | - | 0 | 0 | {dense_t:.2f} | 1.00 |" + dense_vlm]
+             + vlm_head + (" objects persist | move as named |" if has_motion else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if has_vlm else "") + ("---|---|" if has_motion else ""),
+             f"| dense | - | - | 0 | 0 | {dense_t:.2f} | 1.00 |" + dense_vlm + motion_cells(rows["dense"])]
     for name, r in rows.items():
         if name == "dense":
             continue
@@ -437,7 +467,7 @@ def table(doc: dict[str, Any]) -> str:
         if has_vlm:
             cells += [f"{r['vlm_existence_acc']:.3f}" if "vlm_existence_acc" in r else "-",
                       f"{r['vlm_agreement_with_dense']:.3f}" if "vlm_agreement_with_dense" in r else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |" + motion_cells(r))
     return "\n".join(lines)
 
 

@@ -155,7 +155,7 @@ def quick_fidelity(run: Run) -> list[tuple[str, list[np.ndarray]]]:
     """Shipped vs new on the same held-out prompts; returns labelled image rows for ``samples.png``."""
     from .load import load
     from .load_pipeline import open_pipeline
-    from .world import build_scenes, generate_scene
+    from .prompt_family import folder_family, held_out_scenes, scene_of_seed
 
     e = run.plan["eval"]
     rows: list[tuple[str, list[np.ndarray]]] = []
@@ -164,11 +164,13 @@ def quick_fidelity(run: Run) -> list[tuple[str, list[np.ndarray]]]:
     if run.summary["models"].get("tiny-sd3", {}).get("status") == "trained" and run.left() > 0.2 * e["reserve_s"]:
         from ..eval.t2i_fidelity import evaluate
 
-        scenes = build_scenes("test", e["sd3_n"])
-        res: dict[str, Any] = {"n": e["sd3_n"], "steps": e["sd3_steps"], "cfg": 4.0, "split": "test"}
+        family = folder_family(new_sd3)  # both sides are prompted the way the new model was trained
+        scenes = held_out_scenes(family, "test", e["sd3_n"])
+        res: dict[str, Any] = {"n": e["sd3_n"], "steps": e["sd3_steps"], "cfg": 4.0, "split": "test",
+                               "prompt_family": family}
         for label, folder in (("shipped", MODELS / "tiny-sd3"), ("new", new_sd3)):
             pipe = open_pipeline(str(folder), device=str(run.dev))
-            out = evaluate(pipe, vlm, scenes, steps=e["sd3_steps"], cfg=4.0, batch_size=16)
+            out = evaluate(pipe, vlm, scenes, steps=e["sd3_steps"], cfg=4.0, batch_size=16, family=family)
             res[label] = out["generated"]["summary"]
             res["renders"] = out["renders"]["summary"]
             rows.append((f"sd3 {label}", out["images"][:8]))
@@ -181,8 +183,10 @@ def quick_fidelity(run: Run) -> list[tuple[str, list[np.ndarray]]]:
         from ..eval.video_fidelity import frame_presence, generate, prompts_and_seeds
         from .load_video import TINY_WAN_CALL
 
-        items = prompts_and_seeds(e["wan_n"])
-        res = {"n": e["wan_n"], "steps": e["wan_steps"], "cfg": 5.0, "frames_asked": [0, -1], "split": "test"}
+        wan_family = folder_family(new_wan)
+        items = prompts_and_seeds(e["wan_n"], family=wan_family)
+        res = {"n": e["wan_n"], "steps": e["wan_steps"], "cfg": 5.0, "frames_asked": [0, -1], "split": "test",
+               "prompt_family": wan_family}
         for label, folder in (("shipped", MODELS / "tiny-wan"), ("new", new_wan)):
             pipe = open_pipeline(str(folder), device=str(run.dev))
             correct, firsts, means = [], [], []
@@ -194,7 +198,7 @@ def quick_fidelity(run: Run) -> list[tuple[str, list[np.ndarray]]]:
                 firsts.append(video[video.shape[0] // 2].permute(1, 2, 0).numpy())
                 means.append(float(video.mean()))
                 if vlm is not None:
-                    scene = generate_scene(seed)
+                    scene = scene_of_seed(wan_family, seed)
                     correct += [c for r in frame_presence(vlm, video, scene) for c in r["correct"].values()]
             res[label] = {"vlm_existence_acc": float(np.mean(correct)) if correct else None,
                           "mean_pixel": float(np.mean(means))}

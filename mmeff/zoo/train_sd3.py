@@ -81,8 +81,19 @@ def world_vocabulary() -> list[str]:
 _CHARS = list(string.ascii_lowercase + string.digits) + [",", '"', "."]
 
 
-def clip_tokenizer(max_length: int = TEXT_LEN) -> Any:
-    """A CLIP BPE tokenizer whose merges make every world word a single token (built in memory)."""
+def recipe_vocabulary(recipe: str = "64px") -> list[str]:
+    """The words a recipe's prompts use: the world's, plus the layout words for ``data="layout"`` recipes."""
+    from .world.layout import LAYOUT_WORDS
+
+    words = world_vocabulary()
+    if recipe_of(recipe).get("data") == "layout":
+        words = list(dict.fromkeys(words + list(LAYOUT_WORDS)))
+    return words
+
+
+def clip_tokenizer(max_length: int = TEXT_LEN, words: list[str] | None = None) -> Any:
+    """A CLIP BPE tokenizer whose merges make every world word (or every one of ``words``) a single token
+    (built in memory)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
@@ -91,7 +102,7 @@ def clip_tokenizer(max_length: int = TEXT_LEN) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1, show_progress=False,
                                   special_tokens=["<|startoftext|>", "<|endoftext|>"],
                                   initial_alphabet=_CHARS, end_of_word_suffix="</w>")
-    tk.train_from_iterator([" ".join(world_vocabulary())] * 2, trainer)
+    tk.train_from_iterator([" ".join(words or world_vocabulary())] * 2, trainer)
     model = json.loads(tk.to_str())["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     for c in _CHARS:
@@ -101,14 +112,15 @@ def clip_tokenizer(max_length: int = TEXT_LEN) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def t5_tokenizer() -> Any:
-    """A T5 (Unigram) tokenizer with one piece per world word and character fallbacks (built in memory)."""
+def t5_tokenizer(words: list[str] | None = None) -> Any:
+    """A T5 (Unigram) tokenizer with one piece per world word (or per one of ``words``) and character
+    fallbacks (built in memory)."""
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -6.0) for c in _CHARS] + [("\u2581" + c, -6.0) for c in _CHARS]
     seen = {p for p, _ in vocab}
-    vocab += [("\u2581" + w, -1.0) for w in world_vocabulary() if "\u2581" + w not in seen]
+    vocab += [("\u2581" + w, -1.0) for w in (words or world_vocabulary()) if "\u2581" + w not in seen]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
@@ -131,6 +143,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "64px": {"image_size": 64, "vae_channels": (16, 32, 64), "layers": 5, "heads": 6, "batch": 32, "lr": 1e-3,
              "warmup": 300, "cosine": True, "ema": 0.9995, "pool": 16384, "vae_l1": 0.5, "vae_lr": 2e-3,
              "vae_batch": 16, "vae_crop": 32, "vae_object_weight": 9.0, "t_loc": 0.0},
+    # layout: the 64px architecture on layout scenes (mmeff.zoo.world.layout), whose prompts name every
+    # object's cell of a 3x3 grid and which carry no printed labels, so the prompt fixes the picture up to a
+    # small jitter. With free-form prompts the 64px model averaged over the positions it had to invent and
+    # drew blobs. The prompts add position words, so the tokenizers and text encoders are new; the VAE and
+    # the transformer continue the 64px model's (--init-from).
+    "layout64": {"image_size": 64, "vae_channels": (16, 32, 64), "layers": 5, "heads": 6, "batch": 32, "lr": 1e-3,
+                 "warmup": 300, "cosine": True, "ema": 0.9995, "pool": 32768, "vae_l1": 0.5, "vae_lr": 2e-3,
+                 "vae_batch": 16, "vae_crop": 32, "vae_object_weight": 9.0, "t_loc": 0.0, "data": "layout"},
 }
 DEFAULT_RECIPE = "64px"
 """The shipped model's recipe (``"32px"`` rebuilds the first tiny-sd3, kept in ``training.json`` lineage)."""
@@ -178,7 +198,8 @@ def build_pipeline(seed: int = 0, recipe: str = DEFAULT_RECIPE) -> Any:
     )
 
     r = recipe_of(recipe)
-    tok, tok3 = clip_tokenizer(), t5_tokenizer()
+    words = recipe_vocabulary(recipe)
+    tok, tok3 = clip_tokenizer(words=words), t5_tokenizer(words)
     encoders = []
     for i in range(2):
         torch.manual_seed(seed + 1 + i)
@@ -197,19 +218,32 @@ def build_pipeline(seed: int = 0, recipe: str = DEFAULT_RECIPE) -> Any:
                                         out_channels=4, pos_embed_max_size=lat)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
                                     vae=build_vae(seed, recipe), text_encoder=encoders[0], tokenizer=tok,
-                                    text_encoder_2=encoders[1], tokenizer_2=clip_tokenizer(),
+                                    text_encoder_2=encoders[1], tokenizer_2=clip_tokenizer(words=words),
                                     text_encoder_3=t5, tokenizer_3=tok3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 # ---------------------------------------------------------------------------------------------- data
-def world_images(seeds: list[int], size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
-    """Renders (``[B, size, size, 3]`` uint8) and ``make_prompt`` prompts of the scenes ``seeds``."""
-    from .world import generate_scene, make_prompt, render
+def scenes_and_prompts(seeds: list[int], data: str = "world") -> tuple[list[Any], list[str]]:
+    """The scenes of ``seeds`` and their prompts: world scenes with ``make_prompt`` (``data="world"``) or
+    layout scenes with ``make_layout_prompt`` (``"layout"``)."""
+    from .world import generate_scene, make_prompt
+    from .world.layout import generate_layout_scene, make_layout_prompt
 
+    if data == "layout":
+        scenes = [generate_layout_scene(s) for s in seeds]
+        return scenes, [make_layout_prompt(sc) for sc in scenes]
     scenes = [generate_scene(s) for s in seeds]
-    return np.stack([np.asarray(render(sc, size=size), dtype=np.uint8) for sc in scenes]), [make_prompt(sc) for sc in scenes]
+    return scenes, [make_prompt(sc) for sc in scenes]
+
+
+def world_images(seeds: list[int], size: int = IMAGE_SIZE, data: str = "world") -> tuple[np.ndarray, list[str]]:
+    """Renders (``[B, size, size, 3]`` uint8) and prompts of the scenes ``seeds`` (see :func:`scenes_and_prompts`)."""
+    from .world import render
+
+    scenes, prompts = scenes_and_prompts(seeds, data)
+    return np.stack([np.asarray(render(sc, size=size), dtype=np.uint8) for sc in scenes]), prompts
 
 
 def to_unit(arr: np.ndarray) -> torch.Tensor:
@@ -217,9 +251,9 @@ def to_unit(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def world_batch(seeds: list[int], size: int = IMAGE_SIZE) -> tuple[torch.Tensor, list[str]]:
-    """Images in [-1, 1] ([B, 3, size, size]) and ``make_prompt`` prompts of the scenes ``seeds``."""
-    arr, prompts = world_images(seeds, size)
+def world_batch(seeds: list[int], size: int = IMAGE_SIZE, data: str = "world") -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] ([B, 3, size, size]) and prompts of the scenes ``seeds`` (see :func:`world_images`)."""
+    arr, prompts = world_images(seeds, size, data)
     return to_unit(arr), prompts
 
 
@@ -261,22 +295,35 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def load_saved(pipe: Any, folder: Path) -> dict[str, Any]:
-    """Copy the weights of a saved tiny-sd3 pipeline into ``pipe`` (built by :func:`build_pipeline` with the
-    saved recipe) and return the training state its ``training.json`` records (counters, curves, latent
-    statistics, earlier runs), so a continued run's data order and report carry on from it. The continuation
-    is a new *stage*: its warm-up and cosine schedule start at the saved step and minutes."""
+def load_saved(pipe: Any, folder: Path, recipe: str | None = None) -> dict[str, Any]:
+    """Copy the weights of a saved tiny-sd3 pipeline into ``pipe`` (built by :func:`build_pipeline` with
+    ``recipe``, by default the saved recipe) and return the training state its ``training.json`` records
+    (counters, curves, latent statistics, earlier runs), so a continued run's data order and report carry on
+    from it. The continuation is a new *stage*: its warm-up and cosine schedule start at the saved step and
+    minutes. When ``recipe``'s prompts use other words than the saved recipe's (``64px`` -> ``layout64``), only
+    the VAE and the transformer are copied: the tokenizers differ, so the text encoders start fresh, and the
+    lineage records the parent."""
     from diffusers import StableDiffusion3Pipeline
 
     meta = read_training_json(folder, FORMAT, "train_sd3")
+    parent_recipe = str(meta.get("recipe", "32px"))
+    recipe = recipe or parent_recipe
+    new_text = recipe_vocabulary(recipe) != recipe_vocabulary(parent_recipe)
     saved = StableDiffusion3Pipeline.from_pretrained(folder)
-    for name in ("vae", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+    kept = ("vae", "transformer") if new_text else ("vae", "transformer", "text_encoder", "text_encoder_2",
+                                                    "text_encoder_3")
+    for name in kept:
         getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())
     vae, diff = meta["vae"], meta["diffusion"]
+    lineage = list(meta.get("lineage", []))
+    if recipe != parent_recipe:
+        lineage.append({"recipe": parent_recipe, "from": str(folder), "kept": list(kept),
+                        "diffusion_steps": diff["steps"], "minutes": round(vae["minutes"] + diff["minutes"], 2),
+                        "final_loss": diff.get("final_loss")})
     return {"phase": 1, "vae_step": vae["steps"], "vae_seconds": vae["minutes"] * 60, "vae_losses": vae["mse_curve"],
             "step": diff["steps"], "diff_seconds": diff["minutes"] * 60, "losses": diff["loss_curve"],
             "latent_shift": vae["shift_factor"], "latent_scale": vae["scaling_factor"],
-            "lineage": list(meta.get("lineage", [])), "runs": list(meta.get("runs", [])),
+            "lineage": lineage, "runs": list(meta.get("runs", [])),
             "samples_before": diff.get("samples_seen", diff["steps"] * meta.get("batch_size", 32)),
             "runs_counted_from": len(meta.get("runs", [])),
             "stage": {"step": diff["steps"], "seconds": diff["minutes"] * 60, "init_from": str(folder)}}
@@ -288,14 +335,14 @@ def saved_recipe(folder: Path) -> str:
     return str(meta.get("recipe", "32px"))
 
 
-def fill_pool(pool: LatentPool, encode: Any, size: int, workers: int, chunk: int = 512) -> None:
+def fill_pool(pool: LatentPool, encode: Any, size: int, workers: int, chunk: int = 512, data: str = "world") -> None:
     """Render and encode the rest of ``pool`` in bulk (scenes :func:`pool_seeds`), ``workers`` processes
     rendering while ``encode`` (uint8 images -> scaled latents) runs on the training device."""
     from functools import partial
 
     seeds = pool_seeds(len(pool), pool.size - len(pool))
     t0 = time.time()
-    for arr, prompts in render_chunks(partial(world_images, size=size), seeds, chunk, workers):
+    for arr, prompts in render_chunks(partial(world_images, size=size, data=data), seeds, chunk, workers):
         pool.add(encode(arr), prompts)
     print(f"latent pool filled: {len(pool)} scenes in {time.time() - t0:.1f} s ({workers} render workers)",
           flush=True)
@@ -352,7 +399,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
         print(f"resumed from {ckpt_path}: recipe {recipe}, phase {st['phase']}, vae_step {st['vae_step']}, "
               f"step {st['step']}, pool {len(pool)}", flush=True)
     elif init_from is not None:
-        st.update(load_saved(pipe, Path(init_from)))
+        st.update(load_saved(pipe, Path(init_from), recipe))
         print(f"continuing {init_from}: diffusion step {st['step']}, "
               f"{(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent", flush=True)
     pipe.to(dev)
@@ -394,7 +441,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
         st["runs"].pop()  # exporting is no training run
         return finish()
 
-    size = r["image_size"]
+    size, data = r["image_size"], r.get("data", "world")
     # ---- phase 0: the VAE as an autoencoder
     last_ck = time.time()
     if st["phase"] == 0:
@@ -403,7 +450,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
         while st["vae_seconds"] < vae_minutes * 60 and not stop.passed():
             t0 = time.time()
             vb = r["vae_batch"] or batch
-            x, _ = world_batch(train_seeds(st["vae_step"], vb, 0), size)
+            x, _ = world_batch(train_seeds(st["vae_step"], vb, 0), size, data)
             x = x.to(dev)
             weight = 1.0 + r["vae_object_weight"] * object_mask(x)
             if r["vae_crop"]:
@@ -438,7 +485,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
         # latent statistics -> scaling / shift (the pipeline decodes z / scale + shift)
         vae.eval()
         with torch.no_grad():
-            x, _ = world_batch(list(range(500_000, 500_512)), size)
+            x, _ = world_batch(list(range(500_000, 500_512)), size, data)
             z = vae.encode(x.to(dev)).latent_dist.mode()
         st["latent_shift"] = float(z.mean())
         st["latent_scale"] = float(1.0 / z.std())
@@ -459,7 +506,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
     budget = max(0.0, minutes * 60 - st["vae_seconds"])
     if r["pool"] and not pool.full and render_workers > 1 and st["diff_seconds"] < budget:
         try:
-            fill_pool(pool, encode_images, size, render_workers)
+            fill_pool(pool, encode_images, size, render_workers, data=data)
         except Exception as e:  # noqa: BLE001 - a one-shot GPU call goes on growing the pool step by step instead
             print(f"bulk pool fill failed ({type(e).__name__}: {e}); growing it per step", flush=True)
     run = []
@@ -469,7 +516,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int | None = 
         if r["pool"] and pool.full:
             x0, prompts = pool.sample(batch, gen)
         else:
-            x, prompts = world_batch(train_seeds(st["step"], batch, 1), size)
+            x, prompts = world_batch(train_seeds(st["step"], batch, 1), size, data)
             with torch.no_grad():
                 post = vae.encode(x.to(dev)).latent_dist
                 x0 = ((post.mode() if r["pool"] else post.sample(generator=gen)) - shift) * scale
@@ -525,7 +572,7 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, minutes: float
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file() and f.name != "training.json")
     lat = latent_size(recipe)
     info = {
-        "format": FORMAT, "trained": st["step"] > 0, "recipe": recipe,
+        "format": FORMAT, "trained": st["step"] > 0, "recipe": recipe, "prompt_family": r.get("data", "world"),
         "recipe_config": {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}, "seed": seed,
         "batch_size": batch, "budget_minutes": minutes, "image_size": r["image_size"], "latent_shape": [4, lat, lat],
         "vae": {"steps": st["vae_step"], "samples_seen": st["vae_step"] * (r["vae_batch"] or batch),
@@ -542,7 +589,9 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, minutes: float
                    "text_encoder_2": n_params(pipe.text_encoder_2), "text_encoder_3": n_params(pipe.text_encoder_3),
                    "vae": n_params(pipe.vae)},
         "disk_bytes": size, "lineage": st.get("lineage", []), "stage": st.get("stage"), "runs": st.get("runs", []),
-        "data": f"shapes world train split, make_prompt(scene), render(scene, size={r['image_size']})",
+        "data": (f"layout scenes of the world's train split, make_layout_prompt(scene), render(scene, size={r['image_size']})"
+                 if r.get("data") == "layout" else
+                 f"shapes world train split, make_prompt(scene), render(scene, size={r['image_size']})"),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
     }

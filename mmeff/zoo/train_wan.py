@@ -56,6 +56,7 @@ import os
 import platform
 import string
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,23 +94,27 @@ _CHARS = list(string.ascii_lowercase + string.digits) + [",", '"', "."]
 
 
 # ---------------------------------------------------------------------------------------------- components
-def world_vocabulary() -> list[str]:
-    """Every word a world prompt can contain (lower case)."""
+def world_vocabulary(data: str = "world") -> list[str]:
+    """Every word a prompt of ``data`` (``"world"`` or ``"layout"``) can contain (lower case). The layout
+    words come last, so a world word keeps its token id."""
     from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, WORDS
+    from .world.layout import LAYOUT_WORDS
 
     words = ["a", "an", "on", "and", "background", "labelled"]
     words += list(SIZES) + list(COLOURS) + list(SHAPES) + list(BACKGROUNDS) + [w.lower() for w in WORDS]
+    if data == "layout":
+        words += list(LAYOUT_WORDS)
     return list(dict.fromkeys(words))
 
 
-def tokenizer() -> Any:
-    """T5 Unigram tokenizer: one piece per world word, character fallbacks (in memory)."""
+def tokenizer(data: str = "world") -> Any:
+    """T5 Unigram tokenizer: one piece per word of ``data``'s prompts, character fallbacks (in memory)."""
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -6.0) for c in _CHARS] + [("\u2581" + c, -6.0) for c in _CHARS]
     seen = {p for p, _ in vocab}
-    vocab += [("\u2581" + w, -1.0) for w in world_vocabulary() if "\u2581" + w not in seen]
+    vocab += [("\u2581" + w, -1.0) for w in world_vocabulary(data) if "\u2581" + w not in seen]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LEN)
 
 
@@ -122,8 +127,8 @@ def build_vae(seed: int = 0) -> torch.nn.Module:
                             latents_std=[1.0] * Z_DIM, scale_factor_temporal=4, scale_factor_spatial=4)
 
 
-def build_pipeline(seed: int = 0) -> Any:
-    """A freshly initialised tiny Wan pipeline (VAE untrained as well)."""
+def build_pipeline(seed: int = 0, data: str = "world") -> Any:
+    """A freshly initialised tiny Wan pipeline (VAE untrained as well) for ``data``'s prompts."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         WanPipeline,
@@ -131,7 +136,7 @@ def build_pipeline(seed: int = 0) -> Any:
     )
     from transformers import UMT5Config, UMT5EncoderModel
 
-    tok = tokenizer()
+    tok = tokenizer(data)
     torch.manual_seed(seed + 1)
     te = UMT5EncoderModel(UMT5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=len(tok),
                                      relative_attention_num_buckets=16, dropout_rate=0.0))
@@ -146,14 +151,33 @@ def build_pipeline(seed: int = 0) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def world_video_arrays(seeds: list[int], size: int = SIZE, frames: int = FRAMES) -> tuple[np.ndarray, list[str]]:
-    """Videos (``[B, frames, size, size, 3]`` uint8) and ``make_prompt`` prompts of scenes ``seeds``."""
-    from .world import generate_scene, make_prompt, render_video
+def video_frames_and_prompt(seed: int, frames: int = FRAMES, data: str = "world") -> tuple[list[Any], str]:
+    """The per-frame scenes of video ``seed`` and its prompt. ``"world"``: a world scene bouncing with random
+    velocities, ``make_prompt``; ``"layout"``: a layout scene whose objects move in the directions its prompt
+    names (:func:`mmeff.zoo.world.layout.make_layout_prompt`)."""
+    from .world import generate_scene, make_prompt, video_scenes
+    from .world.layout import generate_layout_scene, layout_video_scenes, make_layout_prompt
 
-    scenes = [generate_scene(s) for s in seeds]
-    arr = np.stack([np.stack([np.asarray(f, dtype=np.uint8) for f in render_video(sc, frames, seed=sc.seed, size=size)])
-                    for sc in scenes])
-    return arr, [make_prompt(sc) for sc in scenes]
+    if data == "layout":
+        scene = generate_layout_scene(seed)
+        per_frame, dirs = layout_video_scenes(scene, frames)
+        return per_frame, make_layout_prompt(scene, dirs)
+    scene = generate_scene(seed)
+    return video_scenes(scene, frames, seed=seed), make_prompt(scene)
+
+
+def world_video_arrays(seeds: list[int], size: int = SIZE, frames: int = FRAMES,
+                       data: str = "world") -> tuple[np.ndarray, list[str]]:
+    """Videos (``[B, frames, size, size, 3]`` uint8) and prompts of scenes ``seeds`` (see
+    :func:`video_frames_and_prompt`)."""
+    from .world import render
+
+    videos, prompts = [], []
+    for s in seeds:
+        per_frame, prompt = video_frames_and_prompt(s, frames, data)
+        videos.append(np.stack([np.asarray(render(f, size=size), dtype=np.uint8) for f in per_frame]))
+        prompts.append(prompt)
+    return np.stack(videos), prompts
 
 
 def to_unit(arr: np.ndarray) -> torch.Tensor:
@@ -161,9 +185,10 @@ def to_unit(arr: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(arr).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0).contiguous()
 
 
-def world_videos(seeds: list[int], size: int = SIZE, frames: int = FRAMES) -> tuple[torch.Tensor, list[str]]:
-    """Videos in [-1, 1] (``[B, 3, frames, size, size]``) and ``make_prompt`` prompts of scenes ``seeds``."""
-    arr, prompts = world_video_arrays(seeds, size, frames)
+def world_videos(seeds: list[int], size: int = SIZE, frames: int = FRAMES,
+                 data: str = "world") -> tuple[torch.Tensor, list[str]]:
+    """Videos in [-1, 1] (``[B, 3, frames, size, size]``) and prompts of scenes ``seeds``."""
+    arr, prompts = world_video_arrays(seeds, size, frames, data)
     return to_unit(arr), prompts
 
 
@@ -186,6 +211,16 @@ def video_object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
     b, c, t, h, w = x.shape
     m = object_mask(x.transpose(1, 2).reshape(b * t, c, h, w)).view(b, t, 1, h, w).transpose(1, 2)
     return 1.0 + weight * m
+
+
+def video_crops(x: torch.Tensor, crop: int, seed: int) -> torch.Tensor:
+    """One random ``crop`` x ``crop`` window per clip of ``x`` ([B, C, T, H, W]), the same for all its frames;
+    reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = x.shape[-2:]
+    ys = torch.randint(0, h - crop + 1, (x.shape[0],), generator=g).tolist()
+    xs = torch.randint(0, w - crop + 1, (x.shape[0],), generator=g).tolist()
+    return torch.stack([v[..., y:y + crop, c:c + crop] for v, y, c in zip(x, ys, xs)])
 
 
 def encode_text(pipe: Any, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -217,7 +252,7 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def load_saved(pipe: Any, folder: Path, vae_minutes: float) -> dict[str, Any]:
+def load_saved(pipe: Any, folder: Path, vae_minutes: float, data: str | None = None) -> dict[str, Any]:
     """Copy a saved tiny-wan pipeline's weights into ``pipe`` and return the training state its
     ``training.json`` records. The VAE phase resumes when ``vae_minutes`` exceeds the minutes the
     saved VAE had (its latent statistics are then measured again before diffusion goes on). The continuation
@@ -225,8 +260,12 @@ def load_saved(pipe: Any, folder: Path, vae_minutes: float) -> dict[str, Any]:
     from diffusers import WanPipeline
 
     meta = read_training_json(folder, FORMAT, "train_wan")
+    saved_data = meta.get("prompt_family", "world")
+    data = data or saved_data
     saved = WanPipeline.from_pretrained(folder)
-    for name in ("vae", "transformer", "text_encoder"):
+    # other prompts, other tokenizer: the text encoder starts fresh (the transformer and VAE are kept)
+    kept = ("vae", "transformer", "text_encoder") if data == saved_data else ("vae", "transformer")
+    for name in kept:
         getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())
     vae, diff = meta["vae"], meta["diffusion"]
     return {"phase": 0 if vae_minutes > vae["minutes"] else 1, "vae_step": vae["steps"],
@@ -234,7 +273,11 @@ def load_saved(pipe: Any, folder: Path, vae_minutes: float) -> dict[str, Any]:
             "diff_seconds": diff["minutes"] * 60, "losses": diff["loss_curve"],
             "latents_mean": vae["latents_mean"], "latents_std": vae["latents_std"],
             "vae_frames": vae.get("clip_frames", VAE_FRAMES), "initialised_from": str(folder),
-            "stages": list(meta.get("stages", [])), "runs": list(meta.get("runs", [])),
+            "stages": list(meta.get("stages", [])) + ([] if data == saved_data else [
+                {"name": f"{saved_data} prompts", "from": str(folder), "kept": list(kept),
+                 "vae_steps": vae["steps"], "diffusion_steps": diff["steps"],
+                 "minutes": round(vae["minutes"] + diff["minutes"], 2)}]),
+            "runs": list(meta.get("runs", [])),
             "samples_before": diff.get("samples_seen", diff["steps"] * diff.get("batch_size", 8)),
             "runs_counted_from": len(meta.get("runs", [])),
             "stage": {"step": diff["steps"], "seconds": diff["minutes"] * 60,
@@ -249,7 +292,8 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
           init_from: Path | None = None, *, export_only: bool = False, ema: float = EMA_DECAY,
           pool_size: int = POOL_SIZE, cosine: bool = True, warmup: int = 100, vae_object_weight: float = 0.0,
           device: str | None = "cpu", amp: bool = False, deadline: float | None = None,
-          render_workers: int = 0, max_steps: int | None = None) -> dict[str, Any]:
+          render_workers: int = 0, max_steps: int | None = None, data: str | None = None,
+          vae_crop: int | None = None) -> dict[str, Any]:
     """Train (or resume) tiny-wan until ``minutes`` in total are spent (VAE, then diffusion);
     ``init_from`` (a saved tiny-wan folder) continues that model, its minutes counted in the total.
     ``export_only`` saves the checkpoint's (EMA) pipeline to ``out_dir`` without training.
@@ -258,23 +302,30 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     ``new_per_step`` per step (``render_workers`` > 1: rendered in bulk by that many processes) and sampled once
     full; EMA weights (``ema`` decay, 0: none) are what is saved; the learning rate warms up over ``warmup``
     steps, then (``cosine``) decays to 10% over the time budget, both per stage. ``vae_object_weight`` weights
-    object pixels in the VAE loss (train_sd3's 64px recipe uses 9). ``device``, ``amp``, ``deadline`` as in
-    :func:`mmeff.zoo.train_sd3.train`; ``max_steps`` stops at that diffusion step."""
+    object pixels in the VAE loss (train_sd3's 64px recipe uses 9); ``vae_crop`` trains the VAE on random
+    square crops of that many pixels (the same crop for every frame of a clip). ``device``, ``amp``,
+    ``deadline`` as in :func:`mmeff.zoo.train_sd3.train`; ``max_steps`` stops at that diffusion step.
+    ``data`` is the prompt family (``"world"``, ``"layout"``); default: the checkpoint's, the ``init_from``
+    model's, or ``"world"``."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     stop = Deadline(deadline)
     vae_minutes = min(5.0, 0.2 * minutes) if vae_minutes is None else vae_minutes
     ckpt_path = ckpt_dir / "ckpt.pt"
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() and not fresh else None
+    if data is None:
+        data = ((ck or {}).get("state", {}).get("data")
+                or (read_training_json(Path(init_from), FORMAT, "train_wan").get("prompt_family") if init_from else None)
+                or "world")
     torch.manual_seed(seed)
-    pipe = build_pipeline(seed)
+    pipe = build_pipeline(seed, data)
     vae, tr, te = pipe.vae, pipe.transformer, pipe.text_encoder
     learned = {"transformer": tr, "text_encoder": te}
     st: dict[str, Any] = {"phase": 0, "vae_step": 0, "step": 0, "vae_seconds": 0.0, "diff_seconds": 0.0,
                           "vae_losses": [], "losses": [], "latents_mean": [0.0] * Z_DIM,
                           "latents_std": [1.0] * Z_DIM, "threads": [], "runs": [],
                           "stage": {"step": 0, "seconds": 0.0, "vae_step": 0}}
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() and not fresh else None
     pool = LatentPool(pool_size)
     pool_path = ckpt_dir / "latent_pool.pt"
     if ck is not None:
@@ -287,7 +338,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         print(f"resumed from {ckpt_path}: phase {st['phase']}, vae_step {st['vae_step']}, step {st['step']}, "
               f"pool {len(pool)}", flush=True)
     elif init_from is not None:
-        st.update(load_saved(pipe, Path(init_from), vae_minutes))
+        st.update(load_saved(pipe, Path(init_from), vae_minutes, data))
         print(f"continuing {init_from}: phase {st['phase']}, vae_step {st['vae_step']}, diffusion step "
               f"{st['step']}, {(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent",
               flush=True)
@@ -304,10 +355,12 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         averager.load(ck["ema"], dev)
     st["threads"] = list(st.get("threads", [])) + [torch.get_num_threads()]
     st["new_per_step"] = new_per_step
+    st["data"] = data
     st.setdefault("vae_frames", vae_frames)
     st["recipe_config"] = {"batch": batch, "vae_batch": vae_batch, "lr": lr, "vae_lr": vae_lr, "ema": ema,
                            "pool": pool_size, "new_per_step": new_per_step, "cosine": cosine, "warmup": warmup,
-                           "vae_frames": vae_frames, "vae_object_weight": vae_object_weight}
+                           "vae_frames": vae_frames, "vae_object_weight": vae_object_weight, "vae_crop": vae_crop,
+                           "data": data}
     run_info = {"device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev), "amp": bool(amp),
                 "batch": batch, "vae_batch": vae_batch, "lr": lr, "pool": pool_size, "threads": torch.get_num_threads(),
                 "from_step": st["step"], "to_step": st["step"], "from_vae_step": st["vae_step"],
@@ -342,9 +395,12 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         run: list[float] = []
         while st["vae_seconds"] < vae_minutes * 60 and not stop.passed():
             t0 = time.time()
-            x, _ = world_videos(train_seeds(st["vae_step"], vae_batch, 0), frames=st["vae_frames"])
+            x, _ = world_videos(train_seeds(st["vae_step"], vae_batch, 0), frames=st["vae_frames"], data=data)
             x = x.to(dev)
             weight = video_object_weight(x, vae_object_weight)
+            if vae_crop:
+                xw = video_crops(torch.cat([x, weight], 1), vae_crop, st["vae_step"])
+                x, weight = xw[:, :3], xw[:, 3:]
             for g in opt_vae.param_groups:
                 g["lr"] = stage_lr(vae_lr, st["vae_step"], 0.0, 1.0, 20, False,
                                    {"step": st["stage"].get("vae_step", 0)})
@@ -375,7 +431,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
             return finish()
         vae.eval()
         with torch.no_grad():  # per-channel latent statistics of 64 train videos -> latents_mean / latents_std
-            zs = [vae.encode(world_videos(list(range(900_000 + 16 * i, 900_000 + 16 * (i + 1))))[0].to(dev))
+            zs = [vae.encode(world_videos(list(range(900_000 + 16 * i, 900_000 + 16 * (i + 1))), data=data)[0].to(dev))
                   .latent_dist.mode() for i in range(4)]
             z = torch.cat(zs)
         st["latents_mean"] = z.mean(dim=(0, 2, 3, 4)).tolist()
@@ -402,7 +458,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         seeds = pool_seeds(len(pool), pool.size - len(pool))
         t0 = time.time()
         try:
-            for arr, prompts in render_chunks(world_video_arrays, seeds, 64, render_workers):
+            for arr, prompts in render_chunks(partial(world_video_arrays, data=data), seeds, 64, render_workers):
                 pool.add(encode_videos(arr), prompts)
         except Exception as e:  # noqa: BLE001 - a one-shot GPU call goes on growing the pool step by step instead
             print(f"bulk pool fill failed ({type(e).__name__}: {e}); growing it per step", flush=True)
@@ -415,7 +471,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         t0 = time.time()
         fresh_n = 0
         if not pool.full:
-            arr, pr = world_video_arrays(train_seeds(st["step"], new_per_step, 1))
+            arr, pr = world_video_arrays(train_seeds(st["step"], new_per_step, 1), data=data)
             pool.add(encode_videos(arr), pr)
             fresh_n = min(new_per_step, batch)
         x0, prompts = pool.sample(batch, gen)
@@ -477,7 +533,7 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int
     runs = st.get("runs", [])
     samples = samples_seen(st, batch)
     info = {
-        "format": FORMAT, "trained": st["step"] > 0, "seed": seed,
+        "format": FORMAT, "trained": st["step"] > 0, "seed": seed, "prompt_family": st.get("data", "world"),
         "video": {"frames": FRAMES, "height": SIZE, "width": SIZE, "fps_note": "world frames, no fps"},
         "latent_shape": lat, "token_grid": [lat[1], lat[2] // 2, lat[3] // 2],
         "video_tokens": lat[1] * (lat[2] // 2) * (lat[3] // 2), "text_len": TEXT_LEN, "scheduler_shift": SHIFT,
@@ -503,8 +559,10 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int
         **({"initialised_from": st["initialised_from"]} if st.get("initialised_from") else {}),
         "stages": st.get("stages", []), "stage": st.get("stage"), "runs": runs,
         "disk_bytes": size,
-        "data": f"shapes world train split: render_video(generate_scene(s), {FRAMES}, seed=s, size={SIZE}), "
-                "make_prompt(scene)",
+        "data": (f"layout scenes of the world's train split moving in named directions, {FRAMES} frames, "
+                 f"size {SIZE}, make_layout_prompt(scene, directions)" if st.get("data") == "layout" else
+                 f"shapes world train split: render_video(generate_scene(s), {FRAMES}, seed=s, size={SIZE}), "
+                 "make_prompt(scene)"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "devices": sorted({r["device"] for r in runs}) or ["cpu"]},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -530,6 +588,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-cosine", action="store_true", help="constant learning rate after the warm-up")
     ap.add_argument("--vae-object-weight", type=float, default=0.0, help="extra VAE loss weight on object pixels")
     ap.add_argument("--vae-frames", type=int, default=VAE_FRAMES, help="frames per VAE training clip (1 + 4k)")
+    ap.add_argument("--vae-crop", type=int, default=None, help="train the VAE on random square crops of this size")
+    ap.add_argument("--data", choices=["world", "layout"], default=None,
+                    help="prompt family (default: the checkpoint's, the --init-from model's, or world)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop at this diffusion step")
     ap.add_argument("--export", action="store_true",
                     help="save the checkpoint's pipeline (EMA weights) to --out without training")
     ap.add_argument("--seed", type=int, default=0)
@@ -547,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
     train(a.minutes, a.vae_minutes, a.batch, a.vae_batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir,
           a.threads, a.log_every, a.lr, a.new_per_step, a.vae_lr, a.vae_frames, a.init_from, export_only=a.export,
           ema=a.ema, pool_size=a.pool, cosine=not a.no_cosine, vae_object_weight=a.vae_object_weight,
-          device=a.device, amp=a.amp)
+          device=a.device, amp=a.amp, data=a.data, vae_crop=a.vae_crop, max_steps=a.max_steps)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""Training the diffusion test bed on layout prompts: tiny-sd3's ``layout64`` recipe continues a ``64px`` model
+with new text encoders, the VAE decoder fine-tune keeps the latent space, tiny-wan trains on layout videos."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmeff.zoo.load_video import video_pipeline_path
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sd3_64px(tmp_path_factory):
+    """A 64px tiny-sd3 trained for a few steps (stands in for the parent of a layout model)."""
+    from mmeff.zoo.train_sd3 import train
+
+    root = tmp_path_factory.mktemp("sd3_64px")
+    info = train(0.02, vae_minutes=0.005, batch=2, ckpt_dir=root / "ckpt", out_dir=root / "out", recipe="64px",
+                 log_every=1)
+    return root / "out", info
+
+
+def test_layout_recipe_keeps_the_parents_vae_and_transformer_but_not_its_text_encoders(sd3_64px, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmeff.zoo.train_sd3 import build_pipeline, load_saved, train
+
+    parent, parent_info = sd3_64px
+    saved = StableDiffusion3Pipeline.from_pretrained(parent)
+    pipe = build_pipeline(recipe="layout64")
+    state = load_saved(pipe, parent, "layout64")
+    for a, b in zip(pipe.transformer.state_dict().values(), saved.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(pipe.vae.state_dict().values(), saved.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    # the layout words are new tokens: the text encoders are rebuilt, not copied
+    assert pipe.text_encoder.config.vocab_size != saved.text_encoder.config.vocab_size
+    assert state["lineage"][-1]["recipe"] == "64px" and state["lineage"][-1]["kept"] == ["vae", "transformer"]
+
+    spent = parent_info["vae"]["minutes"] + parent_info["diffusion"]["minutes"]
+    info = train(spent + 0.02, batch=2, out_dir=tmp_path / "out", ckpt_dir=tmp_path / "ckpt", init_from=parent,
+                 recipe="layout64", log_every=1)
+    assert info["recipe"] == "layout64" and info["prompt_family"] == "layout"
+    assert info["diffusion"]["steps"] > parent_info["diffusion"]["steps"]
+    assert info["lineage"][-1]["diffusion_steps"] == parent_info["diffusion"]["steps"]
+    from mmeff.zoo.prompt_family import folder_family
+
+    assert folder_family(tmp_path / "out") == "layout" and folder_family(parent) == "world"
+    # a same-recipe continuation copies the text encoders too
+    again = build_pipeline(recipe="64px")
+    load_saved(again, parent)
+    for a, b in zip(again.text_encoder.state_dict().values(), saved.text_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_decoder_finetune_trains_only_the_decoder_and_resumes(sd3_64px, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmeff.zoo.sd3_decoder_ft import finetune
+
+    parent, _ = sd3_64px
+    before = StableDiffusion3Pipeline.from_pretrained(parent).vae
+    rec = finetune(parent, tmp_path / "ft", 0.01, ckpt_dir=tmp_path / "ck", data="layout", batch=2, log_every=1)
+    assert rec["steps"] > 0 and rec["data"] == "layout"
+    after = StableDiffusion3Pipeline.from_pretrained(tmp_path / "ft").vae
+    for (name, a), b in zip(before.encoder.state_dict().items(), after.encoder.state_dict().values()):
+        assert torch.equal(a, b), name  # the latent space is kept
+    assert any(not torch.equal(a, b) for a, b in zip(before.decoder.state_dict().values(),
+                                                      after.decoder.state_dict().values()))
+    meta = json.loads((tmp_path / "ft" / "training.json").read_text())
+    assert meta["decoder_finetune"]["steps"] == rec["steps"] and meta["diffusion"] == json.loads(
+        (parent / "training.json").read_text())["diffusion"]
+    # the budget is spent: a rerun resumes the checkpoint, trains nothing and writes the same decoder
+    again = finetune(parent, tmp_path / "ft2", 0.01, ckpt_dir=tmp_path / "ck", data="layout", batch=2)
+    assert again["steps"] == rec["steps"]
+    dec2 = StableDiffusion3Pipeline.from_pretrained(tmp_path / "ft2").vae.decoder
+    for a, b in zip(after.decoder.state_dict().values(), dec2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_wan_layout_videos_and_tokenizer():
+    from mmeff.zoo.train_wan import tokenizer, world_video_arrays
+
+    arr, prompts = world_video_arrays([3, 4], frames=5, data="layout")
+    assert arr.shape == (2, 5, 64, 64, 3) and all("moving" in p for p in prompts)
+    assert not (arr[:, 0] == arr[:, -1]).all()  # the objects move
+    world, layout = tokenizer("world"), tokenizer("layout")
+    assert len(layout) > len(world)
+    text = "a small red star and a blue circle on a white background"
+    assert world(text).input_ids == layout(text).input_ids  # world words keep their ids
+    assert len(layout("at the top left moving down").input_ids) == 7  # one token a word, plus </s>
+
+
+def test_wan_continues_a_model_of_the_other_prompt_family_with_a_fresh_text_encoder():
+    from diffusers import WanPipeline
+
+    from mmeff.zoo.train_wan import build_pipeline, load_saved
+
+    folder = video_pipeline_path("tiny-wan")
+    meta = json.loads((folder / "training.json").read_text())
+    shipped_family = meta.get("prompt_family", "world")
+    other = "world" if shipped_family == "layout" else "layout"
+    pipe = build_pipeline(data=other)
+    state = load_saved(pipe, folder, vae_minutes=meta["vae"]["minutes"], data=other)
+    saved = WanPipeline.from_pretrained(folder)
+    for a, b in zip(pipe.transformer.state_dict().values(), saved.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    assert pipe.text_encoder.config.vocab_size != saved.text_encoder.config.vocab_size
+    assert state["stages"][-1]["name"] == f"{shipped_family} prompts"
+    assert state["stages"][-1]["kept"] == ["vae", "transformer"]
