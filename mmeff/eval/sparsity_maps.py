@@ -116,6 +116,19 @@ def draw(data: dict[str, Any], path: Path, mask_layers: int = 4, mask_heads: int
     save_figure(fig, path)
 
 
+def scene_prompt(pipe: Any, seed: int) -> str:
+    """The prompt of scene ``seed`` in the prompt family ``pipe`` was trained on."""
+    from ..zoo.load_video import TINY_WAN_CALL
+    from ..zoo.prompt_family import pipeline_family, prompt_of, scene_of_seed
+    from ..zoo.world.layout import make_layout_video_prompt
+
+    family = pipeline_family(pipe)
+    scene = scene_of_seed(family, seed)
+    if family == "layout":
+        return make_layout_video_prompt(scene, int(TINY_WAN_CALL["num_frames"]))
+    return prompt_of(family, scene)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-wan")
@@ -129,17 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
 
     from ..zoo.load_video import load_video_pipeline
-    from ..zoo.world import generate_scene, make_prompt
     from .report import versions
 
     torch.set_num_threads(args.threads)
     methods = {m: m for m in args.method} if args.method else dict(DEFAULT_METHODS)
     pipe = load_video_pipeline(args.model)
-    data = measure(pipe, methods, make_prompt(generate_scene(args.seed)), args.seed, args.steps)
+    prompt = scene_prompt(pipe, args.seed)
+    data = measure(pipe, methods, prompt, args.seed, args.steps)
     out = Path(args.out)
     draw(data, out)
     doc = {"format": "mmeff.sparsity_maps/1", "config": {"model": args.model, "seed": args.seed, "steps": args.steps,
-                                                         "methods": methods},
+                                                         "methods": methods, "prompt": prompt},
            "versions": {**versions(), "diffusers": diffusers.__version__}, "png": str(out), **data}
     out.with_suffix(".json").write_text(json.dumps(doc) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")

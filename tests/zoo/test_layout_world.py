@@ -52,7 +52,12 @@ def test_layout_prompt_names_every_object_with_its_cell_in_reading_order():
 
 
 def test_layout_prompts_fit_the_tiny_sd3_text_length():
-    from mmeff.zoo.train_sd3 import TEXT_LEN, clip_tokenizer, recipe_vocabulary, t5_tokenizer
+    from mmeff.zoo.train_sd3 import (
+        TEXT_LEN,
+        clip_tokenizer,
+        recipe_vocabulary,
+        t5_tokenizer,
+    )
 
     words = recipe_vocabulary("layout64")
     clip, t5 = clip_tokenizer(words=words), t5_tokenizer(words)
