@@ -14,6 +14,8 @@ otherwise. Each image is scored, and so is the world's own render of the scene a
   pixels is nearest to the named background; a *named object colour* is present when at least
   :func:`min_colour_pixels` pixels are within :data:`COLOUR_TOLERANCE` of that palette colour and nearer to it
   than to any other palette or background colour. ``all_colours_ok`` = background and every named colour.
+- **VAE round trip**: the renders encoded and decoded by the pipeline's own VAE, scored the same way. That is
+  the ceiling of any transformer trained on the VAE's latents.
 - **positions** (layout prompts only, pixels): an object is in place when its colour's pixels (same test, same
   count) lie inside the grid cell its prompt names; ``all_positions_ok`` = every object of the image.
 
@@ -143,6 +145,17 @@ def summarise(vlm_rows: list[dict[str, Any]], colour_rows: list[dict[str, Any]],
         "all_positions_ok": float(np.mean([r["all_positions_ok"] for r in position_rows]))})
 
 
+def vae_round_trip(pipe: Any, images: Sequence[Any]) -> list[np.ndarray]:
+    """The images encoded (posterior mean) and decoded by the pipeline's VAE: the best a transformer on its
+    latents could draw (HWC float arrays in [0, 1])."""
+    vae = pipe.vae
+    x = torch.stack([torch.from_numpy(to_uint8(im).copy()).permute(2, 0, 1) for im in images]).float() / 127.5 - 1.0
+    x = x.to(device=vae.device, dtype=vae.dtype)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return [((r.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy() for r in rec]
+
+
 def pipe_call_kwargs(pipe: Any) -> dict[str, Any]:
     """Height/width the pipeline was trained at (its VAE's ``sample_size``) and the zoo's text length."""
     from ..zoo.load_pipeline import TINY_SD3_CALL
@@ -164,9 +177,10 @@ def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, scenes: Sequence[Any], *, s
     prompts, seeds = [prompt_of(family, s) for s in scenes], [s.seed for s in scenes]
     images, spi = generate(pipe, prompts, seeds, config, call, batch_size)
     renders = [render(s, size=call["height"]) for s in scenes]
+    round_trips = vae_round_trip(pipe, renders)
     out: dict[str, Any] = {"call_kwargs": call, "sec_per_image": spi, "prompt_family": family, "prompts": prompts,
                            "seeds": seeds}
-    for name, ims in (("generated", images), ("renders", renders)):
+    for name, ims in (("generated", images), ("renders", renders), ("vae_round_trip", round_trips)):
         colours = [colour_checks(im, s) for im, s in zip(ims, scenes)]
         positions = [position_checks(im, s) for im, s in zip(ims, scenes)] if family == "layout" else []
         vrows = vlm_existence(*vlm, ims, scenes) if vlm is not None else []
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
               | {"diffusion_steps": (sd3_info or {}).get("diffusion", {}).get("steps")},
               "versions": versions(), "grid": str(grid), "seconds": round(time.time() - t0, 1), **res}
     a.out.write_text(json.dumps(report, indent=1) + "\n")
-    for name in ("generated", "renders"):
+    for name in ("generated", "renders", "vae_round_trip"):
         print(name, json.dumps(report[name]["summary"]))
     print(f"wrote {a.out} and {grid}")
 
