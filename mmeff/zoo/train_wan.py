@@ -288,7 +288,7 @@ def load_saved(pipe: Any, folder: Path, vae_minutes: float, data: str | None = N
 def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_batch: int = 4, seed: int = 0,
           ckpt_every: float = 60.0, fresh: bool = False, out_dir: Path = OUT_DIR, ckpt_dir: Path = CKPT_DIR,
           threads: int | None = None, log_every: int = 25, lr: float = 5e-4,
-          new_per_step: int = 2, vae_lr: float = 3e-4, vae_frames: int = VAE_FRAMES,
+          new_per_step: int = 2, vae_lr: float = 3e-4, vae_frames: int | None = None,
           init_from: Path | None = None, *, export_only: bool = False, ema: float = EMA_DECAY,
           pool_size: int = POOL_SIZE, cosine: bool = True, warmup: int = 100, vae_object_weight: float = 0.0,
           device: str | None = "cpu", amp: bool = False, deadline: float | None = None,
@@ -356,10 +356,11 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     st["threads"] = list(st.get("threads", [])) + [torch.get_num_threads()]
     st["new_per_step"] = new_per_step
     st["data"] = data
-    st.setdefault("vae_frames", vae_frames)
+    # an explicit clip length wins over the checkpoint's / saved model's (default: theirs, or VAE_FRAMES)
+    st["vae_frames"] = vae_frames if vae_frames is not None else st.get("vae_frames", VAE_FRAMES)
     st["recipe_config"] = {"batch": batch, "vae_batch": vae_batch, "lr": lr, "vae_lr": vae_lr, "ema": ema,
                            "pool": pool_size, "new_per_step": new_per_step, "cosine": cosine, "warmup": warmup,
-                           "vae_frames": vae_frames, "vae_object_weight": vae_object_weight, "vae_crop": vae_crop,
+                           "vae_frames": st["vae_frames"], "vae_object_weight": vae_object_weight, "vae_crop": vae_crop,
                            "data": data}
     run_info = {"device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev), "amp": bool(amp),
                 "batch": batch, "vae_batch": vae_batch, "lr": lr, "pool": pool_size, "threads": torch.get_num_threads(),
@@ -587,7 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ema", type=float, default=EMA_DECAY, help="EMA decay of the saved weights (0: last step)")
     ap.add_argument("--no-cosine", action="store_true", help="constant learning rate after the warm-up")
     ap.add_argument("--vae-object-weight", type=float, default=0.0, help="extra VAE loss weight on object pixels")
-    ap.add_argument("--vae-frames", type=int, default=VAE_FRAMES, help="frames per VAE training clip (1 + 4k)")
+    ap.add_argument("--vae-frames", type=int, default=None,
+                    help=f"frames per VAE training clip (1 + 4k; default: the checkpoint's, or {VAE_FRAMES})")
     ap.add_argument("--vae-crop", type=int, default=None, help="train the VAE on random square crops of this size")
     ap.add_argument("--data", choices=["world", "layout"], default=None,
                     help="prompt family (default: the checkpoint's, the --init-from model's, or world)")

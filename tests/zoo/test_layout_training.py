@@ -111,3 +111,21 @@ def test_wan_continues_a_model_of_the_other_prompt_family_with_a_fresh_text_enco
     assert pipe.text_encoder.config.vocab_size != saved.text_encoder.config.vocab_size
     assert state["stages"][-1]["name"] == f"{shipped_family} prompts"
     assert state["stages"][-1]["kept"] == ["vae", "transformer"]
+
+
+def test_an_explicit_wan_vae_clip_length_wins_over_the_saved_models(tmp_path):
+    """Continuing a saved model with ``vae_frames`` set trains its VAE on clips of that length (the GPU plan's
+    13-frame clips were silently replaced by the saved model's 5 before); unset, the saved length is kept."""
+    from mmeff.zoo.train_wan import train
+
+    kw = dict(batch=1, vae_batch=1, vae_crop=16, log_every=1, data="layout", pool_size=2, max_steps=0)
+    first = train(0.004, vae_minutes=0.002, vae_frames=5, ckpt_dir=tmp_path / "ck0", out_dir=tmp_path / "m0", **kw)
+    assert first["vae"]["clip_frames"] == 5 and first["prompt_family"] == "layout"
+    vae_min = first["vae"]["minutes"]
+    again = train(1.0, vae_minutes=vae_min + 0.002, vae_frames=9, init_from=tmp_path / "m0",
+                  ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m1", **kw)
+    assert again["vae"]["clip_frames"] == 9 and again["vae"]["steps"] > first["vae"]["steps"]
+    assert again["recipe_config"]["vae_crop"] == 16 and again["recipe_config"]["vae_frames"] == 9
+    kept = train(1.0, vae_minutes=vae_min + 0.002, init_from=tmp_path / "m0", ckpt_dir=tmp_path / "ck2",
+                 out_dir=tmp_path / "m2", **kw)
+    assert kept["vae"]["clip_frames"] == 5

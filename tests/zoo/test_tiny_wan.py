@@ -138,13 +138,14 @@ def test_training_continues_the_shipped_pipeline(tmp_path):
     from mmeff.zoo.train_wan import build_pipeline, load_saved, train
 
     before = json.loads((WAN_DIR / "training.json").read_text())
-    pipe = build_pipeline()
+    family = before.get("prompt_family", "world")  # the shipped model's prompts decide its tokenizer
+    pipe = build_pipeline(data=family)
     state = load_saved(pipe, WAN_DIR, vae_minutes=before["vae"]["minutes"])
     assert state["step"] == before["diffusion"]["steps"] and state["phase"] == 1
     shipped = load_offline(load_video_pipeline, "tiny-wan")
     for a, b in zip(pipe.transformer.state_dict().values(), shipped.transformer.state_dict().values()):
         assert torch.equal(a, b)
-    assert load_saved(build_pipeline(), WAN_DIR, vae_minutes=before["vae"]["minutes"] + 1)["phase"] == 0
+    assert load_saved(build_pipeline(data=family), WAN_DIR, vae_minutes=before["vae"]["minutes"] + 1)["phase"] == 0
     spent = before["vae"]["minutes"] + before["diffusion"]["minutes"]
     info = train(spent + 0.03, vae_minutes=before["vae"]["minutes"], batch=2, out_dir=tmp_path / "out",
                  ckpt_dir=tmp_path / "ckpt", init_from=WAN_DIR, log_every=1)
