@@ -1,7 +1,8 @@
 """Load mmeff's shipped diffusion zoo models by name, anything else with ``from_pretrained``.
 
 - ``"tiny-sd3"``: the tiny :class:`diffusers.StableDiffusion3Pipeline` trained on 64x64 shapes-world images
-  (``mmeff/zoo/models/tiny-sd3/``, built by ``python -m mmeff.zoo.train_sd3 --recipe 64px``). Call it with
+  (``mmeff/zoo/models/tiny-sd3/``; its ``training.json`` gives the recipe, the lineage and the prompt family:
+  layout prompts that name each object's cell, :mod:`mmeff.zoo.prompt_family`). Call it with
   ``height=64, width=64, max_sequence_length=36`` (see :data:`TINY_SD3_CALL`).
 - ``"tiny-clip-judge"``: the tiny open_clip judge (:class:`mmeff.zoo.judge.Judge`), built by
   ``python -m mmeff.zoo.train_judge``.

@@ -1,9 +1,11 @@
 """Train ``tiny-sd3``: a real :class:`diffusers.StableDiffusion3Pipeline`, tiny, on shapes-world images.
 
 ``python -m mmeff.zoo.train_sd3 --minutes 64 --vae-minutes 14`` builds every component from a config (nothing is
-downloaded). Two recipes (:data:`RECIPES`): ``64px`` (the shipped model, default) and ``32px`` (the first one,
-recorded in ``training.json``'s ``lineage``); the reasons for 64 px and each change are in
-``docs/diffusion-testbed.md``.
+downloaded). Three recipes (:data:`RECIPES`): ``layout64`` (the shipped model: the 64px architecture on layout
+prompts, which name each object's cell, continued from a 64px model with ``--init-from``), ``64px`` (the
+default for a fresh run; world prompts) and ``32px`` (the first one). Earlier models are recorded in
+``training.json``'s ``lineage``; the reasons for 64 px, for layout prompts and for each change are in
+``docs/diffusion-testbed.md``. ``mmeff.zoo.sd3_decoder_ft`` then sharpens the VAE decoder.
 
 - **tokenizers**: word-level, in memory. Both CLIP tokenizers are BPE models whose merges are learned (with the
   ``tokenizers`` BPE trainer) on the world vocabulary only, so every world word (colours, shapes, sizes,
@@ -18,7 +20,8 @@ recorded in ``training.json``'s ``lineage``); the reasons for 64 px and each cha
 - **transformer**: ``SD3Transformer2DModel`` (64px: 5 joint blocks, 6 heads x 16, patch 2 -> 64 image tokens),
   trained with rectified flow exactly as ``FlowMatchEulerDiscreteScheduler`` samples it:
   ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``, timestep input ``1000 t``, t ~ logit-normal(0, 1).
-  The prompt (``make_prompt`` of a train-split scene) is dropped to ``""`` 10% of the time, which is what the
+  The prompt (``make_prompt`` of a train-split scene, or ``make_layout_prompt`` of a layout scene for
+  ``layout64``) is dropped to ``""`` 10% of the time, which is what the
   pipeline's CFG uses as the default negative prompt. Latents of the first 16384 train scenes are cached once
   the VAE is frozen; AdamW at 1e-3 with warm-up and a cosine decay over the time budget; EMA weights are saved.
 
