@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--split", choices=["test", "val"], default="test",
+                    help="held-out split (choose settings such as --cfg on val, report on test)")
     ap.add_argument("--family", choices=FAMILIES, default=None, help="prompt family (default: the pipeline's)")
     ap.add_argument("--out", type=Path, default=Path("runs/t2i_fidelity.json"))
     a = ap.parse_args(argv)
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(a.pipe)
     model, processor = load(a.vlm)
     family = a.family or pipeline_family(pipe)
-    scenes = held_out_scenes(family, "test", a.n)
+    scenes = held_out_scenes(family, a.split, a.n)
     res = evaluate(pipe, (model, processor), scenes, steps=a.steps, cfg=a.cfg, family=family)
     images, renders = res.pop("images"), res.pop("render_images")
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if folder is not None and (folder / "training.json").is_file():
         sd3_info = json.loads((folder / "training.json").read_text())
     report = {"format": "mmeff.t2i_fidelity/1",
-              "config": {"pipe": str(a.pipe), "vlm": a.vlm, "n": a.n, "split": "test", "prompt_family": family,
+              "config": {"pipe": str(a.pipe), "vlm": a.vlm, "n": a.n, "split": a.split, "prompt_family": family,
                          "steps": a.steps, "cfg": a.cfg,
                          "colour_tolerance": COLOUR_TOLERANCE, "threads": a.threads},
               "targets": {"shape_existence_acc": 0.85, "all_colours_ok": 0.90},
