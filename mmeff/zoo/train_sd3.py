@@ -5,7 +5,7 @@ downloaded). Three recipes (:data:`RECIPES`): ``layout64`` (the shipped model: t
 prompts, which name each object's cell, continued from a 64px model with ``--init-from``), ``64px`` (the
 default for a fresh run; world prompts) and ``32px`` (the first one). Earlier models are recorded in
 ``training.json``'s ``lineage``; the reasons for 64 px, for layout prompts and for each change are in
-``docs/diffusion-testbed.md``. ``mmeff.zoo.sd3_decoder_ft`` then sharpens the VAE decoder.
+``docs/diffusion-testbed.md``. ``mmeff.zoo.decoder_ft`` then sharpens the VAE decoder.
 
 - **tokenizers**: word-level, in memory. Both CLIP tokenizers are BPE models whose merges are learned (with the
   ``tokenizers`` BPE trainer) on the world vocabulary only, so every world word (colours, shapes, sizes,

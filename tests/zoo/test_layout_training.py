@@ -59,7 +59,7 @@ def test_layout_recipe_keeps_the_parents_vae_and_transformer_but_not_its_text_en
 def test_decoder_finetune_trains_only_the_decoder_and_resumes(sd3_64px, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from mmeff.zoo.sd3_decoder_ft import finetune
+    from mmeff.zoo.decoder_ft import finetune
 
     parent, _ = sd3_64px
     before = StableDiffusion3Pipeline.from_pretrained(parent).vae
@@ -129,3 +129,28 @@ def test_an_explicit_wan_vae_clip_length_wins_over_the_saved_models(tmp_path):
     kept = train(1.0, vae_minutes=vae_min + 0.002, init_from=tmp_path / "m0", ckpt_dir=tmp_path / "ck2",
                  out_dir=tmp_path / "m2", **kw)
     assert kept["vae"]["clip_frames"] == 5
+
+
+def test_wan_decoder_finetune_keeps_the_encoder_and_weights_the_first_frame(tmp_path):
+    from diffusers import WanPipeline
+
+    from mmeff.zoo.decoder_ft import finetune, load_any, wan_adapter
+    from mmeff.zoo.train_wan import train
+
+    train(0.004, vae_minutes=0.002, batch=1, vae_batch=1, vae_crop=16, vae_frames=5, log_every=1, data="layout",
+          pool_size=2, max_steps=1, ckpt_dir=tmp_path / "ck", out_dir=tmp_path / "wan")
+    before = WanPipeline.from_pretrained(tmp_path / "wan").vae
+    rec = finetune(tmp_path / "wan", tmp_path / "ft", 0.01, ckpt_dir=tmp_path / "dck", batch=1, crop=16,
+                   first_frame_weight=4.0, log_every=1)
+    assert rec["steps"] > 0 and rec["data"] == "layout" and rec["first_frame_weight"] == 4.0
+    after, kind = load_any(tmp_path / "ft")
+    assert kind == "wan"
+    for a, b in zip(before.encoder.state_dict().values(), after.vae.encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(before.decoder.state_dict().values(),
+                                                      after.vae.decoder.state_dict().values()))
+    ad = wan_adapter(after, "layout", 16, 4.0)
+    x = ad.batch(0, 1)
+    w = ad.frame_weights(x)
+    assert x.shape == (1, 3, 13, 16, 16) and float(w.mean()) == pytest.approx(1.0)
+    assert float(w[0, 0, 0]) == pytest.approx(4 * float(w[0, 0, 1]))
