@@ -28,9 +28,10 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,13 @@ def sd3_adapter(pipe: Any, data: str) -> Adapter:
 
 
 def wan_adapter(pipe: Any, data: str, crop: int, first_frame_weight: float) -> Adapter:
-    from .train_wan import FRAMES, decode_unclamped, train_seeds, video_crops, world_videos
+    from .train_wan import (
+        FRAMES,
+        decode_unclamped,
+        train_seeds,
+        video_crops,
+        world_videos,
+    )
 
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)

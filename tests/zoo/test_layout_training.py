@@ -118,7 +118,7 @@ def test_an_explicit_wan_vae_clip_length_wins_over_the_saved_models(tmp_path):
     13-frame clips were silently replaced by the saved model's 5 before); unset, the saved length is kept."""
     from mmeff.zoo.train_wan import train
 
-    kw = dict(batch=1, vae_batch=1, vae_crop=16, log_every=1, data="layout", pool_size=2, max_steps=0)
+    kw = {"batch": 1, "vae_batch": 1, "vae_crop": 16, "log_every": 1, "data": "layout", "pool_size": 2, "max_steps": 0}
     first = train(0.004, vae_minutes=0.002, vae_frames=5, ckpt_dir=tmp_path / "ck0", out_dir=tmp_path / "m0", **kw)
     assert first["vae"]["clip_frames"] == 5 and first["prompt_family"] == "layout"
     vae_min = first["vae"]["minutes"]
