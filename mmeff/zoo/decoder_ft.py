@@ -218,10 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--first-frame-weight", type=float, default=4.0, help="video pipelines: frame 0's loss weight")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ckpt-every", type=float, default=120.0)
+    ap.add_argument("--log-every", type=int, default=25)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     finetune(a.pipe, a.out, a.minutes, ckpt_dir=a.ckpt_dir, data=a.data, batch=a.batch, lr=a.lr,
-             latent_noise=a.latent_noise, ckpt_every=a.ckpt_every, crop=a.crop,
+             latent_noise=a.latent_noise, ckpt_every=a.ckpt_every, log_every=a.log_every, crop=a.crop,
              first_frame_weight=a.first_frame_weight)
 
 
