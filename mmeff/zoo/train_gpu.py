@@ -49,14 +49,14 @@ PLANS: dict[str, dict[str, Any]] = {
     "gpu": {
         "tiny-sd3": {"share": 0.4, "batch": 256, "lr": 1e-3, "pool": 65536, "amp": True},
         "tiny-wan": {"share": 0.6, "batch": 64, "lr": 5e-4, "pool": 16384, "amp": True, "vae_seconds": 60.0,
-                     "vae_batch": 16, "vae_frames": 13, "vae_object_weight": 9.0, "new_per_step": 8},
+                     "vae_batch": 16, "vae_frames": 13, "vae_object_weight": 9.0, "new_per_step": 8, "data": "layout"},
         "eval": {"sd3_n": 16, "wan_n": 8, "sd3_steps": 20, "wan_steps": 10, "reserve_s": 60.0, "vlm": True},
         "pack_reserve_s": 15.0, "load_overhead_s": 25.0, "max_steps_added": None,
     },
     "smoke": {
         "tiny-sd3": {"share": 0.5, "batch": 2, "lr": 1e-3, "pool": 4, "amp": False},
         "tiny-wan": {"share": 0.5, "batch": 2, "lr": 5e-4, "pool": 3, "amp": False, "vae_seconds": 0.5,
-                     "vae_batch": 1, "vae_frames": 5, "vae_object_weight": 9.0, "new_per_step": 1},
+                     "vae_batch": 1, "vae_frames": 5, "vae_object_weight": 9.0, "new_per_step": 1, "data": "layout"},
         "eval": {"sd3_n": 1, "wan_n": 1, "sd3_steps": 2, "wan_steps": 2, "reserve_s": 8.0, "vlm": True},
         "pack_reserve_s": 3.0, "load_overhead_s": 3.0, "max_steps_added": 3,
     },
@@ -138,7 +138,8 @@ def train_one(run: Run, name: str, train_seconds: float, workers: int) -> None:
             vae_minutes = vae_min + p["vae_seconds"] / 60
             info = train_wan(spent + budget_s / 60, vae_minutes=vae_minutes, batch=p["batch"], lr=p["lr"],
                              pool_size=p["pool"], vae_batch=p["vae_batch"], vae_frames=p["vae_frames"],
-                             vae_object_weight=p["vae_object_weight"], new_per_step=p["new_per_step"], **common)
+                             vae_object_weight=p["vae_object_weight"], new_per_step=p["new_per_step"],
+                             data=p.get("data"), **common)
         rec.update(status="trained", train_wall_s=round(time.time() - t0, 1),
                    diffusion_steps=info["diffusion"]["steps"], final_loss=info["diffusion"]["final_loss"],
                    last_run=info["runs"][-1] if info.get("runs") else None, model_dir=str(model_dir))
