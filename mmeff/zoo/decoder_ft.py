@@ -87,13 +87,8 @@ def sd3_adapter(pipe: Any, data: str) -> Adapter:
 
 
 def wan_adapter(pipe: Any, data: str, crop: int, first_frame_weight: float) -> Adapter:
-    from .train_wan import (
-        FRAMES,
-        decode_unclamped,
-        train_seeds,
-        video_crops,
-        world_videos,
-    )
+    from .train_common import random_crops
+    from .train_wan import FRAMES, decode_unclamped, train_seeds, world_videos
 
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
@@ -101,7 +96,7 @@ def wan_adapter(pipe: Any, data: str, crop: int, first_frame_weight: float) -> A
 
     def batch(step: int, n: int) -> torch.Tensor:
         x = world_videos(train_seeds(step, n, 2), frames=FRAMES, data=data)[0]
-        return video_crops(x, crop, step) if crop else x
+        return random_crops(x, crop, step) if crop else x
 
     def frame_weights(x: torch.Tensor) -> torch.Tensor:
         w = torch.ones(1, 1, x.shape[2], 1, 1)

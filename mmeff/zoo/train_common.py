@@ -51,6 +51,16 @@ def samples_seen(st: dict[str, Any], batch: int) -> int:
     return int(before + sum((r["to_step"] - r["from_step"]) * r["batch"] for r in runs))
 
 
+def random_crops(x: torch.Tensor, crop: int, seed: int) -> torch.Tensor:
+    """One random ``crop`` x ``crop`` window of every item of ``x`` (images ``[B, C, H, W]`` or videos
+    ``[B, C, T, H, W]``: the same window in every frame); reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = x.shape[-2:]
+    ys = torch.randint(0, h - crop + 1, (x.shape[0],), generator=g).tolist()
+    xs = torch.randint(0, w - crop + 1, (x.shape[0],), generator=g).tolist()
+    return torch.stack([v[..., y:y + crop, c:c + crop] for v, y, c in zip(x, ys, xs)])
+
+
 def object_mask(x: torch.Tensor) -> torch.Tensor:
     """``[B, 1, H, W]`` 1 where a pixel differs from its image's background (the median of the four corners)."""
     corners = torch.stack([x[:, :, 0, 0], x[:, :, 0, -1], x[:, :, -1, 0], x[:, :, -1, -1]], -1)

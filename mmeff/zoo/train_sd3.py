@@ -55,6 +55,7 @@ from .train_common import (
     LatentPool,
     autocast,
     object_mask,
+    random_crops,
     render_chunks,
     resolve_device,
     samples_seen,
@@ -270,15 +271,6 @@ def train_seeds(step: int, batch: int, phase: int) -> list[int]:
 def pool_seeds(first: int, count: int) -> list[int]:
     """Train-split seeds ``first .. first + count`` of the latent pool's bulk fill (:func:`fill_pool`)."""
     return [(499_979 + i) % 1_000_000 for i in range(first, first + count)]
-
-
-def random_crops(x: torch.Tensor, crop: int, seed: int) -> torch.Tensor:
-    """One random ``crop`` x ``crop`` window of every image of ``x`` ([B, C, H, W]); reproducible from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = x.shape[-2:]
-    ys = torch.randint(0, h - crop + 1, (x.shape[0],), generator=g).tolist()
-    xs = torch.randint(0, w - crop + 1, (x.shape[0],), generator=g).tolist()
-    return torch.stack([im[:, y:y + crop, c:c + crop] for im, y, c in zip(x, ys, xs)])
 
 
 # ---------------------------------------------------------------------------------------------- helpers

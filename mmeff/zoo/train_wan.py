@@ -70,6 +70,7 @@ from .train_common import (
     LatentPool,
     autocast,
     object_mask,
+    random_crops,
     render_chunks,
     resolve_device,
     samples_seen,
@@ -156,7 +157,11 @@ def video_frames_and_prompt(seed: int, frames: int = FRAMES, data: str = "world"
     velocities, ``make_prompt``; ``"layout"``: a layout scene whose objects move in the directions its prompt
     names (:func:`mmeff.zoo.world.layout.make_layout_prompt`)."""
     from .world import generate_scene, make_prompt, video_scenes
-    from .world.layout import generate_layout_scene, layout_video_scenes, make_layout_prompt
+    from .world.layout import (
+        generate_layout_scene,
+        layout_video_scenes,
+        make_layout_prompt,
+    )
 
     if data == "layout":
         scene = generate_layout_scene(seed)
@@ -211,16 +216,6 @@ def video_object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
     b, c, t, h, w = x.shape
     m = object_mask(x.transpose(1, 2).reshape(b * t, c, h, w)).view(b, t, 1, h, w).transpose(1, 2)
     return 1.0 + weight * m
-
-
-def video_crops(x: torch.Tensor, crop: int, seed: int) -> torch.Tensor:
-    """One random ``crop`` x ``crop`` window per clip of ``x`` ([B, C, T, H, W]), the same for all its frames;
-    reproducible from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = x.shape[-2:]
-    ys = torch.randint(0, h - crop + 1, (x.shape[0],), generator=g).tolist()
-    xs = torch.randint(0, w - crop + 1, (x.shape[0],), generator=g).tolist()
-    return torch.stack([v[..., y:y + crop, c:c + crop] for v, y, c in zip(x, ys, xs)])
 
 
 def encode_text(pipe: Any, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -400,7 +395,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
             x = x.to(dev)
             weight = video_object_weight(x, vae_object_weight)
             if vae_crop:
-                xw = video_crops(torch.cat([x, weight], 1), vae_crop, st["vae_step"])
+                xw = random_crops(torch.cat([x, weight], 1), vae_crop, st["vae_step"])
                 x, weight = xw[:, :3], xw[:, 3:]
             for g in opt_vae.param_groups:
                 g["lr"] = stage_lr(vae_lr, st["vae_step"], 0.0, 1.0, 20, False,
