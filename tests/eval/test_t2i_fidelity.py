@@ -3,6 +3,7 @@ and the zoo VLM's shape-existence answers on renders (right on the world's own i
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mmeff.eval.t2i_fidelity import (
@@ -46,15 +47,18 @@ def test_existence_questions_cover_all_shapes_with_the_scene_answers():
     assert {s for s, _, a in qs if a == "yes"} == scene.shapes()
 
 
-def test_zoo_vlm_answers_existence_on_renders():
+@pytest.mark.parametrize("family", ["world", "layout"])
+def test_zoo_vlm_answers_existence_on_renders(family):
+    """Right on the world's own images, and on layout scenes too (the VLM was trained on world scenes only)."""
     from mmeff.eval.t2i_fidelity import vlm_existence
     from mmeff.zoo.load import load
+    from mmeff.zoo.prompt_family import held_out_scenes
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model, processor = load("tiny-qwen2-vl")
-        scenes = build_scenes("test", 3)
+        scenes = held_out_scenes(family, "test", 3)
         rows = vlm_existence(model, processor, [render(s, size=64) for s in scenes], scenes)
     finally:
         torch.set_num_threads(before)
