@@ -54,25 +54,36 @@ def min_colour_pixels(size: int) -> int:
     return max(3, int(0.25 * np.pi * r * r))
 
 
+def palette() -> tuple[list[str], np.ndarray]:
+    """The world's object colours then backgrounds: names and ``[N, 3]`` RGB."""
+    from ..zoo.world import BACKGROUNDS, COLOURS
+
+    names = list(COLOURS) + list(BACKGROUNDS)
+    return names, np.array([COLOURS.get(n) or BACKGROUNDS[n] for n in names], dtype=np.float64)
+
+
+def colour_mask(pixels: np.ndarray, colour: str) -> np.ndarray:
+    """``pixels[..., 3]`` (0-255) -> bool: nearest to ``colour`` among the palette, within
+    :data:`COLOUR_TOLERANCE`."""
+    names, pal = palette()
+    dist = np.linalg.norm(pixels[..., None, :].astype(np.float64) - pal, axis=-1)
+    return (dist.argmin(-1) == names.index(colour)) & (dist.min(-1) <= COLOUR_TOLERANCE)
+
+
 def colour_checks(image: Any, scene: Any) -> dict[str, Any]:
     """Background and named-colour presence of one image against the scene it should show."""
-    from ..zoo.world import BACKGROUNDS, COLOURS
+    from ..zoo.world import BACKGROUNDS
 
     arr = to_uint8(image).astype(np.float64)
     h, w = arr.shape[:2]
-    names = list(COLOURS) + list(BACKGROUNDS)
-    palette = np.array([COLOURS.get(n) or BACKGROUNDS[n] for n in names], dtype=np.float64)
     ring = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3),
                            arr[:, -2:].reshape(-1, 3)])
     median = np.median(ring, axis=0)
     bg_names = list(BACKGROUNDS)
     bg_pred = bg_names[int(np.argmin([np.linalg.norm(median - np.array(BACKGROUNDS[b])) for b in bg_names]))]
-    dist = np.linalg.norm(arr.reshape(-1, 1, 3) - palette[None], axis=-1)  # [pixels, palette]
-    nearest = dist.argmin(1)
-    close = dist.min(1) <= COLOUR_TOLERANCE
     need = min_colour_pixels(min(h, w))
     named = sorted({o.colour for o in scene.objects})
-    counts = {c: int(((nearest == names.index(c)) & close).sum()) for c in named}
+    counts = {c: int(colour_mask(arr, c).sum()) for c in named}
     present = {c: counts[c] >= need for c in named}
     return {"background": scene.background, "background_pred": bg_pred,
             "background_ok": bg_pred == scene.background, "colours": present, "colour_pixels": counts,
@@ -82,20 +93,16 @@ def colour_checks(image: Any, scene: Any) -> dict[str, Any]:
 def position_checks(image: Any, scene: Any) -> dict[str, Any]:
     """Per object of a layout scene: are at least :func:`min_colour_pixels` pixels of its colour inside the
     grid cell its prompt names? Objects are in distinct cells, so each cell is checked for its own object."""
-    from ..zoo.world import BACKGROUNDS, COLOURS
     from ..zoo.world.layout import CELL_PHRASES, GRID, cell_of
 
     arr = to_uint8(image).astype(np.float64)
     h, w = arr.shape[:2]
-    names = list(COLOURS) + list(BACKGROUNDS)
-    palette = np.array([COLOURS.get(n) or BACKGROUNDS[n] for n in names], dtype=np.float64)
     need = min_colour_pixels(min(h, w))
     rows = []
     for o in scene.objects:
         cx, cy = cell_of(o)
-        cell = arr[cy * h // GRID:(cy + 1) * h // GRID, cx * w // GRID:(cx + 1) * w // GRID].reshape(-1, 3)
-        dist = np.linalg.norm(cell[:, None] - palette[None], axis=-1)
-        n = int(((dist.argmin(1) == names.index(o.colour)) & (dist.min(1) <= COLOUR_TOLERANCE)).sum())
+        cell = arr[cy * h // GRID:(cy + 1) * h // GRID, cx * w // GRID:(cx + 1) * w // GRID]
+        n = int(colour_mask(cell, o.colour).sum())
         rows.append({"object": f"{o.colour} {o.shape}", "cell": CELL_PHRASES[(cx, cy)], "pixels": n, "ok": n >= need})
     return {"objects": rows, "all_positions_ok": all(r["ok"] for r in rows)}
 

@@ -24,17 +24,6 @@ SLACK = 0.06
 """Extra window margin around an object's expected footprint (fraction of the canvas)."""
 
 
-def _colour_mask(frame: np.ndarray, colour: str) -> np.ndarray:
-    """``[H, W]`` bool: pixels nearest to ``colour`` among the palette and backgrounds, within tolerance."""
-    from ..zoo.world import BACKGROUNDS, COLOURS
-    from .t2i_fidelity import COLOUR_TOLERANCE
-
-    names = list(COLOURS) + list(BACKGROUNDS)
-    palette = np.array([COLOURS.get(n) or BACKGROUNDS[n] for n in names], dtype=np.float64)
-    dist = np.linalg.norm(frame[..., None, :] - palette, axis=-1)
-    return (dist.argmin(-1) == names.index(colour)) & (dist.min(-1) <= COLOUR_TOLERANCE)
-
-
 def _window(mask: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> tuple[np.ndarray, int, int]:
     h, w = mask.shape
     c0, c1 = max(0, int(np.floor(x0 * w))), min(w, int(np.ceil(x1 * w)))
@@ -47,7 +36,7 @@ def motion_checks(video: Any, scene: Any, frames: int | None = None) -> dict[str
     in the named direction. ``video``: ``[T, C, H, W]`` or ``[T, H, W, C]`` in [0, 1] (or uint8)."""
     from ..zoo.world import SIZES
     from ..zoo.world.layout import DIRECTIONS, layout_video_scenes
-    from .t2i_fidelity import min_colour_pixels, to_uint8
+    from .t2i_fidelity import colour_mask, min_colour_pixels, to_uint8
 
     arr = np.asarray(video)
     if arr.ndim == 4 and arr.shape[1] in (3, 4) and arr.shape[-1] not in (3, 4):
@@ -63,13 +52,13 @@ def motion_checks(video: Any, scene: Any, frames: int | None = None) -> dict[str
         present = {}
         for f in checked:
             p = per_frame[f].objects[i]
-            win, _, _ = _window(_colour_mask(arr[f], o.colour), p.x - r, p.y - r, p.x + r, p.y + r)
+            win, _, _ = _window(colour_mask(arr[f], o.colour), p.x - r, p.y - r, p.x + r, p.y + r)
             present[f] = bool(win.sum() >= need)
         first, last = per_frame[0].objects[i], per_frame[-1].objects[i]
         box = (min(first.x, last.x) - r, min(first.y, last.y) - r, max(first.x, last.x) + r, max(first.y, last.y) + r)
         cents = []
         for f in (0, t_count - 1):
-            win, r0, c0 = _window(_colour_mask(arr[f], o.colour), *box)
+            win, r0, c0 = _window(colour_mask(arr[f], o.colour), *box)
             ys, xs = np.nonzero(win)
             cents.append(None if len(xs) < need else ((xs.mean() + c0) / w, (ys.mean() + r0) / h))
         dx, dy = DIRECTIONS[dirs[i]]
