@@ -39,13 +39,14 @@ def scenes_for(model: str, n: int) -> tuple[str, list[Any]]:
 
 def video_prompt_and_frames(family: str, scene: Any, frames: int = 13) -> tuple[str, list[Any]]:
     """The video tab's prompt for ``scene`` and the world's own rendering of it (64 px)."""
-    from mmeff.zoo.world import make_prompt, render, render_video
-    from mmeff.zoo.world.layout import layout_video_scenes, make_layout_prompt
+    from mmeff.zoo.prompt_family import video_prompt_of
+    from mmeff.zoo.world import render, render_video
+    from mmeff.zoo.world.layout import layout_video_scenes
 
+    prompt = video_prompt_of(family, scene, frames)
     if family == "layout":
-        per_frame, dirs = layout_video_scenes(scene, frames)
-        return make_layout_prompt(scene, dirs), [render(f, size=64) for f in per_frame]
-    return make_prompt(scene), render_video(scene, frames, seed=scene.seed, size=64)
+        return prompt, [render(f, size=64) for f in layout_video_scenes(scene, frames)[0]]
+    return prompt, render_video(scene, frames, seed=scene.seed, size=64)
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -106,12 +106,19 @@ def on_halluc_run(model_name: str, method: str, seed: float) -> tuple[Any, str]:
 
 
 def default_prompt(model: str = "tiny-sd3", seed: int = 5) -> str:
-    """The tab's first prompt: scene ``seed`` in the prompt family ``model`` was trained on."""
+    """The tab's first prompt: scene ``seed`` in the prompt family ``model`` was trained on (a video model's
+    layout prompt names the directions too)."""
     from ..zoo.load_pipeline import MODELS_DIR
-    from ..zoo.prompt_family import folder_family, prompt_of, scene_of_seed
+    from ..zoo.prompt_family import (
+        folder_family,
+        prompt_of,
+        scene_of_seed,
+        video_prompt_of,
+    )
 
     family = folder_family(MODELS_DIR / model)
-    return prompt_of(family, scene_of_seed(family, seed))
+    scene = scene_of_seed(family, seed)
+    return video_prompt_of(family, scene) if model == "tiny-wan" else prompt_of(family, scene)
 
 
 def build_app() -> Any:

@@ -119,14 +119,10 @@ def draw(data: dict[str, Any], path: Path, mask_layers: int = 4, mask_heads: int
 def scene_prompt(pipe: Any, seed: int) -> str:
     """The prompt of scene ``seed`` in the prompt family ``pipe`` was trained on."""
     from ..zoo.load_video import TINY_WAN_CALL
-    from ..zoo.prompt_family import pipeline_family, prompt_of, scene_of_seed
-    from ..zoo.world.layout import make_layout_video_prompt
+    from ..zoo.prompt_family import pipeline_family, scene_of_seed, video_prompt_of
 
     family = pipeline_family(pipe)
-    scene = scene_of_seed(family, seed)
-    if family == "layout":
-        return make_layout_video_prompt(scene, int(TINY_WAN_CALL["num_frames"]))
-    return prompt_of(family, scene)
+    return video_prompt_of(family, scene_of_seed(family, seed), int(TINY_WAN_CALL["num_frames"]))
 
 
 def main(argv: list[str] | None = None) -> int:

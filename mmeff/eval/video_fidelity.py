@@ -213,16 +213,11 @@ def _presence_scores(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]
 def prompts_and_seeds(n: int, offset: int = 0, family: str = "world") -> list[tuple[str, int]]:
     """``(prompt, seed)`` of ``n`` test-split scenes of the prompt ``family`` (layout videos name directions)."""
     from ..zoo.load_video import TINY_WAN_CALL
-    from ..zoo.prompt_family import scene_of_seed
-    from ..zoo.world import make_prompt, split_seeds
-    from ..zoo.world.layout import make_layout_video_prompt
+    from ..zoo.prompt_family import scene_of_seed, video_prompt_of
+    from ..zoo.world import split_seeds
 
     frames = int(TINY_WAN_CALL["num_frames"])
-    out = []
-    for s in split_seeds("test", n, offset):
-        scene = scene_of_seed(family, s)
-        out.append((make_layout_video_prompt(scene, frames) if family == "layout" else make_prompt(scene), s))
-    return out
+    return [(video_prompt_of(family, scene_of_seed(family, s), frames), s) for s in split_seeds("test", n, offset)]
 
 
 def generate(pipe: Any, prompt: str, seed: int, *, steps: int, cfg: float, call: dict[str, Any]) -> tuple[torch.Tensor, float]:

@@ -127,8 +127,12 @@ def finetune(pipe_dir: Path, out: Path, minutes: float, *, ckpt_dir: Path, data:
     """Train ``pipe_dir``'s VAE decoder for ``minutes`` (in total, over resumed runs) and save the pipeline
     with it to ``out``. ``data`` defaults to the pipeline's prompt family. ``crop`` and ``first_frame_weight``
     apply to video pipelines."""
+    from ..core.errors import ConfigError
     from .prompt_family import folder_family
 
+    if not ((pipe_dir / "model_index.json").is_file() and (pipe_dir / "training.json").is_file()):
+        raise ConfigError(f"decoder_ft: {pipe_dir} is not a saved zoo pipeline (it needs model_index.json and "
+                          "training.json); pass a folder written by train_sd3 / train_wan or a shipped zoo model")
     meta = json.loads((pipe_dir / "training.json").read_text())
     data = data or folder_family(pipe_dir)
     pipe, kind = load_any(pipe_dir)

@@ -64,6 +64,15 @@ def prompt_of(family: str, scene: Any) -> str:
     return make_layout_prompt(scene) if family == "layout" else make_prompt(scene)
 
 
+def video_prompt_of(family: str, scene: Any, frames: int = 13) -> str:
+    """The text-to-video prompt of ``scene`` in ``family``: a layout prompt also names each object's direction
+    over ``frames`` frames."""
+    from .world.layout import make_layout_video_prompt
+
+    check(family)
+    return make_layout_video_prompt(scene, frames) if family == "layout" else prompt_of(family, scene)
+
+
 def check(family: str) -> None:
     if family not in FAMILIES:
         from ..core.errors import ConfigError

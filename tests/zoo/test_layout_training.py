@@ -154,3 +154,12 @@ def test_wan_decoder_finetune_keeps_the_encoder_and_weights_the_first_frame(tmp_
     w = ad.frame_weights(x)
     assert x.shape == (1, 3, 13, 16, 16) and float(w.mean()) == pytest.approx(1.0)
     assert float(w[0, 0, 0]) == pytest.approx(4 * float(w[0, 0, 1]))
+
+
+def test_decoder_finetune_refuses_a_folder_that_is_no_zoo_pipeline(tmp_path):
+    from mmeff.core.errors import ConfigError
+    from mmeff.zoo.decoder_ft import finetune
+
+    with pytest.raises(ConfigError, match="not a saved zoo pipeline"):
+        finetune(tmp_path, tmp_path / "out", 0.01, ckpt_dir=tmp_path / "ck")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()  # nothing half-done

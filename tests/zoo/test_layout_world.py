@@ -118,3 +118,13 @@ def test_prompt_family_is_read_from_the_saved_training_json(tmp_path):
     assert prompt_of("layout", scene) == make_layout_prompt(scene) and "background" in prompt_of("world", scene)
     with pytest.raises(ConfigError, match="prompt family"):
         prompt_of("poems", scene)
+
+
+def test_video_prompts_name_directions_only_for_layout_scenes():
+    from mmeff.zoo.prompt_family import held_out_scenes, prompt_of, video_prompt_of
+
+    layout = held_out_scenes("layout", "test", 1)[0]
+    assert video_prompt_of("layout", layout, 13) == make_layout_video_prompt(layout, 13) and "moving" in \
+        video_prompt_of("layout", layout, 13)
+    world = held_out_scenes("world", "test", 1)[0]
+    assert video_prompt_of("world", world) == prompt_of("world", world)
