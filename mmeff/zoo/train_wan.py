@@ -197,6 +197,18 @@ def world_videos(seeds: list[int], size: int = SIZE, frames: int = FRAMES,
     return to_unit(arr), prompts
 
 
+def still_image_arrays(seeds: list[int], size: int = SIZE, data: str = "world") -> tuple[np.ndarray, list[str]]:
+    """One-frame videos (``[B, 1, size, size, 3]`` uint8) of scenes ``seeds`` and their still-image prompts (no
+    motion words: one frame cannot show a direction). Wan trains on images as one-frame videos; the causal VAE
+    encodes a video's first frame alone, so these train exactly the first-frame path."""
+    from .prompt_family import prompt_of, scene_of_seed
+    from .world import render
+
+    scenes = [scene_of_seed(data, s) for s in seeds]
+    arr = np.stack([np.asarray(render(sc, size=size), dtype=np.uint8)[None] for sc in scenes])
+    return arr, [prompt_of(data, sc) for sc in scenes]
+
+
 def train_seeds(step: int, batch: int, phase: int) -> list[int]:
     """Train-split scene seeds of one batch (phase 0: VAE, 1: diffusion; different orders)."""
     n = 1_000_000
@@ -288,7 +300,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
           pool_size: int = POOL_SIZE, cosine: bool = True, warmup: int = 100, vae_object_weight: float = 0.0,
           device: str | None = "cpu", amp: bool = False, deadline: float | None = None,
           render_workers: int = 0, max_steps: int | None = None, data: str | None = None,
-          vae_crop: int | None = None) -> dict[str, Any]:
+          vae_crop: int | None = None, vae_image_batch: int = 0, image_batch: int = 0) -> dict[str, Any]:
     """Train (or resume) tiny-wan until ``minutes`` in total are spent (VAE, then diffusion);
     ``init_from`` (a saved tiny-wan folder) continues that model, its minutes counted in the total.
     ``export_only`` saves the checkpoint's (EMA) pipeline to ``out_dir`` without training.
@@ -301,7 +313,12 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     square crops of that many pixels (the same crop for every frame of a clip). ``device``, ``amp``,
     ``deadline`` as in :func:`mmeff.zoo.train_sd3.train`; ``max_steps`` stops at that diffusion step.
     ``data`` is the prompt family (``"world"``, ``"layout"``); default: the checkpoint's, the ``init_from``
-    model's, or ``"world"``."""
+    model's, or ``"world"``.
+
+    Joint image-video training (as Wan itself is trained): ``vae_image_batch`` > 0 adds to every VAE step the
+    loss on that many full-size one-frame videos (:func:`still_image_arrays`), which is the causal VAE's
+    first-frame path; ``image_batch`` > 0 makes every other diffusion step one on that many one-frame latents
+    with still-image prompts (their own pool, ``image_latent_pool.pt``)."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -323,6 +340,8 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
                           "stage": {"step": 0, "seconds": 0.0, "vae_step": 0}}
     pool = LatentPool(pool_size)
     pool_path = ckpt_dir / "latent_pool.pt"
+    image_pool = LatentPool(pool_size)
+    image_pool_path = ckpt_dir / "image_latent_pool.pt"
     if ck is not None:
         for name, mod in (("vae", vae), ("transformer", tr), ("text_encoder", te)):
             mod.load_state_dict(ck[name])
@@ -330,6 +349,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         st.setdefault("stage", {"step": 0, "seconds": 0.0, "vae_step": 0})
         torch.set_rng_state(ck["rng"])
         pool.load(pool_path)
+        image_pool.load(image_pool_path)
         print(f"resumed from {ckpt_path}: phase {st['phase']}, vae_step {st['vae_step']}, step {st['step']}, "
               f"pool {len(pool)}", flush=True)
     elif init_from is not None:
@@ -356,7 +376,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     st["recipe_config"] = {"batch": batch, "vae_batch": vae_batch, "lr": lr, "vae_lr": vae_lr, "ema": ema,
                            "pool": pool_size, "new_per_step": new_per_step, "cosine": cosine, "warmup": warmup,
                            "vae_frames": st["vae_frames"], "vae_object_weight": vae_object_weight, "vae_crop": vae_crop,
-                           "data": data}
+                           "data": data, "vae_image_batch": vae_image_batch, "image_batch": image_batch}
     run_info = {"device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev), "amp": bool(amp),
                 "batch": batch, "vae_batch": vae_batch, "lr": lr, "pool": pool_size, "threads": torch.get_num_threads(),
                 "from_step": st["step"], "to_step": st["step"], "from_vae_step": st["vae_step"],
@@ -370,6 +390,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
                               "opt_vae": opt_vae.state_dict(), "opt": opt.state_dict(), "state": st,
                               "rng": torch.get_rng_state(), "ema": None if averager is None else averager.state()})
         pool.save(pool_path)
+        image_pool.save(image_pool_path)
 
     def finish() -> dict[str, Any]:
         if averager is not None:
@@ -407,6 +428,12 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
             rec = decode_unclamped(vae, post.mean)
             mse = torch.nn.functional.mse_loss(rec, x)
             loss = (weight * (rec - x) ** 2).mean() + 1e-4 * post.mean.pow(2).mean()
+            if vae_image_batch:
+                xi = to_unit(still_image_arrays(train_seeds(st["vae_step"], vae_image_batch, 2), data=data)[0]).to(dev)
+                post_i = vae.encode(xi).latent_dist
+                rec_i = decode_unclamped(vae, post_i.mean)
+                loss = loss + ((video_object_weight(xi, vae_object_weight) * (rec_i - xi) ** 2).mean()
+                               + 1e-4 * post_i.mean.pow(2).mean())
             opt_vae.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -434,6 +461,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         st["latents_std"] = z.std(dim=(0, 2, 3, 4)).tolist()
         st["phase"] = 1
         pool = LatentPool(pool_size)  # latents of an earlier VAE are stale
+        image_pool = LatentPool(pool_size)
         checkpoint()
         last_ck = time.time()
     vae.eval().requires_grad_(False)
@@ -465,19 +493,23 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     # encodes only ``new_per_step`` fresh train videos into it (and trains on them with a random rest).
     while st["diff_seconds"] < budget and not stop.passed() and (max_steps is None or st["step"] < max_steps):
         t0 = time.time()
+        still = bool(image_batch) and st["step"] % 2 == 1
+        src, n = (image_pool, image_batch) if still else (pool, batch)
         fresh_n = 0
-        if not pool.full:
-            arr, pr = world_video_arrays(train_seeds(st["step"], new_per_step, 1), data=data)
-            pool.add(encode_videos(arr), pr)
-            fresh_n = min(new_per_step, batch)
-        x0, prompts = pool.sample(batch, gen)
+        if not src.full:
+            grow = 4 * new_per_step if still else new_per_step  # one-frame encodes are ~13x cheaper
+            make = partial(still_image_arrays, data=data) if still else partial(world_video_arrays, data=data)
+            arr, pr = make(train_seeds(st["step"], grow, 3 if still else 1))
+            src.add(encode_videos(arr), pr)
+            fresh_n = min(grow, n)
+        x0, prompts = src.sample(n, gen)
         if fresh_n:
-            x0[:fresh_n] = torch.stack(pool.latents[-fresh_n:]).float()
-            prompts[:fresh_n] = pool.prompts[-fresh_n:]
-        drop = torch.rand(batch, generator=gen) < 0.1
+            x0[:fresh_n] = torch.stack(src.latents[-fresh_n:]).float()
+            prompts[:fresh_n] = src.prompts[-fresh_n:]
+        drop = torch.rand(n, generator=gen) < 0.1
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         eps = torch.randn(x0.shape, generator=gen).to(dev)
-        u = torch.sigmoid(torch.randn(batch, generator=gen))
+        u = torch.sigmoid(torch.randn(n, generator=gen))
         t = (SHIFT * u / (1 + (SHIFT - 1) * u)).to(dev)
         x0 = x0.to(dev)
         tt = t.view(-1, 1, 1, 1, 1)
@@ -496,11 +528,13 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
             averager.update(learned, st["step"])
         run.append(loss.detach())
         st["step"] += 1
+        st["image_steps"] = st.get("image_steps", 0) + int(still)
         st["diff_seconds"] += time.time() - t0
         if st["step"] % log_every == 0:
             m = float(torch.stack(run).mean())
             st["losses"].append([st["step"], m])
-            print(f"step {st['step']} loss {m:.4f} pool {len(pool)} "
+            print(f"step {st['step']} loss {m:.4f} pool {len(pool)}"
+                  + (f" images {len(image_pool)}" if image_batch else "") + " "
                   f"({(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} min)", flush=True)
             run = []
         if time.time() - last_ck > ckpt_every:
@@ -542,6 +576,10 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int
                 "config": "AutoencoderKLWan(base_dim=16, z_dim=8, dim_mult=[1,2,2], num_res_blocks=1, "
                           "temperal_downsample=[True,True], scale_factor_spatial=4): 4x spatial, 4x temporal"},
         "diffusion": {"steps": st["step"], "batch_size": batch, "samples_seen": samples,
+                      **({"image_steps": st["image_steps"],
+                          "video_samples_seen": samples - st["image_steps"] * batch,
+                          "image_samples_seen": st["image_steps"] * (st.get("recipe_config") or {}).get("image_batch", 0)}
+                         if st.get("image_steps") else {}),
                       "minutes": round(st["diff_seconds"] / 60, 2), "loss_curve": st["losses"],
                       "final_loss": st["losses"][-1][1] if st["losses"] else None,
                       "objective": "rectified flow: x_t=(1-t)x0+t*eps, target eps-x0, timestep=1000t, "
@@ -586,6 +624,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae-frames", type=int, default=None,
                     help=f"frames per VAE training clip (1 + 4k; default: the checkpoint's, or {VAE_FRAMES})")
     ap.add_argument("--vae-crop", type=int, default=None, help="train the VAE on random square crops of this size")
+    ap.add_argument("--vae-image-batch", type=int, default=0,
+                    help="one-frame images added to every VAE step (trains the causal VAE's first-frame path)")
+    ap.add_argument("--image-batch", type=int, default=0,
+                    help="every other diffusion step trains on this many one-frame latents (joint image-video)")
     ap.add_argument("--data", choices=["world", "layout"], default=None,
                     help="prompt family (default: the checkpoint's, the --init-from model's, or world)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop at this diffusion step")
@@ -606,7 +648,8 @@ def main(argv: list[str] | None = None) -> None:
     train(a.minutes, a.vae_minutes, a.batch, a.vae_batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir,
           a.threads, a.log_every, a.lr, a.new_per_step, a.vae_lr, a.vae_frames, a.init_from, export_only=a.export,
           ema=a.ema, pool_size=a.pool, cosine=not a.no_cosine, vae_object_weight=a.vae_object_weight,
-          device=a.device, amp=a.amp, data=a.data, vae_crop=a.vae_crop, max_steps=a.max_steps)
+          device=a.device, amp=a.amp, data=a.data, vae_crop=a.vae_crop, max_steps=a.max_steps,
+          vae_image_batch=a.vae_image_batch, image_batch=a.image_batch)
 
 
 if __name__ == "__main__":

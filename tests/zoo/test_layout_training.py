@@ -131,6 +131,37 @@ def test_an_explicit_wan_vae_clip_length_wins_over_the_saved_models(tmp_path):
     assert kept["vae"]["clip_frames"] == 5
 
 
+def test_wan_still_images_are_the_videos_first_frames_with_still_prompts():
+    from mmeff.zoo.train_wan import still_image_arrays, world_video_arrays
+    from mmeff.zoo.world.layout import generate_layout_scene, make_layout_prompt
+
+    images, prompts = still_image_arrays([3, 4], data="layout")
+    videos, video_prompts = world_video_arrays([3, 4], frames=5, data="layout")
+    assert images.shape == (2, 1, 64, 64, 3)
+    assert (images[:, 0] == videos[:, 0]).all()
+    assert prompts == [make_layout_prompt(generate_layout_scene(s)) for s in (3, 4)]
+    assert not any("moving" in p for p in prompts) and all("moving" in p for p in video_prompts)
+
+
+def test_wan_joint_image_video_training_trains_the_first_frame_path_and_alternates_steps(tmp_path):
+    """``image_batch`` makes every other diffusion step a one-frame one, from its own latent pool of still-image
+    prompts, counted apart in ``training.json``; ``vae_image_batch`` is recorded in the recipe."""
+    from mmeff.zoo.train_wan import train
+
+    kw = {"batch": 1, "vae_batch": 1, "vae_crop": 16, "vae_frames": 5, "log_every": 1, "data": "layout",
+          "pool_size": 4, "ckpt_every": 0.0}
+    info = train(1.0, vae_minutes=0.002, vae_image_batch=2, image_batch=3, max_steps=4,
+                 ckpt_dir=tmp_path / "ck", out_dir=tmp_path / "out", **kw)
+    assert info["recipe_config"]["vae_image_batch"] == 2 and info["recipe_config"]["image_batch"] == 3
+    assert info["diffusion"]["steps"] == 4 and info["diffusion"]["image_steps"] == 2
+    assert info["diffusion"]["image_samples_seen"] == 6 and info["diffusion"]["video_samples_seen"] == 2
+    pool = torch.load(tmp_path / "ck" / "image_latent_pool.pt", weights_only=False)
+    assert pool["latents"].shape[1:] == (8, 1, 16, 16) and len(pool["prompts"]) >= 4
+    assert not any("moving" in p for p in pool["prompts"])
+    video_pool = torch.load(tmp_path / "ck" / "latent_pool.pt", weights_only=False)
+    assert video_pool["latents"].shape[1:] == (8, 4, 16, 16)
+
+
 def test_wan_decoder_finetune_keeps_the_encoder_and_weights_the_first_frame(tmp_path):
     from diffusers import WanPipeline
 
