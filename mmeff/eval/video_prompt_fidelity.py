@@ -2,7 +2,7 @@
 
 ``python -m mmeff.eval.video_prompt_fidelity --model tiny-wan --n 48 --out docs/results/tiny-wan-prompt-fidelity.json``
 
-The video counterpart of :mod:`mmeff.eval.t2i_fidelity`. For ``n`` *test*-split scenes the pipeline draws the
+The video counterpart of :mod:`mmeff.eval.t2i_fidelity`. For ``n`` *test*-split (or ``--split val``) scenes the pipeline draws the
 scene's video prompt (of the pipeline's prompt family; layout prompts name every object's cell and direction)
 with generator seed = scene seed. The first, middle and last frames are scored against the scene *at that
 frame* (objects move), and so are the world's own video of the scene (the ceiling) and that video through the
@@ -92,15 +92,18 @@ def score(videos: list[np.ndarray], per_frame: list[list[Any]], family: str,
 
 
 def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, *, n: int = 48, steps: int = 10, cfg: float = 5.0,
-             offset: int = 0, log: Any = print) -> dict[str, Any]:
-    """Generate ``n`` held-out video prompts and score them, the world's videos and their VAE round trips."""
+             offset: int = 0, split: str = "test", log: Any = print) -> dict[str, Any]:
+    """Generate ``n`` held-out video prompts (``split``: ``"test"``, or ``"val"`` to choose settings) and score
+    them, the world's videos and their VAE round trips."""
     from ..zoo.load_video import TINY_WAN_CALL
-    from ..zoo.prompt_family import pipeline_family
-    from .video_fidelity import generate, prompts_and_seeds
+    from ..zoo.prompt_family import pipeline_family, scene_of_seed, video_prompt_of
+    from ..zoo.world import split_seeds
+    from .video_fidelity import generate
 
     family = pipeline_family(pipe)
     call = dict(TINY_WAN_CALL)
-    items = prompts_and_seeds(n, offset, family)
+    frames = int(call["num_frames"])
+    items = [(video_prompt_of(family, scene_of_seed(family, s), frames), s) for s in split_seeds(split, n, offset)]
     seeds = [s for _, s in items]
     generated, secs = [], []
     for i, (prompt, seed) in enumerate(items):
@@ -109,10 +112,10 @@ def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, *, n: int = 48, steps: int 
         secs.append(dt)
         if log and (i + 1) % 8 == 0:
             log(f"generated {i + 1}/{n} ({np.mean(secs):.2f} s/video)")
-    renders, per_frame = world_videos(seeds, family, int(call["num_frames"]), int(call["height"]))
+    renders, per_frame = world_videos(seeds, family, frames, int(call["height"]))
     round_trips = vae_round_trip_videos(pipe, renders)
     out: dict[str, Any] = {"call_kwargs": {**call, "num_inference_steps": steps, "guidance_scale": cfg},
-                           "sec_per_video": float(np.mean(secs)), "prompt_family": family,
+                           "split": split, "sec_per_video": float(np.mean(secs)), "prompt_family": family,
                            "prompts": [p for p, _ in items], "seeds": seeds}
     for name, vids in (("generated", generated), ("renders", renders), ("vae_round_trip", round_trips)):
         out[name] = score(vids, per_frame, family, vlm)
@@ -146,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="tiny-wan", help='zoo name ("tiny-wan") or a pipeline folder')
     ap.add_argument("--out", default="runs/video_prompt_fidelity.json")
     ap.add_argument("--n", type=int, default=48, help="held-out prompts")
-    ap.add_argument("--offset", type=int, default=0, help="first test-split scene")
+    ap.add_argument("--offset", type=int, default=0, help="first scene of the split")
+    ap.add_argument("--split", choices=["test", "val"], default="test",
+                    help="held-out split (choose settings such as --cfg on val, report on test)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
     ap.add_argument("--vlm", default="tiny-qwen2-vl", help="zoo VLM for shape existence ('none' to skip)")
@@ -163,14 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     pipe = load_video_pipeline(a.model)
     vlm = None if a.vlm == "none" else load(a.vlm)
-    res = evaluate(pipe, vlm, n=a.n, steps=a.steps, cfg=a.cfg, offset=a.offset)
+    res = evaluate(pipe, vlm, n=a.n, steps=a.steps, cfg=a.cfg, offset=a.offset, split=a.split)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid = out.with_name(out.stem + "_grid.png")
     write_grid(res.pop("videos"), grid)
     folder = Path(getattr(pipe.config, "_name_or_path", "") or ".")
     meta = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
-    doc = {"format": "mmeff.video_prompt_fidelity/1", "config": {**vars(a), "split": "test"},
+    doc = {"format": "mmeff.video_prompt_fidelity/1", "config": vars(a),
            "targets": {"shape_existence_acc": 0.85, "all_colours_ok": 0.90, "motion": "objects persist and move"},
            "pipe_training": {"prompt_family": meta.get("prompt_family"),
                              "diffusion_steps": meta.get("diffusion", {}).get("steps"),

@@ -8,7 +8,8 @@ lent H200) does, in order, each step under a wall-clock deadline so the call end
    CPU cores in bulk; then the checkpoint and the exported pipeline are packed into ``$OUT/tiny-sd3.tar.NN``
    (:mod:`mmeff.zoo.bundle`).
 2. **tiny-wan**: ``train_wan.train`` from the shipped model: 60 s more VAE on full 13-frame clips (object
-   pixels weighted 9x, as sd3's 64px VAE), then diffusion at batch 64 with EMA, cosine lr, bf16 autocast and a
+   pixels weighted 9x, as sd3's 64px VAE) plus 32 one-frame clips a step, then joint image-video diffusion
+   (video steps at batch 64, every other step 256 one-frame latents) with EMA, cosine lr, bf16 autocast and a
    pool of 16384 videos; packed into ``$OUT/tiny-wan.tar.NN``.
 3. **quick fidelity**, shipped vs new on the same held-out prompts: tiny-sd3 on 16 test prompts
    (``mmeff.eval.t2i_fidelity``: VLM shape existence, colours), tiny-wan on 8 (VLM existence on the first and
@@ -49,14 +50,16 @@ PLANS: dict[str, dict[str, Any]] = {
     "gpu": {
         "tiny-sd3": {"share": 0.4, "batch": 256, "lr": 1e-3, "pool": 65536, "amp": True},
         "tiny-wan": {"share": 0.6, "batch": 64, "lr": 5e-4, "pool": 16384, "amp": True, "vae_seconds": 60.0,
-                     "vae_batch": 16, "vae_frames": 13, "vae_object_weight": 9.0, "new_per_step": 8, "data": "layout"},
+                     "vae_batch": 16, "vae_frames": 13, "vae_object_weight": 9.0, "new_per_step": 8, "data": "layout",
+                     "vae_image_batch": 32, "image_batch": 256},
         "eval": {"sd3_n": 16, "wan_n": 8, "sd3_steps": 20, "wan_steps": 10, "reserve_s": 60.0, "vlm": True},
         "pack_reserve_s": 15.0, "load_overhead_s": 25.0, "max_steps_added": None,
     },
     "smoke": {
         "tiny-sd3": {"share": 0.5, "batch": 2, "lr": 1e-3, "pool": 4, "amp": False},
         "tiny-wan": {"share": 0.5, "batch": 2, "lr": 5e-4, "pool": 3, "amp": False, "vae_seconds": 0.5,
-                     "vae_batch": 1, "vae_frames": 5, "vae_object_weight": 9.0, "new_per_step": 1, "data": "layout"},
+                     "vae_batch": 1, "vae_frames": 5, "vae_object_weight": 9.0, "new_per_step": 1, "data": "layout",
+                     "vae_image_batch": 1, "image_batch": 2},
         "eval": {"sd3_n": 1, "wan_n": 1, "sd3_steps": 2, "wan_steps": 2, "reserve_s": 8.0, "vlm": True},
         "pack_reserve_s": 3.0, "load_overhead_s": 3.0, "max_steps_added": 3,
     },
@@ -139,7 +142,8 @@ def train_one(run: Run, name: str, train_seconds: float, workers: int) -> None:
             info = train_wan(spent + budget_s / 60, vae_minutes=vae_minutes, batch=p["batch"], lr=p["lr"],
                              pool_size=p["pool"], vae_batch=p["vae_batch"], vae_frames=p["vae_frames"],
                              vae_object_weight=p["vae_object_weight"], new_per_step=p["new_per_step"],
-                             data=p.get("data"), **common)
+                             data=p.get("data"), vae_image_batch=p.get("vae_image_batch", 0),
+                             image_batch=p.get("image_batch", 0), **common)
         rec.update(status="trained", train_wall_s=round(time.time() - t0, 1),
                    diffusion_steps=info["diffusion"]["steps"], final_loss=info["diffusion"]["final_loss"],
                    last_run=info["runs"][-1] if info.get("runs") else None, model_dir=str(model_dir))

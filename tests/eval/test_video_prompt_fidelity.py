@@ -39,9 +39,10 @@ def test_the_cli_scores_a_saved_pipeline_and_writes_the_grid(tmp_path):
 
     out = tmp_path / "vpf.json"
     main(["--model", str(video_pipeline_path("tiny-wan")), "--n", "2", "--steps", "2", "--vlm", "none",
-          "--out", str(out)])
+          "--split", "val", "--out", str(out)])
     doc = json.loads(out.read_text())
-    assert doc["format"] == "mmeff.video_prompt_fidelity/1" and len(doc["seeds"]) == 2
+    assert doc["format"] == "mmeff.video_prompt_fidelity/1" and doc["split"] == "val"
+    assert doc["seeds"] == list(split_seeds("val", 2))
     for name in ("generated", "renders", "vae_round_trip"):
         assert set(doc[name]["summary"]["all_colours_ok_by_frame"]) == {"0", "6", "12"}
     assert doc["renders"]["summary"]["all_colours_ok"] == 1.0

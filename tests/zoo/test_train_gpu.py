@@ -87,6 +87,7 @@ def test_cpu_resumes_the_packed_wan_checkpoint(smoke, tmp_path):
     ckpt_dir = smoke["back"] / "tiny-wan" / "ckpt"
     ck = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
     gpu_steps = ck["state"]["step"]
+    assert ck["state"]["recipe_config"]["image_batch"] == 2 and ck["state"]["image_steps"] >= 1  # joint image-video
     minutes = (ck["state"]["vae_seconds"] + ck["state"]["diff_seconds"]) / 60
     exported = train(minutes, ckpt_dir=ckpt_dir, out_dir=tmp_path / "export", export_only=True)
     assert exported["diffusion"]["steps"] == gpu_steps
