@@ -20,7 +20,9 @@
      (``tests/dit/test_pag_oracle.py``, on a random and on the zoo pipeline);
    - ``cfg+pag-joint``: the same layer and scale with ``mode="joint_identity"`` (identity over the whole joint
      text + image sequence, HeadHunter's perturbation): *not* diffusers' PAG;
-   - ``cfg+softpag``: SoftPAG + HeadHunter: ``SoftPAG(heads=<found>, u=--u, mode="joint_identity")``, same scale.
+   - ``cfg+softpag``: SoftPAG + HeadHunter: ``SoftPAG(heads=<found>, u=--u, mode=--softpag-mode)``, same scale;
+     the search perturbs the candidate heads the same way. ``joint_identity`` (default) is HeadHunter's own
+     perturbation, ``image_identity`` diffusers' PAG rule on single heads.
 
    Each row's ``runs`` field in the JSON says this in words. Metrics: mean judge CLIP score (100 x cos),
    object-presence accuracy (GenEval-style fraction of requested colour-shape objects detected by the judge's
@@ -52,7 +54,7 @@ RUNS = {
                "(= StableDiffusion3PAGPipeline, pag_applied_layers=['blocks.1'])",
     "cfg+pag-joint": "CFG + joint-identity PAG: SoftPAG(layers=(1,), u=1, mode='joint_identity') on all heads of "
                      "blocks.1 (text tokens perturbed too; not diffusers' PAG)",
-    "cfg+softpag": "CFG + SoftPAG on HeadHunter's heads: SoftPAG(heads=<found>, u, mode='joint_identity')",
+    "cfg+softpag": "CFG + SoftPAG on HeadHunter's heads: SoftPAG(heads=<found>, u, mode=<softpag_mode>)",
 }
 """What each row of the comparison runs, in words (written into the JSON next to the numbers)."""
 OBJECTIVES = ("clip", "presence", "clip+presence")
@@ -172,7 +174,8 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         steps: int = 10, cfg: float = 4.0, pag_scale: float = 3.0, u: float = 1.0, search_u: float = 1.0,
         search_prompts: int = 8, rounds: int = 2, top_k: int = 2, candidates: Any = "heads",
         heads: str | None = None, batch_size: int = 8, threads: int | None = 1,
-        progress: bool = False, objective: str = "clip", keep: str = "best", vlm: Any = None) -> dict[str, Any]:
+        progress: bool = False, objective: str = "clip", keep: str = "best", vlm: Any = None,
+        softpag_mode: str = "joint_identity") -> dict[str, Any]:
     """Search heads (unless ``heads``), then evaluate every row of :data:`METHODS` on the test prompts.
     ``vlm`` = ``(model, processor)`` adds the VLM's shape existence and the pixel colour check."""
     from ..guidance import HeadHunter, SoftPAG
@@ -207,23 +210,24 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         t0 = time.time()
         hh = HeadHunter(pipe, score, sprompts, sseeds, rounds=rounds, top_k=top_k,
                         candidates=candidates,
-                        u=search_u, scale=pag_scale, call_kwargs={**call, "output_type": "np"}, state_path=state,
+                        u=search_u, scale=pag_scale, mode=softpag_mode, call_kwargs={**call, "output_type": "np"}, state_path=state,
                         batch_size=batch_size, progress=progress, keep=keep)
         res = hh.run()
         found = ";".join(f"{l}.{h}" for l, h in res.heads)
         preset = res.save_preset(out.with_name(out.stem + "_heads.json"))
         search = {"split": "val", "n_prompts": len(sprompts), "seeds": sseeds, "rounds": rounds, "top_k": top_k,
-                  "u": search_u, "scale": pag_scale, "objective": f"judge.{objective}", "cfg": cfg, "steps": steps,
+                  "u": search_u, "scale": pag_scale, "mode": softpag_mode, "objective": f"judge.{objective}", "cfg": cfg, "steps": steps,
                   "baseline_cfg_only": res.baseline, "keep": keep, "kept_round": res.meta["kept_round"],
                   "n_candidates": len(hh.pool), "evaluations": hh.evaluations, "seconds": round(time.time() - t0, 1),
                   "heads": res.candidates, "history": res.history, "state": str(state), "preset": str(preset)}
 
     # ---- 2. evaluation on test prompts
+    runs = {**RUNS, "cfg+softpag": RUNS["cfg+softpag"].replace("<softpag_mode>", repr(softpag_mode))}
     prompts, seeds = [prompt_of(family, s) for s in test], [s.seed for s in test]
     judged = [judge_texts[p] for p in prompts]
     configs = {"cfg": None, "cfg+pag": SoftPAG(layers=(1,), u=1.0, scale=pag_scale, mode="image_identity"),
                "cfg+pag-joint": SoftPAG(layers=(1,), u=1.0, scale=pag_scale, mode="joint_identity"),
-               "cfg+softpag": SoftPAG(heads=found, u=u, scale=pag_scale, mode="joint_identity")}
+               "cfg+softpag": SoftPAG(heads=found, u=u, scale=pag_scale, mode=softpag_mode)}
     generate(pipe, prompts[:1], seeds[:1], None, call, 1)  # warm-up
     results: dict[str, Any] = {}
     rows: dict[str, list[np.ndarray]] = {}
@@ -239,7 +243,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
                                              for r in vlm_existence(*vlm, images, test)]
             per_prompt["all_colours_ok"] = [float(colour_checks(im, sc)["all_colours_ok"])
                                             for im, sc in zip(images, test)]
-        results[name] = {"runs": RUNS[name], "clip_score": float(np.mean(cs)), "clip_score_std": float(np.std(cs)),
+        results[name] = {"runs": runs[name], "clip_score": float(np.mean(cs)), "clip_score_std": float(np.std(cs)),
                          "presence_acc": float(np.mean(pres)), "sec_per_image": spi,
                          "objective": float(np.mean(objective_scores)),
                          **{k: float(np.mean(per_prompt[k])) for k in ("shape_existence", "all_colours_ok")
@@ -272,7 +276,8 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
                    "steps": steps, "cfg": cfg,
                    "pag_scale": pag_scale, "u": u,
                    "mode": {"cfg+pag": "image_identity", "cfg+pag-joint": "joint_identity",
-                            "cfg+softpag": "joint_identity"}, "runs": RUNS, "batch_size": batch_size,
+                            "cfg+softpag": softpag_mode},
+                   "runs": runs, "batch_size": batch_size,
                    "vlm": None if vlm is None else type(vlm[0]).__name__,
                    "threads": torch.get_num_threads(), "call_kwargs": call,
                    "pag_definition": "SoftPAG(layers=(1,), u=1, mode=image_identity): all heads of block 1, "
@@ -335,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--objective", choices=OBJECTIVES, default="clip", help="HeadHunter's search objective")
     ap.add_argument("--vlm", default=None, help="zoo VLM for shape existence (e.g. tiny-qwen2-vl); off by default")
+    ap.add_argument("--softpag-mode", choices=("joint_identity", "image_identity"), default="joint_identity",
+                    help="how SoftPAG perturbs the searched heads (HeadHunter's joint identity, or diffusers' image "
+                         "identity)")
     ap.add_argument("--keep", choices=("best", "last"), default="best",
                     help="the heads after the best-scoring search round (validated) or after the last one (Alg. 1)")
     a = ap.parse_args(argv)
@@ -344,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     rep = run(a.out, model=a.model, n_test=a.n_test, steps=a.steps, cfg=a.cfg, pag_scale=a.pag_scale, u=a.u,
               search_u=a.search_u, search_prompts=a.search_prompts, rounds=a.rounds, top_k=a.top_k,
               candidates=cands, heads=a.heads, batch_size=a.batch_size, threads=a.threads, progress=a.progress,
-              objective=a.objective, keep=a.keep, vlm=None if a.vlm is None else load(a.vlm))
+              objective=a.objective, keep=a.keep, vlm=None if a.vlm is None else load(a.vlm),
+              softpag_mode=a.softpag_mode)
     print(table(rep))
     print(f"found heads: {rep['found_heads']}")
     print(f"wrote {a.out} and {rep['grid']}")
