@@ -4,8 +4,10 @@
 
 1. **Search** (HeadHunter, arXiv 2506.10978 Alg. 1): greedy rounds over every (layer, head) of the
    transformer on *val*-split prompts/seeds (disjoint from the test scenes), objective (``--objective``) = the
-   tiny CLIP judge's ``clip`` score (100 x cos), its object ``presence`` accuracy, or ``clip+presence``
-   (clip / 100 + presence), higher is better; SoftPAG with ``--search-u`` and CFG on (so the heads are chosen
+   tiny CLIP judge's ``clip`` score (100 x cos), its object ``presence`` accuracy, ``clip+presence``
+   (clip / 100 + presence), or ``vlm``: the zoo VLM's shape-existence accuracy against the prompt's scene (needs
+   ``--vlm``; the judge reads world prompts only, and its presence head scores 0.375 on layout renders), higher
+   is better; SoftPAG with ``--search-u`` and CFG on (so the heads are chosen
    for the setting they are deployed in). ``--keep best`` (default) deploys the heads after the round whose
    composed selection scored best on the search set. The search state is saved next to the output and resumes.
 2. **Evaluation** on ``--n-test`` *test*-split scenes (generator seed = scene seed), same seeds for every
@@ -57,13 +59,27 @@ RUNS = {
     "cfg+softpag": "CFG + SoftPAG on HeadHunter's heads: SoftPAG(heads=<found>, u, mode=<softpag_mode>)",
 }
 """What each row of the comparison runs, in words (written into the JSON next to the numbers)."""
-OBJECTIVES = ("clip", "presence", "clip+presence")
+OBJECTIVES = ("clip", "presence", "clip+presence", "vlm")
+
+
+def vlm_objective(vlm: tuple[Any, Any], scene_of_prompt: dict[str, Any]) -> Any:
+    """HeadHunter objective: per image, the zoo VLM's accuracy on the six shape-existence questions of the scene
+    its prompt describes (:func:`mmeff.eval.t2i_fidelity.vlm_existence`). Unlike the judge, which reads world
+    prompts only, it scores what a layout image shows against the scene."""
+    from .t2i_fidelity import vlm_existence
+
+    def objective(images: Any, prompts: list[str]) -> list[float]:
+        rows = vlm_existence(*vlm, list(images), [scene_of_prompt[p] for p in prompts])
+        return [float(np.mean(list(r["correct"].values()))) for r in rows]
+
+    objective.__name__ = "vlm.shape_existence"
+    return objective
 
 
 def make_objective(judge: Any, name: str) -> Any:
     """HeadHunter objective ``fn(images, prompts) -> list[float]`` from the tiny judge (higher is better)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
+    if name not in OBJECTIVES or name == "vlm":
+        raise ValueError(f"judge objective must be one of {OBJECTIVES[:3]}, got {name!r}")
 
     def objective(images: Any, prompts: list[str]) -> list[float]:
         clip = judge.clip_score(images, prompts) if "clip" in name else None
@@ -195,7 +211,14 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
     family = pipeline_family(pipe)
     val, test = scenes_of("val", search_prompts, family=family), scenes_of("test", n_test, family=family)
     judge_texts = {prompt_of(family, s): make_prompt(s) for s in [*val, *test]}
-    score = judged_on(make_objective(judge, objective), judge_texts)
+    if objective == "vlm":
+        if vlm is None:
+            from ..core.errors import ConfigError
+
+            raise ConfigError("guidance_eval: --objective vlm needs --vlm (e.g. tiny-qwen2-vl)")
+        score = vlm_objective(vlm, {prompt_of(family, s): s for s in [*val, *test]})
+    else:
+        score = judged_on(make_objective(judge, objective), judge_texts)
     t_start = time.time()
 
     # ---- 1. head search on val prompts (or given heads)
@@ -216,7 +239,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         found = ";".join(f"{l}.{h}" for l, h in res.heads)
         preset = res.save_preset(out.with_name(out.stem + "_heads.json"))
         search = {"split": "val", "n_prompts": len(sprompts), "seeds": sseeds, "rounds": rounds, "top_k": top_k,
-                  "u": search_u, "scale": pag_scale, "mode": softpag_mode, "objective": f"judge.{objective}", "cfg": cfg, "steps": steps,
+                  "u": search_u, "scale": pag_scale, "mode": softpag_mode, "objective": score.__name__, "cfg": cfg, "steps": steps,
                   "baseline_cfg_only": res.baseline, "keep": keep, "kept_round": res.meta["kept_round"],
                   "n_candidates": len(hh.pool), "evaluations": hh.evaluations, "seconds": round(time.time() - t0, 1),
                   "heads": res.candidates, "history": res.history, "state": str(state), "preset": str(preset)}
@@ -272,7 +295,7 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
         sd3_info = json.loads(f.read_text()) if f.is_file() else None
     report = {
         "format": "mmeff.guidance_eval/1",
-        "config": {"model": model, "n_test": n_test, "prompt_family": family, "objective": f"judge.{objective}", "test_split": "test",
+        "config": {"model": model, "n_test": n_test, "prompt_family": family, "objective": score.__name__, "test_split": "test",
                    "steps": steps, "cfg": cfg,
                    "pag_scale": pag_scale, "u": u,
                    "mode": {"cfg+pag": "image_identity", "cfg+pag-joint": "joint_identity",

@@ -143,3 +143,22 @@ def test_training_continues_the_shipped_pipeline(tmp_path):
     assert info["vae"]["scaling_factor"] == before["vae"]["scaling_factor"]
     with pytest.raises(FileNotFoundError, match="training.json"):
         load_saved(build_pipeline(recipe=recipe), tmp_path)
+
+
+def test_the_vlm_objective_scores_what_an_image_shows_against_its_prompts_scene():
+    from mmeff.core.errors import ConfigError
+    from mmeff.eval.guidance_eval import run, vlm_objective
+    from mmeff.zoo.load import load
+    from mmeff.zoo.prompt_family import held_out_scenes, prompt_of
+    from mmeff.zoo.world import render
+
+    scenes = held_out_scenes("layout", "val", 6)
+    prompts = [prompt_of("layout", s) for s in scenes]
+    score = vlm_objective(load("tiny-qwen2-vl"), dict(zip(prompts, scenes)))
+    renders = [np.asarray(render(s, size=64)) for s in scenes]
+    right = score(renders, prompts)
+    wrong = score(renders[1:] + renders[:1], prompts)  # each image scored against another scene
+    assert len(right) == 6 and all(0.0 <= v <= 1.0 for v in right)
+    assert np.mean(right) >= 0.85 and np.mean(right) > np.mean(wrong) + 0.1
+    with pytest.raises(ConfigError, match="needs --vlm"):
+        run("unused.json", pipe=load_pipeline("tiny-sd3"), judge=object(), objective="vlm", vlm=None)
