@@ -109,8 +109,8 @@ def paired_differences(method: dict[str, list[float]], base: dict[str, list[floa
     """Mean per-prompt difference (method - base) of every metric, its standard error and t = mean / se
     (same prompts and seeds on both sides, so the pairing removes the prompt-to-prompt spread)."""
     out = {}
-    for key in method:
-        d = np.asarray(method[key], dtype=np.float64) - np.asarray(base[key], dtype=np.float64)
+    for key, values in method.items():
+        d = np.asarray(values, dtype=np.float64) - np.asarray(base[key], dtype=np.float64)
         se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
         out[key] = {"mean": float(d.mean()), "se": se, "t": float(d.mean() / se) if se and se > 0 else float("nan")}
     return out
@@ -273,9 +273,9 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
                             if k in per_prompt},
                          "config": None if conf is None else conf.to_dict() if hasattr(conf, "to_dict") else repr(conf),
                          "per_prompt": per_prompt}
-    for name in results:
+    for name, res in results.items():
         if name != "cfg":
-            results[name]["vs_cfg"] = paired_differences(results[name]["per_prompt"], results["cfg"]["per_prompt"])
+            res["vs_cfg"] = paired_differences(res["per_prompt"], results["cfg"]["per_prompt"])
     # reference: the judge on the real renders of the test scenes (upper bound of the metrics)
     from ..zoo.world import render
 
