@@ -273,9 +273,9 @@ def run(out: str | Path, *, model: str = "tiny-sd3", pipe: Any = None, judge: An
                             if k in per_prompt},
                          "config": None if conf is None else conf.to_dict() if hasattr(conf, "to_dict") else repr(conf),
                          "per_prompt": per_prompt}
-    for name, res in results.items():
+    for name, row in results.items():
         if name != "cfg":
-            res["vs_cfg"] = paired_differences(res["per_prompt"], results["cfg"]["per_prompt"])
+            row["vs_cfg"] = paired_differences(row["per_prompt"], results["cfg"]["per_prompt"])
     # reference: the judge on the real renders of the test scenes (upper bound of the metrics)
     from ..zoo.world import render
 
