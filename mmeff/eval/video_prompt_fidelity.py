@@ -38,7 +38,7 @@ def checked_frames(t_count: int) -> list[int]:
     return sorted({0, t_count // 2, t_count - 1})
 
 
-def world_videos(seeds: list[int], family: str, frames: int, size: int) -> tuple[list[np.ndarray], list[list[Any]]]:
+def reference_videos(seeds: list[int], family: str, frames: int, size: int) -> tuple[list[np.ndarray], list[list[Any]]]:
     """The world's own videos (``[T, H, W, 3]`` float in [0, 1]) and per-frame scenes of ``seeds``."""
     from ..zoo.train_wan import video_frames_and_prompt, world_video_arrays
 
@@ -112,7 +112,7 @@ def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, *, n: int = 48, steps: int 
         secs.append(dt)
         if log and (i + 1) % 8 == 0:
             log(f"generated {i + 1}/{n} ({np.mean(secs):.2f} s/video)")
-    renders, per_frame = world_videos(seeds, family, frames, int(call["height"]))
+    renders, per_frame = reference_videos(seeds, family, frames, int(call["height"]))
     round_trips = vae_round_trip_videos(pipe, renders)
     out: dict[str, Any] = {"call_kwargs": {**call, "num_inference_steps": steps, "guidance_scale": cfg},
                            "split": split, "sec_per_video": float(np.mean(secs)), "prompt_family": family,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mmeff.eval.video_prompt_fidelity import checked_frames, score, world_videos
+from mmeff.eval.video_prompt_fidelity import checked_frames, reference_videos, score
 from mmeff.zoo.world import split_seeds
 
 
@@ -14,7 +14,7 @@ def test_the_worlds_layout_videos_meet_the_targets_and_the_vlm_sees_their_shapes
     from mmeff.zoo.load import load
 
     seeds = split_seeds("test", 4)
-    videos, per_frame = world_videos(seeds, "layout", 13, 64)
+    videos, per_frame = reference_videos(seeds, "layout", 13, 64)
     out = score(videos, per_frame, "layout", load("tiny-qwen2-vl"))
     s = out["summary"]
     assert s["frames_checked"] == checked_frames(13) == [0, 6, 12]
@@ -26,7 +26,7 @@ def test_the_worlds_layout_videos_meet_the_targets_and_the_vlm_sees_their_shapes
 
 def test_videos_of_other_scenes_fail_positions_and_motion():
     seeds = split_seeds("test", 8)
-    videos, per_frame = world_videos(seeds, "layout", 13, 64)
+    videos, per_frame = reference_videos(seeds, "layout", 13, 64)
     shuffled = videos[1:] + videos[:1]  # every prompt scored against another scene's video
     s = score(shuffled, per_frame, "layout", None)["summary"]
     assert s["first_frame_object_in_named_cell"] <= 0.5 and s["motion"]["object_persists"] <= 0.5
