@@ -207,12 +207,10 @@ def still_image_arrays(seeds: list[int], size: int = SIZE, data: str = "world") 
     """One-frame videos (``[B, 1, size, size, 3]`` uint8) of scenes ``seeds`` and their still-image prompts (no
     motion words: one frame cannot show a direction). Wan trains on images as one-frame videos; the causal VAE
     encodes a video's first frame alone, so these train exactly the first-frame path."""
-    from .prompt_family import prompt_of, scene_of_seed
-    from .world import render
+    from .train_sd3 import world_images
 
-    scenes = [scene_of_seed(data, s) for s in seeds]
-    arr = np.stack([np.asarray(render(sc, size=size), dtype=np.uint8)[None] for sc in scenes])
-    return arr, [prompt_of(data, sc) for sc in scenes]
+    arr, prompts = world_images(seeds, size, data)  # the text-to-image trainer's renders and prompts
+    return arr[:, None], prompts
 
 
 def train_seeds(step: int, batch: int, phase: int) -> list[int]:
