@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .grow_transformer import arch_of, grow_wan_transformer
 from .saved_meta import read_training_json
 from .train_common import (
     EMA,
@@ -96,6 +97,8 @@ SHIFT = 3.0
 VAE_FRAMES = 5  # the causal VAE is trained on 1 + 4 frame clips (same weights, 2.6x cheaper)
 POOL_SIZE = 4096  # cached diffusion latents (videos); 8 x 4 x 16 x 16 fp16 = 16 KB each
 EMA_DECAY = 0.9995
+LAYERS = 4  # transformer blocks of a freshly built tiny-wan
+FFN_DIM = 256
 FORMAT = "mmeff.zoo.tiny-wan/1"
 _CHARS = list(string.ascii_lowercase + string.digits) + [",", '"', "."]
 
@@ -134,8 +137,9 @@ def build_vae(seed: int = 0) -> torch.nn.Module:
                             latents_std=[1.0] * Z_DIM, scale_factor_temporal=4, scale_factor_spatial=4)
 
 
-def build_pipeline(seed: int = 0, data: str = "world") -> Any:
-    """A freshly initialised tiny Wan pipeline (VAE untrained as well) for ``data``'s prompts."""
+def build_pipeline(seed: int = 0, data: str = "world", num_layers: int = LAYERS, ffn_dim: int = FFN_DIM) -> Any:
+    """A freshly initialised tiny Wan pipeline (VAE untrained as well) for ``data``'s prompts; the transformer
+    has ``num_layers`` blocks of FFN width ``ffn_dim`` (larger after :mod:`mmeff.zoo.grow_transformer`)."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         WanPipeline,
@@ -149,7 +153,7 @@ def build_pipeline(seed: int = 0, data: str = "world") -> Any:
                                      relative_attention_num_buckets=16, dropout_rate=0.0))
     torch.manual_seed(seed + 2)
     tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=Z_DIM,
-                               out_channels=Z_DIM, text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4,
+                               out_channels=Z_DIM, text_dim=64, freq_dim=64, ffn_dim=ffn_dim, num_layers=num_layers,
                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
     pipe = WanPipeline(tokenizer=tok, text_encoder=te, vae=build_vae(seed), transformer=tr,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
@@ -289,10 +293,46 @@ def load_saved(pipe: Any, folder: Path, vae_minutes: float, data: str | None = N
                  "vae_steps": vae["steps"], "diffusion_steps": diff["steps"],
                  "minutes": round(vae["minutes"] + diff["minutes"], 2)}]),
             "runs": list(meta.get("runs", [])),
+            **({"decoder_finetune": meta["decoder_finetune"]} if meta.get("decoder_finetune") else {}),
             "samples_before": diff.get("samples_seen", diff["steps"] * diff.get("batch_size", 8)),
             "runs_counted_from": len(meta.get("runs", [])),
             "stage": {"step": diff["steps"], "seconds": diff["minutes"] * 60,
                       "vae_step": vae["steps"], "init_from": str(folder)}}
+
+
+def saved_arch(ck: dict[str, Any] | None, init_from: Path | None) -> dict[str, int]:
+    """Transformer size to build: the checkpoint's, else the ``init_from`` model's, else a fresh tiny-wan's."""
+    if ck is not None:
+        return dict(ck["state"].get("transformer_arch", {"num_layers": LAYERS, "ffn_dim": FFN_DIM}))
+    if init_from is not None:
+        cfg = json.loads((Path(init_from) / "transformer" / "config.json").read_text())
+        return {"num_layers": int(cfg["num_layers"]), "ffn_dim": int(cfg["ffn_dim"])}
+    return {"num_layers": LAYERS, "ffn_dim": FFN_DIM}
+
+
+def grow_pipeline_transformer(pipe: Any, st: dict[str, Any], grow_to: tuple[int, int], seed: int) -> None:
+    """Replace ``pipe.transformer`` by its function-preserving growth to ``grow_to`` (blocks, FFN width) and
+    record it as a stage."""
+    before = arch_of(pipe.transformer)
+    pipe.transformer = grow_wan_transformer(pipe.transformer, grow_to[0], grow_to[1], seed)
+    st["stages"] = list(st.get("stages", [])) + [
+        {"name": "transformer grown", "from": before, "to": arch_of(pipe.transformer), "at_step": st["step"],
+         "how": "mmeff.zoo.grow_transformer: new blocks with zero residual outputs, FFN units with zero outputs"}]
+    print(f"transformer grown from {before} to {arch_of(pipe.transformer)} "
+          f"({n_params(pipe.transformer)} parameters)", flush=True)
+
+
+def seed_pools(folder: Path, pool: LatentPool, image_pool: LatentPool, st: dict[str, Any]) -> None:
+    """Load the video and image latent pools saved in ``folder`` (same frozen VAE) into a new stage's pools."""
+    for p, name in ((pool, "latent_pool.pt"), (image_pool, "image_latent_pool.pt")):
+        if not (folder / name).exists():
+            raise SystemExit(f"--pool-from {folder}: no {name} there; pass the checkpoint folder of the run that "
+                             "trained --init-from, or drop --pool-from")
+        p.load(folder / name)
+        del p.latents[p.size:], p.prompts[p.size:]
+        p.dirty = True
+    st["pools_seeded_from"] = str(folder)
+    print(f"latent pools seeded from {folder}: {len(pool)} videos, {len(image_pool)} images", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -304,7 +344,8 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
           pool_size: int = POOL_SIZE, cosine: bool = True, warmup: int = 100, vae_object_weight: float = 0.0,
           device: str | None = "cpu", amp: bool = False, deadline: float | None = None,
           render_workers: int = 0, max_steps: int | None = None, data: str | None = None,
-          vae_crop: int | None = None, vae_image_batch: int = 0, image_batch: int = 0) -> dict[str, Any]:
+          vae_crop: int | None = None, vae_image_batch: int = 0, image_batch: int = 0,
+          grow_to: tuple[int, int] | None = None, pool_from: Path | None = None) -> dict[str, Any]:
     """Train (or resume) tiny-wan until ``minutes`` in total are spent (VAE, then diffusion);
     ``init_from`` (a saved tiny-wan folder) continues that model, its minutes counted in the total.
     ``export_only`` saves the checkpoint's (EMA) pipeline to ``out_dir`` without training.
@@ -322,7 +363,12 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     Joint image-video training (as Wan itself is trained): ``vae_image_batch`` > 0 adds to every VAE step the
     loss on that many full-size one-frame videos (:func:`still_image_arrays`), which is the causal VAE's
     first-frame path; ``image_batch`` > 0 makes every other diffusion step one on that many one-frame latents
-    with still-image prompts (their own pool, ``image_latent_pool.pt``)."""
+    with still-image prompts (their own pool, ``image_latent_pool.pt``).
+
+    ``grow_to`` = (blocks, FFN width) grows the ``init_from`` model's transformer to that size without changing
+    its function (:mod:`mmeff.zoo.grow_transformer`) before the new stage trains it. ``pool_from`` (a
+    checkpoint folder of a run on the same frozen VAE, such as the one that trained ``init_from``) seeds the
+    latent pools of a new stage, which otherwise grow a few encodes per step."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -334,10 +380,13 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         data = ((ck or {}).get("state", {}).get("data")
                 or (read_training_json(Path(init_from), FORMAT, "train_wan").get("prompt_family") if init_from else None)
                 or "world")
+    arch = saved_arch(ck, init_from)
+    if ck is not None and grow_to is not None and tuple(grow_to) != (arch["num_layers"], arch["ffn_dim"]):
+        raise SystemExit(f"the checkpoint in {ckpt_dir} has a {arch} transformer; it cannot be grown while resuming: "
+                         "export it (--export) and grow the export with --init-from, or drop --grow")
     torch.manual_seed(seed)
-    pipe = build_pipeline(seed, data)
-    vae, tr, te = pipe.vae, pipe.transformer, pipe.text_encoder
-    learned = {"transformer": tr, "text_encoder": te}
+    pipe = build_pipeline(seed, data, **arch)
+    vae, te = pipe.vae, pipe.text_encoder
     st: dict[str, Any] = {"phase": 0, "vae_step": 0, "step": 0, "vae_seconds": 0.0, "diff_seconds": 0.0,
                           "vae_losses": [], "losses": [], "latents_mean": [0.0] * Z_DIM,
                           "latents_std": [1.0] * Z_DIM, "threads": [], "runs": [],
@@ -347,7 +396,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     image_pool = LatentPool(pool_size)
     image_pool_path = ckpt_dir / "image_latent_pool.pt"
     if ck is not None:
-        for name, mod in (("vae", vae), ("transformer", tr), ("text_encoder", te)):
+        for name, mod in (("vae", vae), ("transformer", pipe.transformer), ("text_encoder", te)):
             mod.load_state_dict(ck[name])
         st.update(ck["state"])
         st.setdefault("stage", {"step": 0, "seconds": 0.0, "vae_step": 0})
@@ -361,6 +410,13 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         print(f"continuing {init_from}: phase {st['phase']}, vae_step {st['vae_step']}, diffusion step "
               f"{st['step']}, {(st['vae_seconds'] + st['diff_seconds']) / 60:.1f} of {minutes:.0f} min spent",
               flush=True)
+        if grow_to is not None and tuple(grow_to) != (arch["num_layers"], arch["ffn_dim"]):
+            grow_pipeline_transformer(pipe, st, grow_to, seed)
+        if pool_from is not None:
+            seed_pools(Path(pool_from), pool, image_pool, st)
+    tr = pipe.transformer
+    learned = {"transformer": tr, "text_encoder": te}
+    st["transformer_arch"] = arch_of(tr)
     pipe.to(dev)
     diff_params = [p for m in learned.values() for p in m.parameters()]
     opt_vae = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
@@ -596,6 +652,7 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int
         "torch_threads": st.get("threads", []),
         **({"initialised_from": st["initialised_from"]} if st.get("initialised_from") else {}),
         "stages": st.get("stages", []), "stage": st.get("stage"), "runs": runs,
+        **({"decoder_finetune": st["decoder_finetune"]} if st.get("decoder_finetune") else {}),
         "disk_bytes": size,
         "data": (f"layout scenes of the world's train split moving in named directions, {FRAMES} frames, "
                  f"size {SIZE}, make_layout_prompt(scene, directions)" if st.get("data") == "layout" else
@@ -646,14 +703,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue a saved tiny-wan folder (e.g. the shipped one); --minutes counts its minutes too")
+    ap.add_argument("--grow", type=int, nargs=2, default=None, metavar=("BLOCKS", "FFN"),
+                    help="with --init-from: grow its transformer to this many blocks and FFN width first "
+                         "(function-preserving, mmeff.zoo.grow_transformer)")
+    ap.add_argument("--pool-from", type=Path, default=None,
+                    help="with --init-from: seed the latent pools from this checkpoint folder (same frozen VAE)")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--ckpt-dir", type=Path, default=CKPT_DIR)
     a = ap.parse_args(argv)
+    if (a.grow or a.pool_from) and a.init_from is None and not (a.ckpt_dir / "ckpt.pt").exists():
+        ap.error("--grow and --pool-from start a new stage: give --init-from <saved tiny-wan folder>")
     train(a.minutes, a.vae_minutes, a.batch, a.vae_batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir,
           a.threads, a.log_every, a.lr, a.new_per_step, a.vae_lr, a.vae_frames, a.init_from, export_only=a.export,
           ema=a.ema, pool_size=a.pool, cosine=not a.no_cosine, vae_object_weight=a.vae_object_weight,
           device=a.device, amp=a.amp, data=a.data, vae_crop=a.vae_crop, max_steps=a.max_steps,
-          vae_image_batch=a.vae_image_batch, image_batch=a.image_batch)
+          vae_image_batch=a.vae_image_batch, image_batch=a.image_batch,
+          grow_to=tuple(a.grow) if a.grow else None, pool_from=a.pool_from)
 
 
 if __name__ == "__main__":

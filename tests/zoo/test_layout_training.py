@@ -97,13 +97,13 @@ def test_wan_layout_videos_and_tokenizer():
 def test_wan_continues_a_model_of_the_other_prompt_family_with_a_fresh_text_encoder():
     from diffusers import WanPipeline
 
-    from mmeff.zoo.train_wan import build_pipeline, load_saved
+    from mmeff.zoo.train_wan import build_pipeline, load_saved, saved_arch
 
     folder = video_pipeline_path("tiny-wan")
     meta = json.loads((folder / "training.json").read_text())
     shipped_family = meta.get("prompt_family", "world")
     other = "world" if shipped_family == "layout" else "layout"
-    pipe = build_pipeline(data=other)
+    pipe = build_pipeline(data=other, **saved_arch(None, folder))
     state = load_saved(pipe, folder, vae_minutes=meta["vae"]["minutes"], data=other)
     saved = WanPipeline.from_pretrained(folder)
     for a, b in zip(pipe.transformer.state_dict().values(), saved.transformer.state_dict().values()):
@@ -194,3 +194,32 @@ def test_decoder_finetune_refuses_a_folder_that_is_no_zoo_pipeline(tmp_path):
     with pytest.raises(ConfigError, match="not a saved zoo pipeline"):
         finetune(tmp_path, tmp_path / "out", 0.01, ckpt_dir=tmp_path / "ck")
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()  # nothing half-done
+
+
+def test_wan_grows_a_saved_transformer_seeds_its_pools_and_resumes_at_the_grown_size(tmp_path):
+    """``grow_to`` continues a saved model with a deeper, wider transformer (recorded as a stage), ``pool_from``
+    reuses the saved run's latent pools, and a resumed checkpoint rebuilds the grown size (growing it again
+    while resuming is refused)."""
+    from diffusers import WanTransformer3DModel
+
+    from mmeff.zoo.train_wan import train
+
+    kw = {"batch": 1, "vae_batch": 1, "vae_crop": 16, "vae_frames": 5, "log_every": 1, "data": "layout",
+          "pool_size": 2, "image_batch": 1, "ckpt_every": 0.0}
+    first = train(1.0, vae_minutes=0.002, max_steps=2, ckpt_dir=tmp_path / "ck0", out_dir=tmp_path / "m0", **kw)
+    steps = first["diffusion"]["steps"]
+    grown = train(5.0, vae_minutes=0.0, init_from=tmp_path / "m0", grow_to=(6, 384), pool_from=tmp_path / "ck0",
+                  max_steps=steps + 2, ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m1", **kw)
+    tr = WanTransformer3DModel.from_pretrained(tmp_path / "m1" / "transformer")
+    assert (tr.config.num_layers, tr.config.ffn_dim) == (6, 384)
+    assert grown["stages"][-1]["name"] == "transformer grown" and grown["stages"][-1]["to"]["num_layers"] == 6
+    assert grown["params"]["transformer"] > 1.5 * first["params"]["transformer"]
+    assert grown["diffusion"]["steps"] == steps + 2
+    for name in ("latent_pool.pt", "image_latent_pool.pt"):  # seeded full (to the pool size), so never regrown
+        a = torch.load(tmp_path / "ck0" / name, weights_only=False)
+        b = torch.load(tmp_path / "ck1" / name, weights_only=False)
+        assert len(b["prompts"]) == 2 and torch.equal(a["latents"][:2], b["latents"]) and a["prompts"][:2] == b["prompts"]
+    resumed = train(5.0, max_steps=steps + 3, ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m2", **kw)
+    assert resumed["diffusion"]["steps"] == steps + 3 and resumed["params"] == grown["params"]
+    with pytest.raises(SystemExit, match="cannot be grown while resuming"):
+        train(5.0, grow_to=(8, 512), ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m3", **kw)

@@ -107,7 +107,8 @@ def test_cpu_resumes_the_packed_wan_checkpoint(smoke, tmp_path):
     assert info["diffusion"]["weights"].startswith("EMA")
     after = torch.load(ckpt_dir / "ckpt.pt", weights_only=False)
     for part in ("transformer", "vae"):  # the packed weights were loaded (the VAE is frozen: unchanged)
-        fresh = build_pipeline().transformer.state_dict() if part == "transformer" else build_pipeline().vae.state_dict()
+        fresh_pipe = build_pipeline(**ck["state"]["transformer_arch"])
+        fresh = (fresh_pipe.transformer if part == "transformer" else fresh_pipe.vae).state_dict()
         d_after = sum(float((after[part][k] - ck[part][k]).pow(2).sum()) for k in ck[part])
         d_fresh = sum(float((fresh[k] - ck[part][k]).pow(2).sum()) for k in ck[part])
         assert d_after < 0.04 * d_fresh
