@@ -43,6 +43,12 @@ diffusion step. The causal VAE encodes and decodes a video's first frame alone, 
 that path poor: a layout candidate's round trip kept the named colours in 31% of first frames against 94% of
 middle frames; about 150 steps with one-frame clips raised it to 94% (``docs/diffusion-testbed.md``).
 
+**Growing the transformer** (``--init-from <model> --grow BLOCKS FFN``): the saved model's transformer is replaced
+by a deeper, wider copy that computes the same function (:mod:`mmeff.zoo.grow_transformer`: new blocks with zero
+residual outputs, FFN units with zero output weights), recorded as a stage; training then goes on from there
+instead of from scratch. ``--pool-from <checkpoint folder>`` reuses that run's latent pools (same frozen VAE).
+A checkpoint remembers its transformer's size, so resuming rebuilds it.
+
 Training is time-bounded and resumable: a checkpoint (model, optimiser, EMA, counters, RNG; the latent pool
 beside it) goes to ``.zoo_ckpt/tiny-wan/ckpt.pt`` every ``--ckpt-every`` seconds; rerunning continues until the
 total budget ``--minutes`` (compute seconds, VAE + diffusion) is spent (``--fresh`` starts over; ``--export``
@@ -294,6 +300,8 @@ def load_saved(pipe: Any, folder: Path, vae_minutes: float, data: str | None = N
                  "minutes": round(vae["minutes"] + diff["minutes"], 2)}]),
             "runs": list(meta.get("runs", [])),
             **({"decoder_finetune": meta["decoder_finetune"]} if meta.get("decoder_finetune") else {}),
+            # joint image-video counts carry across stages
+            "image_steps": diff.get("image_steps", 0), "image_samples": diff.get("image_samples_seen", 0),
             "samples_before": diff.get("samples_seen", diff["steps"] * diff.get("batch_size", 8)),
             "runs_counted_from": len(meta.get("runs", [])),
             "stage": {"step": diff["steps"], "seconds": diff["minutes"] * 60,
@@ -589,6 +597,7 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         run.append(loss.detach())
         st["step"] += 1
         st["image_steps"] = st.get("image_steps", 0) + int(still)
+        st["image_samples"] = st.get("image_samples", 0) + (n if still else 0)
         st["diff_seconds"] += time.time() - t0
         if st["step"] % log_every == 0:
             m = float(torch.stack(run).mean())
@@ -638,7 +647,8 @@ def save(pipe: Any, st: dict[str, Any], *, seed: int, batch: int, vae_batch: int
         "diffusion": {"steps": st["step"], "batch_size": batch, "samples_seen": samples,
                       **({"image_steps": st["image_steps"],
                           "video_samples_seen": samples - st["image_steps"] * batch,
-                          "image_samples_seen": st["image_steps"] * (st.get("recipe_config") or {}).get("image_batch", 0)}
+                          "image_samples_seen": st.get("image_samples", st["image_steps"]
+                                                       * (st.get("recipe_config") or {}).get("image_batch", 0))}
                          if st.get("image_steps") else {}),
                       "minutes": round(st["diff_seconds"] / 60, 2), "loss_curve": st["losses"],
                       "final_loss": st["losses"][-1][1] if st["losses"] else None,

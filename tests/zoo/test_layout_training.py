@@ -215,6 +215,9 @@ def test_wan_grows_a_saved_transformer_seeds_its_pools_and_resumes_at_the_grown_
     assert grown["stages"][-1]["name"] == "transformer grown" and grown["stages"][-1]["to"]["num_layers"] == 6
     assert grown["params"]["transformer"] > 1.5 * first["params"]["transformer"]
     assert grown["diffusion"]["steps"] == steps + 2
+    # the joint image-video counts go on from the saved model's (one image step each side)
+    assert first["diffusion"]["image_steps"] == 1 and grown["diffusion"]["image_steps"] == 2
+    assert grown["diffusion"]["image_samples_seen"] == 2 and grown["diffusion"]["video_samples_seen"] == 2
     for name in ("latent_pool.pt", "image_latent_pool.pt"):  # seeded full (to the pool size), so never regrown
         a = torch.load(tmp_path / "ck0" / name, weights_only=False)
         b = torch.load(tmp_path / "ck1" / name, weights_only=False)

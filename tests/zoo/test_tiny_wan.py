@@ -135,17 +135,18 @@ def test_video_fidelity_writes_json_and_strip(tmp_path, wan):
 def test_training_continues_the_shipped_pipeline(tmp_path):
     """``--init-from`` starts from the saved weights and counters: a few more diffusion steps, the
     VAE and its latent statistics untouched (its minutes are already spent), the report cumulative."""
-    from mmeff.zoo.train_wan import build_pipeline, load_saved, train
+    from mmeff.zoo.train_wan import build_pipeline, load_saved, saved_arch, train
 
     before = json.loads((WAN_DIR / "training.json").read_text())
     family = before.get("prompt_family", "world")  # the shipped model's prompts decide its tokenizer
-    pipe = build_pipeline(data=family)
+    arch = saved_arch(None, WAN_DIR)  # and its transformer's size
+    pipe = build_pipeline(data=family, **arch)
     state = load_saved(pipe, WAN_DIR, vae_minutes=before["vae"]["minutes"])
     assert state["step"] == before["diffusion"]["steps"] and state["phase"] == 1
     shipped = load_offline(load_video_pipeline, "tiny-wan")
     for a, b in zip(pipe.transformer.state_dict().values(), shipped.transformer.state_dict().values()):
         assert torch.equal(a, b)
-    assert load_saved(build_pipeline(data=family), WAN_DIR, vae_minutes=before["vae"]["minutes"] + 1)["phase"] == 0
+    assert load_saved(build_pipeline(data=family, **arch), WAN_DIR, vae_minutes=before["vae"]["minutes"] + 1)["phase"] == 0
     spent = before["vae"]["minutes"] + before["diffusion"]["minutes"]
     info = train(spent + 0.03, vae_minutes=before["vae"]["minutes"], batch=2, out_dir=tmp_path / "out",
                  ckpt_dir=tmp_path / "ckpt", init_from=WAN_DIR, log_every=1)
