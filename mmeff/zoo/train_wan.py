@@ -332,10 +332,12 @@ def grow_pipeline_transformer(pipe: Any, st: dict[str, Any], grow_to: tuple[int,
 
 def seed_pools(folder: Path, pool: LatentPool, image_pool: LatentPool, st: dict[str, Any]) -> None:
     """Load the video and image latent pools saved in ``folder`` (same frozen VAE) into a new stage's pools."""
-    for p, name in ((pool, "latent_pool.pt"), (image_pool, "image_latent_pool.pt")):
+    pools = ((pool, "latent_pool.pt"), (image_pool, "image_latent_pool.pt"))
+    for _, name in pools:  # both or neither
         if not (folder / name).exists():
             raise SystemExit(f"--pool-from {folder}: no {name} there; pass the checkpoint folder of the run that "
                              "trained --init-from, or drop --pool-from")
+    for p, name in pools:
         p.load(folder / name)
         del p.latents[p.size:], p.prompts[p.size:]
         p.dirty = True

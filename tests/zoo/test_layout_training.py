@@ -224,5 +224,8 @@ def test_wan_grows_a_saved_transformer_seeds_its_pools_and_resumes_at_the_grown_
         assert len(b["prompts"]) == 2 and torch.equal(a["latents"][:2], b["latents"]) and a["prompts"][:2] == b["prompts"]
     resumed = train(5.0, max_steps=steps + 3, ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m2", **kw)
     assert resumed["diffusion"]["steps"] == steps + 3 and resumed["params"] == grown["params"]
+    with pytest.raises(SystemExit, match="no latent_pool.pt there"):
+        train(5.0, init_from=tmp_path / "m0", pool_from=tmp_path / "m0", ckpt_dir=tmp_path / "ck4",
+              out_dir=tmp_path / "m4", **kw)
     with pytest.raises(SystemExit, match="cannot be grown while resuming"):
         train(5.0, grow_to=(8, 512), ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m3", **kw)
