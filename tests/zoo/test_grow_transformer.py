@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmeff.zoo.grow_transformer import arch_of, grow_wan_transformer, old_block_positions
+from mmeff.zoo.grow_transformer import (
+    arch_of,
+    grow_wan_transformer,
+    old_block_positions,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
