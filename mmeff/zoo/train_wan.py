@@ -414,7 +414,8 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
         pool.load(pool_path)
         image_pool.load(image_pool_path)
         print(f"resumed from {ckpt_path}: phase {st['phase']}, vae_step {st['vae_step']}, step {st['step']}, "
-              f"pool {len(pool)}", flush=True)
+              f"pool {len(pool)}" + (" (--pool-from ignored: the checkpoint's own pools are kept)"
+                                     if pool_from is not None else ""), flush=True)
     elif init_from is not None:
         st.update(load_saved(pipe, Path(init_from), vae_minutes, data))
         print(f"continuing {init_from}: phase {st['phase']}, vae_step {st['vae_step']}, diffusion step "
