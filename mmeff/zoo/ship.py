@@ -51,7 +51,9 @@ def ship(source: Path, name: str, models_dir: Path = MODELS_DIR) -> Path:
         try:
             pipe = DiffusionPipeline.from_pretrained(staged, local_files_only=True)
         except Exception as e:  # any load failure means: do not ship
-            raise ValueError(f"{source} does not load as a pipeline ({type(e).__name__}: {e}); nothing shipped") from e
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"{source} does not load as a pipeline ({type(e).__name__}: {first}); "
+                             "nothing shipped") from e
         if type(pipe).__name__ != expected:
             raise ValueError(f"{source} loads as {type(pipe).__name__}, its model_index.json says {expected}")
         target = models_dir / name

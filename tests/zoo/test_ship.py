@@ -51,8 +51,9 @@ def test_ship_refuses_a_folder_that_does_not_load_and_keeps_the_old_model(tmp_pa
     models = tmp_path / "models"
     (models / "tiny-wan").mkdir(parents=True)
     (models / "tiny-wan" / "old.txt").write_text("old")
-    with pytest.raises(ValueError, match="does not load"):
+    with pytest.raises(ValueError, match="does not load") as err:
         ship(src, "tiny-wan", models_dir=models)
+    assert "\n" not in str(err.value)  # one line
     assert (models / "tiny-wan" / "old.txt").read_text() == "old"
     assert [p.name for p in models.iterdir()] == ["tiny-wan"]
 
