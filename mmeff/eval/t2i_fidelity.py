@@ -132,6 +132,22 @@ def vlm_existence(model: Any, processor: Any, images: Sequence[Any], scenes: Seq
     return rows
 
 
+def per_shape_rates(vlm_rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per shape: how often the VLM says yes when it is drawn (``recall``) and when it is not (``false_yes``).
+
+    Why: one accuracy hides *how* a generator fails. A generator that draws round blobs for every shape shows
+    as circle ``false_yes`` high and square/cross ``recall`` low."""
+    out: dict[str, dict[str, float]] = {}
+    for shape in sorted({s for r in vlm_rows for s in r["answers"]}):
+        drawn = [r["answers"][shape] == "yes" for r in vlm_rows if shape in r["answers"] and shape in r["present"]]
+        absent = [r["answers"][shape] == "yes" for r in vlm_rows
+                  if shape in r["answers"] and shape not in r["present"]]
+        out[shape] = {"recall": float(np.mean(drawn)) if drawn else float("nan"),
+                      "false_yes": float(np.mean(absent)) if absent else float("nan"),
+                      "n_drawn": len(drawn), "n_absent": len(absent)}
+    return out
+
+
 def summarise(vlm_rows: list[dict[str, Any]], colour_rows: list[dict[str, Any]],
               position_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Aggregate :func:`vlm_existence`, :func:`colour_checks` and (layout prompts) :func:`position_checks` rows."""
@@ -147,7 +163,7 @@ def summarise(vlm_rows: list[dict[str, Any]], colour_rows: list[dict[str, Any]],
         "named_colour_present": float(np.mean(named)) if named else float("nan"),
         "all_colours_ok": float(np.mean([r["all_colours_ok"] for r in colour_rows])),
         "n_images": len(colour_rows), "n_questions": len(correct),
-    } | ({} if not position_rows else {
+    } | ({"per_shape": per_shape_rates(vlm_rows)} if vlm_rows else {}) | ({} if not position_rows else {
         "object_in_named_cell": float(np.mean([o["ok"] for r in position_rows for o in r["objects"]])),
         "all_positions_ok": float(np.mean([r["all_positions_ok"] for r in position_rows]))})
 

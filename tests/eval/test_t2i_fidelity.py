@@ -2,6 +2,8 @@
 and the zoo VLM's shape-existence answers on renders (right on the world's own images)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from mmeff.eval.t2i_fidelity import (
     colour_checks,
     existence_questions,
     min_colour_pixels,
+    per_shape_rates,
     summarise,
 )
 from mmeff.zoo.world import BACKGROUNDS, build_scenes, render
@@ -45,6 +48,27 @@ def test_existence_questions_cover_all_shapes_with_the_scene_answers():
     qs = existence_questions(scene)
     assert len(qs) == 6 and {a for _, _, a in qs} <= {"yes", "no"}
     assert {s for s, _, a in qs if a == "yes"} == scene.shapes()
+
+
+def test_per_shape_rates_expose_a_generator_that_draws_every_shape_as_a_circle():
+    """A judge that answers "circle" to everything: circle recall 1 and false-yes 1, every other shape recall 0."""
+    scenes = build_scenes("test", 12)
+    rows = [{"answers": {s: ("yes" if s == "circle" else "no") for s, _, _ in existence_questions(sc)},
+             "correct": {}, "present": sorted(sc.shapes())} for sc in scenes]
+    rates = per_shape_rates(rows)
+    drawn = {s for sc in scenes for s in sc.shapes()}
+    assert len(drawn) >= 4 and all(r["n_absent"] > 0 for r in rates.values())  # every rate below is defined
+    assert set(rates) == {s for s, _, _ in existence_questions(scenes[0])}
+    for shape, r in rates.items():
+        assert r["n_drawn"] == sum(shape in sc.shapes() for sc in scenes)
+        assert r["n_drawn"] + r["n_absent"] == len(scenes)
+        if shape == "circle":
+            assert r["false_yes"] == 1.0 and r["recall"] == 1.0
+        elif shape in drawn:
+            assert r["recall"] == 0.0 and r["false_yes"] == 0.0
+    summary = summarise(rows, [colour_checks(render(sc, size=64), sc) for sc in scenes])
+    assert json.dumps(summary["per_shape"]) == json.dumps(rates)  # NaN-safe equality (a shape never drawn)
+    assert "per_shape" not in summarise([], [colour_checks(render(scenes[0], size=64), scenes[0])])
 
 
 @pytest.mark.parametrize("family", ["world", "layout"])
