@@ -132,12 +132,12 @@ def vlm_existence(model: Any, processor: Any, images: Sequence[Any], scenes: Seq
     return rows
 
 
-def per_shape_rates(vlm_rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def per_shape_rates(vlm_rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
     """Per shape: how often the VLM says yes when it is drawn (``recall``) and when it is not (``false_yes``).
 
     Why: one accuracy hides *how* a generator fails. A generator that draws round blobs for every shape shows
     as circle ``false_yes`` high and square/cross ``recall`` low."""
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | int]] = {}
     for shape in sorted({s for r in vlm_rows for s in r["answers"]}):
         drawn = [r["answers"][shape] == "yes" for r in vlm_rows if shape in r["answers"] and shape in r["present"]]
         absent = [r["answers"][shape] == "yes" for r in vlm_rows
