@@ -5,8 +5,8 @@ lent H200) does, in order, each step under a wall-clock deadline so the call end
 
 1. **tiny-sd3**: ``train_sd3.train`` from the shipped model (a new stage: fresh AdamW warm-up, cosine decay over
    this stage), 64px recipe, batch 256, bf16 autocast, a latent pool of 65536 scenes rendered by the machine's
-   CPU cores in bulk; then the checkpoint and the exported pipeline are packed into ``$OUT/tiny-sd3.tar.NN``
-   (:mod:`mmeff.zoo.bundle`).
+   CPU cores in bulk; then the checkpoint (with the run's ``training.json``) is packed into
+   ``$OUT/tiny-sd3.tar.NN`` (:mod:`mmeff.zoo.bundle`; the exported weights are re-made from it on unpacking).
 2. **tiny-wan**: ``train_wan.train`` from the shipped model: 60 s more VAE on full 13-frame clips (object
    pixels weighted 9x, as sd3's 64px VAE) plus 32 one-frame clips a step, then joint image-video diffusion
    (video steps at batch 64, every other step 256 one-frame latents) with EMA, cosine lr, bf16 autocast and a
@@ -19,7 +19,8 @@ lent H200) does, in order, each step under a wall-clock deadline so the call end
 ``summary.json`` is rewritten after every step, so a call cut short still says what finished. ``--smoke`` runs
 the same path on the CPU in seconds (tiny batches and pools, 1-prompt fidelity): what the test suite runs.
 
-Back on the CPU: ``python -m mmeff.zoo.train_gpu --unpack <folder with the parts> --to .zoo_ckpt/gpu`` then
+Back on the CPU: ``python -m mmeff.zoo.train_gpu --unpack <folder with the parts> --to .zoo_ckpt/gpu`` (joins
+the parts and re-exports each checkpoint's EMA pipeline to ``<model>/model``) then
 ``python -m mmeff.zoo.train_sd3 --ckpt-dir .zoo_ckpt/gpu/tiny-sd3/ckpt --minutes <total> --out <folder>`` (or
 ``--init-from .zoo_ckpt/gpu/tiny-sd3/model``); the same for ``train_wan``. The resumed checkpoint keeps its
 stage, so a larger ``--minutes`` re-stretches that stage's cosine over the new budget.
@@ -213,6 +214,22 @@ def quick_fidelity(run: Run) -> list[tuple[str, list[np.ndarray]]]:
     return rows
 
 
+def export_from_checkpoint(name: str) -> Any:
+    """``export(ckpt_dir, model_dir)`` for :func:`mmeff.zoo.bundle.unpack`: the trainer's export-only run, which
+    writes the checkpoint's EMA pipeline (the GPU call packs no weights it can re-make)."""
+
+    def export(ckpt_dir: Path, model_dir: Path) -> None:
+        state = torch.load(ckpt_dir / "ckpt.pt", map_location="cpu", weights_only=False)["state"]
+        minutes = (state["vae_seconds"] + state["diff_seconds"]) / 60
+        if name == "tiny-sd3":
+            from .train_sd3 import train
+        else:
+            from .train_wan import train
+        train(minutes, ckpt_dir=ckpt_dir, out_dir=model_dir, export_only=True)
+
+    return export
+
+
 def save_samples(path: Path, rows: list[tuple[str, list[np.ndarray]]]) -> None:
     from ..eval.guidance_eval import save_grid
 
@@ -234,12 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-eval", action="store_true", help="skip the quick fidelity")
     ap.add_argument("--unpack", type=Path, default=None,
                     help="instead of training: join and extract the parts found in this folder")
-    ap.add_argument("--to", type=Path, default=Path(".zoo_ckpt/gpu"), help="where --unpack extracts")
+    ap.add_argument("--to", type=Path, default=Path(".zoo_ckpt/gpu"),
+                    help="where --unpack extracts the checkpoints and re-exports the pipelines")
     a = ap.parse_args(argv)
     if a.unpack is not None:
         for name in ("tiny-sd3", "tiny-wan"):
             try:
-                print(f"{name}: {unpack(name, a.unpack, a.to)}")
+                print(f"{name}: {unpack(name, a.unpack, a.to, export=export_from_checkpoint(name))}")
             except FileNotFoundError as e:
                 print(f"{name}: {e}")
         return
