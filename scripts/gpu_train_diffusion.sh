@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Continue tiny-sd3 and tiny-wan on a lent GPU in ONE device call (mmeff/zoo/train_gpu.py): checkpoints, exported
-# models with training.json, a quick shipped-vs-new fidelity (summary.json, samples.png) land in $OUT as at most 7
+# Continue tiny-sd3 and tiny-wan on a lent GPU in ONE device call (mmeff/zoo/train_gpu.py): slimmed checkpoints with
+# their training.json, a quick shipped-vs-new fidelity (summary.json, samples.png) land in $OUT as at most 7
 # files, each under 16 MiB. The Python side stops itself before SECONDS (default 450), so $OUT always comes back.
 #
 #   bash scripts/gpu_carry.sh                                  # once, here: .carry/pylibs.tar.xz (diffusers, transformers)
 #   run: command "bash scripts/gpu_train_diffusion.sh 450", carry [".carry"], timeout_s 540   (docs/diffusion-testbed.md)
 #   OUT=/tmp/g bash scripts/gpu_train_diffusion.sh 300 --smoke  # the same path on the CPU (3 steps a model)
 #
-# Back here: python -m mmeff.zoo.train_gpu --unpack <files_at> --to .zoo_ckpt/gpu, then the CPU trainers resume with
+# Back here: python -m mmeff.zoo.train_gpu --unpack <files_at> --to .zoo_ckpt/gpu (re-exports the pipelines), then the CPU
+# trainers resume with
 # --ckpt-dir .zoo_ckpt/gpu/<model>/ckpt (or continue with --init-from .zoo_ckpt/gpu/<model>/model).
 set -u
 SECONDS_LIMIT=${1:-450}
