@@ -12,16 +12,21 @@
 # (prefill: torch.compile mode reduce-overhead; decode: generate()'s CUDA-graph compile on a static cache);
 # the JSON records compile times too, as each case compiles LLaVA-7B twice.
 #
-# A GPU image without diffusers (or with another transformers) gets them from wheels in .whl, installed first:
+# A GPU image without diffusers (or with another transformers) gets them from .carry/pylibs.tar.xz
+# (`bash scripts/gpu_carry.sh`, about 3 MB; name ".carry" in the call's carry list), else from wheels in .whl:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 transformers==5.23.0 importlib_metadata
-# (keep .whl out of git, e.g. in .git/info/exclude).
+# (keep .whl out of git, e.g. in .git/info/exclude). The wheels are about 16 MB: with the repository they pass the
+# 64 MiB the call may send, so prefer the carry (python scripts/device_tree_size.py checks).
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 TINY=${TINY:-}
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -f .carry/pylibs.tar.xz ]; then
+  mkdir -p /tmp/mmeff-pylibs && tar -xJf .carry/pylibs.tar.xz -C /tmp/mmeff-pylibs \
+    && export PYTHONPATH="/tmp/mmeff-pylibs:$PYTHONPATH"
+elif ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
