@@ -23,9 +23,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 TINY=${TINY:-}
-if [ -f .carry/pylibs.tar.xz ]; then
-  mkdir -p /tmp/mmeff-pylibs && tar -xJf .carry/pylibs.tar.xz -C /tmp/mmeff-pylibs \
-    && export PYTHONPATH="/tmp/mmeff-pylibs:$PYTHONPATH"
+if source scripts/gpu_pylibs.sh; then
+  :
 elif ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"

@@ -18,11 +18,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONPATH="$PWD"
 PY=${PY:-python3}
 LOG="$OUT/train.log"
-if [ -f .carry/pylibs.tar.xz ]; then
-  # in front of the image's own packages (it has no diffusers and another transformers)
-  mkdir -p /tmp/mmeff-pylibs && tar -xJf .carry/pylibs.tar.xz -C /tmp/mmeff-pylibs && PYTHONPATH="/tmp/mmeff-pylibs:$PWD"
-fi
-export PYTHONPATH
+# the carried packages in front of the image's own (it has no diffusers and another transformers)
+source scripts/gpu_pylibs.sh || true
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } >>"$LOG" 2>&1
 $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, diffusers.__file__,
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
