@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..zoo.load_video import TINY_WAN_CFG
 from .timing import TIMING_REPEATS, warm_median
 
 DEFAULT_GUIDANCE = "softpag:heads=1.1;1.4;2.2;1.0,u=1,scale=3"
@@ -100,8 +101,8 @@ class VideoPair:
     method: str
 
 
-def video_pair(pipe: Any, prompt: str, seed: int, method: str = DEFAULT_VIDEO, *, steps: int = 10, cfg: float = 5.0,
-               call: dict[str, Any] | None = None, frames: int = 4, display: int = 128,
+def video_pair(pipe: Any, prompt: str, seed: int, method: str = DEFAULT_VIDEO, *, steps: int = 10,
+               cfg: float = TINY_WAN_CFG, call: dict[str, Any] | None = None, frames: int = 4, display: int = 128,
                repeats: int = TIMING_REPEATS) -> VideoPair:
     """Dense and sparse videos of ``prompt`` from one seed, ``frames`` evenly spaced frames of each, and fidelity.
     Seconds are warm: one warm-up run, then the median of ``repeats``."""

@@ -46,14 +46,14 @@ def measure(pipe: Any, methods: dict[str, str], prompt: str, seed: int, steps: i
     """Generate once per method; return each method's report (block masks as nested lists)."""
     import mmeff
 
-    from ..zoo.load_video import TINY_WAN_CALL
+    from ..zoo.load_video import TINY_WAN_CALL, TINY_WAN_CFG
     from .video_fidelity import generate
 
     n_layers = len(pipe.transformer.blocks)
     out: dict[str, Any] = {"prompt": prompt, "seed": seed, "steps": steps, "layers": n_layers, "methods": {}}
     for label, spec in methods.items():
         with mmeff.apply(pipe, spec) as h:
-            generate(pipe, prompt, seed, steps=steps, cfg=5.0, call=dict(TINY_WAN_CALL))
+            generate(pipe, prompt, seed, steps=steps, cfg=TINY_WAN_CFG, call=dict(TINY_WAN_CALL))
             rep = next(iter(h.report()["per_method"].values()))
         masks = {int(k): v.to(torch.uint8).tolist() for k, v in rep.get("block_masks", {}).items()}
         out["methods"][label] = {

@@ -72,6 +72,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..zoo.load_video import TINY_WAN_CFG
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 
@@ -247,7 +249,7 @@ def _stats(v: Sequence[float]) -> dict[str, float]:
     return {"mean": float(np.mean(v)), "std": float(np.std(v))}
 
 
-def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = 5.0, warmup: int = 2, block: int = 16,
+def run_fidelity(pipe: Any, *, n: int = 8, steps: int = 10, cfg: float = TINY_WAN_CFG, warmup: int = 2, block: int = 16,
                  methods: dict[str, Callable[[], Any]] | None = None, call: dict[str, Any] | None = None,
                  offset: int = 0, keep_videos: int = 2, other_seed: bool = True, layout: str = "paper",
                  vlm: tuple[Any, Any] | None = None, vlm_frames: Sequence[int] = (0, -1),
@@ -375,7 +377,7 @@ def write_strip(videos: dict[str, list[torch.Tensor]], path: str | Path, *, fram
 
 
 def evaluate(model: Any = "tiny-wan", *, out: str | Path = "runs/video_fidelity.json", png: str | Path | None = None,
-             n: int = 8, steps: int = 10, cfg: float = 5.0, warmup: int | None = None, block: int | None = None,
+             n: int = 8, steps: int = 10, cfg: float = TINY_WAN_CFG, warmup: int | None = None, block: int | None = None,
              threads: int | None = None, methods: dict[str, Callable[[], Any]] | None = None, other_seed: bool = True,
              call: dict[str, Any] | None = None, keep_videos: int = 2, quiet: bool = False, layout: str = "fine",
              vlm: str | tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--png", default=None, help="PNG strip path (default: the JSON path with .png)")
     ap.add_argument("--n", type=int, default=8, help="held-out prompts")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
+    ap.add_argument("--cfg", type=float, default=TINY_WAN_CFG, help="guidance scale (tiny-wan's, chosen on val prompts)")
     ap.add_argument("--layout", choices=LAYOUTS, default="fine", help="method settings (see the module docstring)")
     ap.add_argument("--warmup", type=int, default=None, help="dense warm-up steps (default: the layout's)")
     ap.add_argument("--block", type=int, default=None, help="SpaAttn block size in tokens (default: the layout's)")

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..zoo.load_video import TINY_WAN_CFG
+
 GRID_FRAMES = (0, 4, 8, 12)
 """Frames shown per video in the grid PNG."""
 
@@ -91,7 +93,7 @@ def score(videos: list[np.ndarray], per_frame: list[list[Any]], family: str,
     return out
 
 
-def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, *, n: int = 48, steps: int = 10, cfg: float = 5.0,
+def evaluate(pipe: Any, vlm: tuple[Any, Any] | None, *, n: int = 48, steps: int = 10, cfg: float = TINY_WAN_CFG,
              offset: int = 0, split: str = "test", log: Any = print) -> dict[str, Any]:
     """Generate ``n`` held-out video prompts (``split``: ``"test"``, or ``"val"`` to choose settings) and score
     them, the world's videos and their VAE round trips."""
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", choices=["test", "val"], default="test",
                     help="held-out split (choose settings such as --cfg on val, report on test)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--cfg", type=float, default=5.0, help="guidance scale")
+    ap.add_argument("--cfg", type=float, default=TINY_WAN_CFG, help="guidance scale (tiny-wan's, chosen on val prompts)")
     ap.add_argument("--vlm", default="tiny-qwen2-vl", help="zoo VLM for shape existence ('none' to skip)")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)

@@ -187,11 +187,11 @@ def quick_fidelity(run: Run) -> list[tuple[str, list[np.ndarray]]]:
     new_wan = run.work / "tiny-wan" / "model"
     if run.summary["models"].get("tiny-wan", {}).get("status") == "trained" and run.left() > 0.2 * e["reserve_s"]:
         from ..eval.video_fidelity import frame_presence, generate, prompts_and_seeds
-        from .load_video import TINY_WAN_CALL
+        from .load_video import TINY_WAN_CALL, TINY_WAN_CFG
 
         wan_family = folder_family(new_wan)
         items = prompts_and_seeds(e["wan_n"], family=wan_family)
-        res = {"n": e["wan_n"], "steps": e["wan_steps"], "cfg": 5.0, "frames_asked": [0, -1], "split": "test",
+        res = {"n": e["wan_n"], "steps": e["wan_steps"], "cfg": TINY_WAN_CFG, "frames_asked": [0, -1], "split": "test",
                "prompt_family": wan_family}
         for label, folder in (("shipped", MODELS / "tiny-wan"), ("new", new_wan)):
             pipe = open_pipeline(str(folder), device=str(run.dev))
@@ -200,7 +200,7 @@ def quick_fidelity(run: Run) -> list[tuple[str, list[np.ndarray]]]:
                 if run.left() < 0:  # past the call's limit: score what there is
                     res["cut_short"] = True
                     break
-                video, _ = generate(pipe, prompt, seed, steps=e["wan_steps"], cfg=5.0, call=dict(TINY_WAN_CALL))
+                video, _ = generate(pipe, prompt, seed, steps=e["wan_steps"], cfg=TINY_WAN_CFG, call=dict(TINY_WAN_CALL))
                 firsts.append(video[video.shape[0] // 2].permute(1, 2, 0).numpy())
                 means.append(float(video.mean()))
                 if vlm is not None:
