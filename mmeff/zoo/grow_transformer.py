@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-GROWN_CONFIG_KEYS = ("num_layers", "ffn_dim")
+GROWN_CONFIG_KEYS = ("num_layers", "ffn_dim", "num_attention_heads")
 
 
 def arch_of(transformer: Any) -> dict[str, int]:
-    """The grown dimensions of a Wan transformer: ``{"num_layers": .., "ffn_dim": ..}``."""
+    """The dimensions a Wan transformer is grown in: ``{"num_layers", "ffn_dim", "num_attention_heads"}`` (the
+    last by :mod:`mmeff.zoo.widen_transformer`)."""
     return {k: int(transformer.config[k]) for k in GROWN_CONFIG_KEYS}
 
 

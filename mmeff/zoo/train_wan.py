@@ -46,7 +46,9 @@ middle frames; about 150 steps with one-frame clips raised it to 94% (``docs/dif
 **Growing the transformer** (``--init-from <model> --grow BLOCKS FFN``): the saved model's transformer is replaced
 by a deeper, wider copy that computes the same function (:mod:`mmeff.zoo.grow_transformer`: new blocks with zero
 residual outputs, FFN units with zero output weights), recorded as a stage; training then goes on from there
-instead of from scratch. ``--pool-from <checkpoint folder>`` reuses that run's latent pools (same frozen VAE).
+instead of from scratch. ``--heads N`` (twice the saved model's heads) widens it the same way
+(:mod:`mmeff.zoo.widen_transformer`: heads and hidden channels duplicated, reading weights split at random), after
+any ``--grow``. ``--pool-from <checkpoint folder>`` reuses that run's latent pools (same frozen VAE).
 A checkpoint remembers its transformer's size, so resuming rebuilds it.
 
 Training is time-bounded and resumable: a checkpoint (model, optimiser, EMA, counters, RNG; the latent pool
@@ -90,6 +92,7 @@ from .train_common import (
     save_ckpt,
     stage_lr,
 )
+from .widen_transformer import widen_wan_transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -105,6 +108,7 @@ POOL_SIZE = 4096  # cached diffusion latents (videos); 8 x 4 x 16 x 16 fp16 = 16
 EMA_DECAY = 0.9995
 LAYERS = 4  # transformer blocks of a freshly built tiny-wan
 FFN_DIM = 256
+HEADS = 4  # attention heads of 16 channels (hidden size 64)
 FORMAT = "mmeff.zoo.tiny-wan/1"
 _CHARS = list(string.ascii_lowercase + string.digits) + [",", '"', "."]
 
@@ -143,9 +147,11 @@ def build_vae(seed: int = 0) -> torch.nn.Module:
                             latents_std=[1.0] * Z_DIM, scale_factor_temporal=4, scale_factor_spatial=4)
 
 
-def build_pipeline(seed: int = 0, data: str = "world", num_layers: int = LAYERS, ffn_dim: int = FFN_DIM) -> Any:
+def build_pipeline(seed: int = 0, data: str = "world", num_layers: int = LAYERS, ffn_dim: int = FFN_DIM,
+                   num_attention_heads: int = HEADS) -> Any:
     """A freshly initialised tiny Wan pipeline (VAE untrained as well) for ``data``'s prompts; the transformer
-    has ``num_layers`` blocks of FFN width ``ffn_dim`` (larger after :mod:`mmeff.zoo.grow_transformer`)."""
+    has ``num_layers`` blocks of FFN width ``ffn_dim`` and ``num_attention_heads`` heads of 16 channels (larger
+    after :mod:`mmeff.zoo.grow_transformer` and :mod:`mmeff.zoo.widen_transformer`)."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         WanPipeline,
@@ -158,7 +164,8 @@ def build_pipeline(seed: int = 0, data: str = "world", num_layers: int = LAYERS,
     te = UMT5EncoderModel(UMT5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=len(tok),
                                      relative_attention_num_buckets=16, dropout_rate=0.0))
     torch.manual_seed(seed + 2)
-    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=Z_DIM,
+    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=num_attention_heads, attention_head_dim=16,
+                               in_channels=Z_DIM,
                                out_channels=Z_DIM, text_dim=64, freq_dim=64, ffn_dim=ffn_dim, num_layers=num_layers,
                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
     pipe = WanPipeline(tokenizer=tok, text_encoder=te, vae=build_vae(seed), transformer=tr,
@@ -309,13 +316,15 @@ def load_saved(pipe: Any, folder: Path, vae_minutes: float, data: str | None = N
 
 
 def saved_arch(ck: dict[str, Any] | None, init_from: Path | None) -> dict[str, int]:
-    """Transformer size to build: the checkpoint's, else the ``init_from`` model's, else a fresh tiny-wan's."""
+    """Transformer size to build: the checkpoint's, else the ``init_from`` model's, else a fresh tiny-wan's
+    (checkpoints written before widening existed have ``HEADS`` heads)."""
+    fresh = {"num_layers": LAYERS, "ffn_dim": FFN_DIM, "num_attention_heads": HEADS}
     if ck is not None:
-        return dict(ck["state"].get("transformer_arch", {"num_layers": LAYERS, "ffn_dim": FFN_DIM}))
+        return {**fresh, **ck["state"].get("transformer_arch", {})}
     if init_from is not None:
         cfg = json.loads((Path(init_from) / "transformer" / "config.json").read_text())
-        return {"num_layers": int(cfg["num_layers"]), "ffn_dim": int(cfg["ffn_dim"])}
-    return {"num_layers": LAYERS, "ffn_dim": FFN_DIM}
+        return {k: int(cfg[k]) for k in fresh}
+    return fresh
 
 
 def grow_pipeline_transformer(pipe: Any, st: dict[str, Any], grow_to: tuple[int, int], seed: int) -> None:
@@ -328,6 +337,20 @@ def grow_pipeline_transformer(pipe: Any, st: dict[str, Any], grow_to: tuple[int,
          "how": "mmeff.zoo.grow_transformer: new blocks with zero residual outputs, FFN units with zero outputs"}]
     print(f"transformer grown from {before} to {arch_of(pipe.transformer)} "
           f"({n_params(pipe.transformer)} parameters)", flush=True)
+
+
+def widen_pipeline_transformer(pipe: Any, st: dict[str, Any], seed: int) -> None:
+    """Replace ``pipe.transformer`` by its function-preserving widening to twice the heads and record it as a
+    stage."""
+    before = arch_of(pipe.transformer)
+    pipe.transformer = widen_wan_transformer(pipe.transformer, seed)
+    st["stages"] = list(st.get("stages", [])) + [
+        {"name": "transformer widened", "from": before, "to": arch_of(pipe.transformer), "at_step": st["step"],
+         "how": "mmeff.zoo.widen_transformer: heads and hidden channels duplicated, reading weights split "
+                "r / (1 - r) at random"}]
+    print(f"transformer widened from {before['num_attention_heads']} to "
+          f"{arch_of(pipe.transformer)['num_attention_heads']} heads ({n_params(pipe.transformer)} parameters)",
+          flush=True)
 
 
 def seed_pools(folder: Path, pool: LatentPool, image_pool: LatentPool, st: dict[str, Any]) -> None:
@@ -355,7 +378,8 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
           device: str | None = "cpu", amp: bool = False, deadline: float | None = None,
           render_workers: int = 0, max_steps: int | None = None, data: str | None = None,
           vae_crop: int | None = None, vae_image_batch: int = 0, image_batch: int = 0,
-          grow_to: tuple[int, int] | None = None, pool_from: Path | None = None) -> dict[str, Any]:
+          grow_to: tuple[int, int] | None = None, pool_from: Path | None = None,
+          heads: int | None = None) -> dict[str, Any]:
     """Train (or resume) tiny-wan until ``minutes`` in total are spent (VAE, then diffusion);
     ``init_from`` (a saved tiny-wan folder) continues that model, its minutes counted in the total.
     ``export_only`` saves the checkpoint's (EMA) pipeline to ``out_dir`` without training.
@@ -376,7 +400,8 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     with still-image prompts (their own pool, ``image_latent_pool.pt``).
 
     ``grow_to`` = (blocks, FFN width) grows the ``init_from`` model's transformer to that size without changing
-    its function (:mod:`mmeff.zoo.grow_transformer`) before the new stage trains it. ``pool_from`` (a
+    its function (:mod:`mmeff.zoo.grow_transformer`) before the new stage trains it; ``heads`` (twice the
+    ``init_from`` model's) then widens it the same way (:mod:`mmeff.zoo.widen_transformer`). ``pool_from`` (a
     checkpoint folder of a run on the same frozen VAE, such as the one that trained ``init_from``) seeds the
     latent pools of a new stage, which otherwise grow a few encodes per step."""
     if threads:
@@ -394,6 +419,15 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
     if ck is not None and grow_to is not None and tuple(grow_to) != (arch["num_layers"], arch["ffn_dim"]):
         raise SystemExit(f"the checkpoint in {ckpt_dir} has a {arch} transformer; it cannot be grown while resuming: "
                          "export it (--export) and grow the export with --init-from, or drop --grow")
+    if heads is not None and heads != arch["num_attention_heads"]:
+        if ck is not None:
+            raise SystemExit(f"the checkpoint in {ckpt_dir} has a {arch} transformer; it cannot be widened while "
+                             "resuming: export it (--export) and widen the export with --init-from, or drop --heads")
+        if init_from is None:
+            raise SystemExit("--heads widens a saved model: give --init-from <saved tiny-wan folder>")
+        if heads != 2 * arch["num_attention_heads"]:
+            raise SystemExit(f"--heads {heads}: widening doubles the heads, so give {2 * arch['num_attention_heads']} "
+                             f"(the saved model has {arch['num_attention_heads']})")
     torch.manual_seed(seed)
     pipe = build_pipeline(seed, data, **arch)
     vae, te = pipe.vae, pipe.text_encoder
@@ -423,6 +457,8 @@ def train(minutes: float, vae_minutes: float | None = None, batch: int = 8, vae_
               flush=True)
         if grow_to is not None and tuple(grow_to) != (arch["num_layers"], arch["ffn_dim"]):
             grow_pipeline_transformer(pipe, st, grow_to, seed)
+        if heads is not None and heads != arch["num_attention_heads"]:
+            widen_pipeline_transformer(pipe, st, seed)
         if pool_from is not None:
             seed_pools(Path(pool_from), pool, image_pool, st)
     tr = pipe.transformer
@@ -719,19 +755,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grow", type=int, nargs=2, default=None, metavar=("BLOCKS", "FFN"),
                     help="with --init-from: grow its transformer to this many blocks and FFN width first "
                          "(function-preserving, mmeff.zoo.grow_transformer)")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="with --init-from: widen its transformer to this many attention heads, twice the saved "
+                         "model's (function-preserving, mmeff.zoo.widen_transformer; after --grow)")
     ap.add_argument("--pool-from", type=Path, default=None,
                     help="with --init-from: seed the latent pools from this checkpoint folder (same frozen VAE)")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--ckpt-dir", type=Path, default=CKPT_DIR)
     a = ap.parse_args(argv)
-    if (a.grow or a.pool_from) and a.init_from is None and not (a.ckpt_dir / "ckpt.pt").exists():
-        ap.error("--grow and --pool-from start a new stage: give --init-from <saved tiny-wan folder>")
+    if (a.grow or a.pool_from or a.heads) and a.init_from is None and not (a.ckpt_dir / "ckpt.pt").exists():
+        ap.error("--grow, --heads and --pool-from start a new stage: give --init-from <saved tiny-wan folder>")
     train(a.minutes, a.vae_minutes, a.batch, a.vae_batch, a.seed, a.ckpt_every, a.fresh, a.out, a.ckpt_dir,
           a.threads, a.log_every, a.lr, a.new_per_step, a.vae_lr, a.vae_frames, a.init_from, export_only=a.export,
           ema=a.ema, pool_size=a.pool, cosine=not a.no_cosine, vae_object_weight=a.vae_object_weight,
           device=a.device, amp=a.amp, data=a.data, vae_crop=a.vae_crop, max_steps=a.max_steps,
           vae_image_batch=a.vae_image_batch, image_batch=a.image_batch,
-          grow_to=tuple(a.grow) if a.grow else None, pool_from=a.pool_from)
+          grow_to=tuple(a.grow) if a.grow else None, pool_from=a.pool_from, heads=a.heads)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def run(tr, x, t, e):
 def test_the_grown_transformer_computes_the_same_function():
     tr = small_transformer()
     grown = grow_wan_transformer(tr, num_layers=7, ffn_dim=80).eval()
-    assert arch_of(grown) == {"num_layers": 7, "ffn_dim": 80} and len(grown.blocks) == 7
+    heads = tr.config.num_attention_heads  # kept: growing changes depth and FFN width only
+    assert arch_of(grown) == {"num_layers": 7, "ffn_dim": 80, "num_attention_heads": heads} and len(grown.blocks) == 7
     torch.manual_seed(1)
     x, t, e = torch.randn(2, 4, 3, 8, 8), torch.tensor([100.0, 900.0]), torch.randn(2, 5, 16)
     before, after = run(tr, x, t, e), run(grown, x, t, e)

@@ -229,3 +229,32 @@ def test_wan_grows_a_saved_transformer_seeds_its_pools_and_resumes_at_the_grown_
               out_dir=tmp_path / "m4", **kw)
     with pytest.raises(SystemExit, match="cannot be grown while resuming"):
         train(5.0, grow_to=(8, 512), ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m3", **kw)
+
+
+def test_wan_widens_a_saved_transformer_and_resumes_at_the_wide_size(tmp_path):
+    """``heads`` (twice the saved model's) continues a saved model with a widened transformer, after growing it
+    when both are asked, recorded as stages; a resumed checkpoint rebuilds the wide size; other head counts and
+    widening while resuming are refused before anything is written."""
+    from diffusers import WanTransformer3DModel
+
+    from mmeff.zoo.train_wan import train
+
+    kw = {"batch": 1, "vae_batch": 1, "vae_crop": 16, "vae_frames": 5, "log_every": 1, "data": "layout",
+          "pool_size": 2, "image_batch": 1, "ckpt_every": 0.0}
+    first = train(1.0, vae_minutes=0.002, max_steps=2, ckpt_dir=tmp_path / "ck0", out_dir=tmp_path / "m0", **kw)
+    steps = first["diffusion"]["steps"]
+    wide = train(5.0, vae_minutes=0.0, init_from=tmp_path / "m0", grow_to=(5, 256), heads=8,
+                 pool_from=tmp_path / "ck0", max_steps=steps + 1, ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m1",
+                 **kw)
+    tr = WanTransformer3DModel.from_pretrained(tmp_path / "m1" / "transformer")
+    assert (tr.config.num_layers, tr.config.num_attention_heads, tr.config.attention_head_dim) == (5, 8, 16)
+    assert [s["name"] for s in wide["stages"][-2:]] == ["transformer grown", "transformer widened"]
+    assert wide["stages"][-1]["from"]["num_attention_heads"] == 4 and wide["stages"][-1]["to"]["num_attention_heads"] == 8
+    assert wide["params"]["transformer"] > 2.5 * first["params"]["transformer"]
+    resumed = train(5.0, heads=8, max_steps=steps + 2, ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m2", **kw)
+    assert resumed["diffusion"]["steps"] == steps + 2 and resumed["params"] == wide["params"]
+    with pytest.raises(SystemExit, match="cannot be widened while resuming"):
+        train(5.0, heads=16, ckpt_dir=tmp_path / "ck1", out_dir=tmp_path / "m3", **kw)
+    with pytest.raises(SystemExit, match="widening doubles the heads, so give 8"):
+        train(5.0, init_from=tmp_path / "m0", heads=12, ckpt_dir=tmp_path / "ck4", out_dir=tmp_path / "m4", **kw)
+    assert not (tmp_path / "ck4").exists() and not (tmp_path / "m4").exists()
