@@ -4,7 +4,7 @@
   (``mmeff/zoo/models/tiny-wan/``, built by ``python -m mmeff.zoo.train_wan``). Call it with
   :data:`TINY_WAN_CALL` (``height=64, width=64, num_frames=13, max_sequence_length=48``): the text encoder was
   trained on prompts padded to 48 tokens, and 13 frames at 64 px give the 4 x 8 x 8 = 256-token latent grid.
-  Guide it with :data:`TINY_WAN_CFG` (2.0).
+  Guide it with :data:`TINY_WAN_CFG` (3.0).
 - any other string: ``diffusers.DiffusionPipeline.from_pretrained(name_or_path)`` (a local folder works
   offline; a hub id needs the hub).
 """
@@ -21,10 +21,10 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 VIDEO_PIPELINES = {"tiny-wan": "train_wan"}
 TINY_WAN_CALL: dict[str, Any] = {"height": 64, "width": 64, "num_frames": 13, "max_sequence_length": 48}
 """Call arguments that match how tiny-wan was trained."""
-TINY_WAN_CFG = 2.0
-"""tiny-wan's guidance scale, chosen on 48 val prompts (2026-12-03): CFG 2 keeps the VLM's shape existence of
-CFG 3-5 while objects keep their named colours and persist far more often (all colours 0.83 against 0.67 at
-CFG 5); below 2 shape existence falls (`docs/diffusion-testbed.md`)."""
+TINY_WAN_CFG = 3.0
+"""tiny-wan's guidance scale, chosen on 48 val prompts by :mod:`mmeff.eval.choose_guidance` (2026-12-03,
+`docs/results/tiny-wan-cfg-val.json`): the most videos with all their colours among the scales within 0.01 of
+the best shape existence. Lower scales lose shape existence, higher ones lose colours and persistence."""
 
 
 def video_pipeline_path(name: str) -> Path:
