@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 from pathlib import Path
 from typing import Any
+
+from .guidance_eval import paired_differences
 
 MEASURES = ("shape_existence", "all_colours", "persist", "move_as_named")
 
@@ -48,7 +49,8 @@ def per_video(result: dict[str, Any]) -> dict[str, list[float | None]]:
 
 
 def paired(new: dict[str, Any], old: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Mean per-video difference ``new - old``, its paired t statistic and both means, per measure."""
+    """Mean per-video difference ``new - old``, its standard error and paired t
+    (:func:`mmeff.eval.guidance_eval.paired_differences`) and both means, per measure."""
     if new["prompts"] != old["prompts"] or new.get("seeds") != old.get("seeds"):
         raise SystemExit("the two results were not run on the same prompts and seeds; rerun one with the other's "
                          "--n / --offset / --split")
@@ -56,12 +58,10 @@ def paired(new: dict[str, Any], old: dict[str, Any]) -> dict[str, dict[str, floa
     rows = {}
     for m in MEASURES:
         pairs = [(x, y) for x, y in zip(a[m], b[m]) if x is not None and y is not None]
-        d = [x - y for x, y in pairs]
-        mean = _mean(d)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1)) if len(d) > 1 else 0.0
-        t = mean / (sd / math.sqrt(len(d))) if sd > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
-        rows[m] = {"diff": mean, "t": t, "n": len(d), "new": _mean([x for x, _ in pairs]),
-                   "old": _mean([y for _, y in pairs])}
+        xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+        stats = paired_differences({m: xs}, {m: ys})[m]
+        rows[m] = {"diff": stats["mean"], "se": stats["se"], "t": stats["t"], "n": len(pairs),
+                   "new": _mean(xs), "old": _mean(ys)}
     return rows
 
 
